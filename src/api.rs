@@ -1,0 +1,112 @@
+//! The gRPC `PreviewService`, and the single conversion from the manager's
+//! errors to `tonic::Status`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::kube::KubeError;
+use crate::manager::{CleanSelector, Error, Manager, Selector};
+use crate::proto::preview_service_server::PreviewService;
+use crate::proto::{self, clean_request};
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        match &e {
+            Error::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+            Error::NotFound { .. } => Status::not_found(e.to_string()),
+            Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+            Error::FailedPrecondition { .. } => Status::failed_precondition(e.to_string()),
+            Error::Kube(KubeError::Api { source: ::kube::Error::Api(s), .. }) if s.code == 403 => {
+                Status::permission_denied(e.to_string())
+            }
+            Error::Kube(KubeError::Api { source: ::kube::Error::Api(s), .. }) if s.code == 422 => {
+                Status::invalid_argument(e.to_string())
+            }
+            Error::Kube(_) => Status::unavailable(e.to_string()),
+            Error::Store(_) => Status::internal(e.to_string()),
+        }
+    }
+}
+
+pub struct Api {
+    manager: Arc<Manager>,
+}
+
+impl Api {
+    pub fn new(manager: Arc<Manager>) -> Self {
+        Api { manager }
+    }
+}
+
+/// Events queued per watcher before it counts as slow.
+const WATCHER_QUEUE: usize = 32;
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::StatusEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PreviewService for Api {
+    async fn start(&self, req: Request<proto::StartRequest>) -> Result<Response<proto::StartResponse>, Status> {
+        let resp = self.manager.start(req.into_inner()).await?;
+        tracing::info!(key = %resp.key, "start");
+        Ok(Response::new(resp))
+    }
+
+    async fn add_pod(&self, req: Request<proto::AddPodRequest>) -> Result<Response<proto::AddPodResponse>, Status> {
+        Ok(Response::new(self.manager.add_pod(req.into_inner()).await?))
+    }
+
+    type StatusStream = EventStream;
+
+    async fn status(&self, req: Request<proto::StatusRequest>) -> Result<Response<Self::StatusStream>, Status> {
+        let req = req.into_inner();
+        let sel = Selector { key: req.key, namespace: req.namespace };
+        if !req.watch {
+            let snap = self.manager.snapshot(&sel);
+            return Ok(Response::new(Box::pin(tokio_stream::once(Ok(snap)))));
+        }
+        // As in tonic's streaming examples: a task feeds a bounded channel and
+        // ends when the client goes away (send fails).
+        let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
+        let manager = self.manager.clone();
+        tokio::spawn(async move {
+            let (snap, mut events) = manager.subscribe(&sel);
+            if tx.send(Ok(snap)).await.is_err() {
+                return;
+            }
+            loop {
+                let ev = match events.recv().await {
+                    Ok(ev) if Manager::event_matches(&sel, &ev) => (*ev).clone(),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // Fell behind: start over from a fresh snapshot.
+                        tracing::debug!(missed, "watcher resynced");
+                        let (snap, rx) = manager.subscribe(&sel);
+                        events = rx;
+                        snap
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn clean(&self, req: Request<proto::CleanRequest>) -> Result<Response<proto::CleanResponse>, Status> {
+        let sel = match req.into_inner().selector {
+            Some(clean_request::Selector::Key(k)) => CleanSelector::Key(k),
+            Some(clean_request::Selector::Glob(g)) if !g.is_empty() => CleanSelector::Glob(g),
+            Some(clean_request::Selector::AllExpired(true)) => CleanSelector::AllExpired,
+            _ => return Err(Status::invalid_argument("selector: give one of key, glob (non-empty) or all_expired=true")),
+        };
+        let removed = self.manager.clean(sel).await?;
+        Ok(Response::new(proto::CleanResponse { removed }))
+    }
+}

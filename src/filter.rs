@@ -1,0 +1,202 @@
+//! Request filters: which requests belong to an environment.
+//!
+//! `FilterSpec` is the stored, serialisable form; `Filter` is the compiled
+//! form the data plane matches with. The default filter matches the W3C
+//! `baggage` member `preview-key=<key>` or the `x-preview-key` header.
+
+use regex::{Regex, RegexBuilder};
+use serde::{Deserialize, Serialize};
+
+/// The baggage member that carries the environment key.
+pub const BAGGAGE_MEMBER: &str = "preview-key";
+/// A plain header that carries the key, for clients that cannot set baggage.
+pub const KEY_HEADER: &str = "x-preview-key";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterSpec {
+    /// Regex over `Name: Value`, case-insensitive; any header may match.
+    Header(String),
+    /// Regex over the path, and over path+query.
+    Path(String),
+    /// HTTP method, case-insensitive.
+    Method(String),
+    AllOf(Vec<FilterSpec>),
+    AnyOf(Vec<FilterSpec>),
+    /// The default: baggage `preview-key=<key>` or `x-preview-key: <key>`.
+    Key(String),
+}
+
+/// A compiled filter.
+#[derive(Debug, Clone)]
+pub enum Filter {
+    Header(Regex),
+    Path(Regex),
+    Method(String),
+    AllOf(Vec<Filter>),
+    AnyOf(Vec<Filter>),
+    Key(String),
+}
+
+impl FilterSpec {
+    /// Compiles every regex; the error says which one failed.
+    pub fn compile(&self) -> Result<Filter, String> {
+        let re = |what: &str, s: &str| {
+            RegexBuilder::new(s)
+                .case_insensitive(true)
+                .size_limit(1 << 20)
+                .build()
+                .map_err(|e| format!("{what} regex {s:?} does not compile: {e}"))
+        };
+        Ok(match self {
+            FilterSpec::Header(s) => Filter::Header(re("header", s)?),
+            FilterSpec::Path(s) => Filter::Path(re("path", s)?),
+            FilterSpec::Method(m) => {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return Err(format!("method {m:?} is not an HTTP method"));
+                }
+                Filter::Method(m.to_ascii_uppercase())
+            }
+            FilterSpec::AllOf(v) => Filter::AllOf(v.iter().map(FilterSpec::compile).collect::<Result<_, _>>()?),
+            FilterSpec::AnyOf(v) => Filter::AnyOf(v.iter().map(FilterSpec::compile).collect::<Result<_, _>>()?),
+            FilterSpec::Key(k) => Filter::Key(k.clone()),
+        })
+    }
+}
+
+/// What a filter looks at in a request. Implemented for `http::request::Parts`
+/// and anything else that can list its headers.
+pub trait RequestView {
+    fn method(&self) -> &str;
+    /// Path with query, as on the request line.
+    fn path_and_query(&self) -> &str;
+    fn for_each_header(&self, f: &mut dyn FnMut(&str, &[u8]) -> bool) -> bool;
+}
+
+impl RequestView for http::request::Parts {
+    fn method(&self) -> &str {
+        self.method.as_str()
+    }
+    fn path_and_query(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |p| p.as_str())
+    }
+    fn for_each_header(&self, f: &mut dyn FnMut(&str, &[u8]) -> bool) -> bool {
+        self.headers.iter().any(|(n, v)| f(n.as_str(), v.as_bytes()))
+    }
+}
+
+impl Filter {
+    pub fn matches(&self, req: &dyn RequestView) -> bool {
+        match self {
+            Filter::Method(m) => req.method().eq_ignore_ascii_case(m),
+            Filter::Path(re) => {
+                let pq = req.path_and_query();
+                let path = pq.split('?').next().unwrap_or(pq);
+                re.is_match(path) || (path.len() != pq.len() && re.is_match(pq))
+            }
+            Filter::Header(re) => {
+                // One reused buffer: the regex needs `Name: Value` contiguous.
+                let mut line = String::new();
+                req.for_each_header(&mut |name, value| {
+                    let Ok(value) = std::str::from_utf8(value) else { return false };
+                    line.clear();
+                    line.push_str(name);
+                    line.push_str(": ");
+                    line.push_str(value);
+                    re.is_match(&line)
+                })
+            }
+            Filter::AllOf(v) => v.iter().all(|f| f.matches(req)),
+            Filter::AnyOf(v) => v.iter().any(|f| f.matches(req)),
+            Filter::Key(key) => req.for_each_header(&mut |name, value| {
+                if name.eq_ignore_ascii_case(KEY_HEADER) {
+                    value.trim_ascii() == key.as_bytes()
+                } else if name.eq_ignore_ascii_case("baggage") {
+                    baggage_has_key(value, key)
+                } else {
+                    false
+                }
+            }),
+        }
+    }
+}
+
+/// True when a W3C baggage header value has `preview-key=<key>` exactly.
+/// Members are `,`-separated; each may carry `;`-separated properties.
+pub fn baggage_has_key(header: &[u8], key: &str) -> bool {
+    baggage_value(header).any(|v| v == key.as_bytes())
+}
+
+/// Every value of the `preview-key` member in one baggage header.
+pub fn baggage_value(header: &[u8]) -> impl Iterator<Item = &[u8]> {
+    header.split(|b| *b == b',').filter_map(|member| {
+        let kv = member.split(|b| *b == b';').next()?;
+        let eq = kv.iter().position(|b| *b == b'=')?;
+        let (name, value) = (kv[..eq].trim_ascii(), kv[eq + 1..].trim_ascii());
+        (name == BAGGAGE_MEMBER.as_bytes()).then_some(value)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).expect("valid test request").into_parts().0
+    }
+
+    #[test]
+    fn key_filter_is_exact() {
+        let f = FilterSpec::Key("abc".into()).compile().unwrap();
+        let yes = [
+            vec![("baggage", "preview-key=abc")],
+            vec![("baggage", "a=1, preview-key = abc ;prop=2, b=3")],
+            vec![("baggage", "a=1"), ("baggage", "preview-key=abc")],
+            vec![("X-Preview-Key", "abc")],
+            vec![("Baggage", "preview-key=abc")],
+        ];
+        for h in yes {
+            assert!(f.matches(&req("GET", "/", &h)), "{h:?}");
+        }
+        let no = [
+            vec![("baggage", "preview-key=abc-1")],
+            vec![("baggage", "preview-key=ab")],
+            vec![("baggage", "xpreview-key=abc")],
+            vec![("baggage", "other=preview-key=abc")],
+            vec![("x-preview-key", "abcd")],
+            vec![],
+        ];
+        for h in no {
+            assert!(!f.matches(&req("GET", "/", &h)), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn regex_filters() {
+        let h = FilterSpec::Header("^x-user: alice$".into()).compile().unwrap();
+        assert!(h.matches(&req("GET", "/", &[("X-User", "Alice")])));
+        assert!(!h.matches(&req("GET", "/", &[("x-user", "bob")])));
+        let p = FilterSpec::Path("^/api/".into()).compile().unwrap();
+        assert!(p.matches(&req("GET", "/api/x?q=1", &[])));
+        assert!(!p.matches(&req("GET", "/health", &[])));
+        let q = FilterSpec::Path("q=1$".into()).compile().unwrap();
+        assert!(q.matches(&req("GET", "/x?q=1", &[])));
+        let all = FilterSpec::AllOf(vec![FilterSpec::Method("post".into()), FilterSpec::Path("^/a".into())])
+            .compile()
+            .unwrap();
+        assert!(all.matches(&req("POST", "/a", &[])));
+        assert!(!all.matches(&req("GET", "/a", &[])));
+        let any = FilterSpec::AnyOf(vec![FilterSpec::Method("PUT".into()), FilterSpec::Path("^/a".into())])
+            .compile()
+            .unwrap();
+        assert!(any.matches(&req("GET", "/a", &[])));
+        assert!(any.matches(&req("PUT", "/b", &[])));
+        assert!(!any.matches(&req("GET", "/b", &[])));
+        assert!(FilterSpec::Header("(".into()).compile().is_err());
+        assert!(FilterSpec::Method("G T".into()).compile().is_err());
+    }
+}

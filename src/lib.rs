@@ -1,0 +1,22 @@
+//! Preview environments on Kubernetes: run changed services as preview pods
+//! inside an existing cluster and route keyed staging traffic to them.
+//!
+//! - [`api`]: the gRPC `PreviewService` and the one conversion of errors to `tonic::Status`.
+//! - [`manager`]: validates, persists and applies environment changes; publishes status.
+//! - [`store`]: durable records in redb.
+//! - [`kube`]: cluster operations (cloning targets, creating and deleting objects).
+//! - [`config`]: the user's mirrord-shaped config file.
+//! - [`filter`]: which requests belong to an environment.
+//! - [`server`]: previewd's flags and main loop.
+//! - [`cli`]: the `preview` command.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod filter;
+pub mod kube;
+pub mod manager;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,7 @@
+//! Code generated from `proto/preview/v1/preview.proto` by `build.rs`.
+#![allow(clippy::all, missing_docs)]
+
+tonic::include_proto!("preview.v1");
+
+/// The encoded descriptor set, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("preview_descriptor");

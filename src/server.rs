@@ -1,0 +1,183 @@
+//! previewd: flags, start-up (store, recovery, watchers, reaper) and the
+//! gRPC server with health and reflection.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use ::kube::Client;
+use ::kube::api::Api as KubeApi;
+use ::kube::runtime::{WatchStreamExt, watcher};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::Api;
+use crate::config::Ttl;
+use crate::kube::{Cluster, LABEL_MANAGED_BY, LABEL_ROLE, MANAGER, ROLE_POD};
+use crate::manager::{Manager, Settings};
+use crate::proto::preview_service_server::PreviewServiceServer;
+use crate::store::{Store, StoreError};
+
+/// previewd's flags; each can also be set by a `PREVIEW_*` environment variable.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "previewd", version, about = "Preview environments server")]
+pub struct ServerArgs {
+    /// Address for the gRPC API.
+    #[arg(long, env = "PREVIEW_LISTEN", default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Directory of the redb store [default: the user's data dir/previewd].
+    #[arg(long, env = "PREVIEW_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TTL of an environment when the client gives none.
+    #[arg(long, env = "PREVIEW_DEFAULT_TTL", default_value = "60m")]
+    pub default_ttl: String,
+    /// The longest TTL a client may ask for.
+    #[arg(long, env = "PREVIEW_MAX_TTL", default_value = "24h")]
+    pub max_ttl: String,
+    /// Let clients ask for environments that never expire.
+    #[arg(long, env = "PREVIEW_ALLOW_INFINITE")]
+    pub allow_infinite: bool,
+    /// Namespace used when neither the request nor the config names one.
+    #[arg(long, env = "PREVIEW_DEFAULT_NAMESPACE", default_value = "default")]
+    pub default_namespace: String,
+    /// Force this imagePullPolicy on preview containers (Never on a registry-less cluster).
+    #[arg(long, env = "PREVIEW_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub image_pull_policy: Option<String>,
+    /// On start, take environment records kept in the cluster into an empty or lost store.
+    #[arg(long, env = "PREVIEW_ADOPT")]
+    pub adopt: bool,
+    /// How often expired environments are looked for.
+    #[arg(long, env = "PREVIEW_REAP_INTERVAL", default_value = "1s")]
+    pub reap_interval: String,
+    /// Test hook: stop at this point of Start and wait to be killed.
+    #[arg(long, env = "PREVIEW_PAUSE_AT", hide = true)]
+    pub pause_at: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{flag}: {message}")]
+    Flag { flag: &'static str, message: String },
+    #[error("no usable Kubernetes config (KUBECONFIG or in-cluster): {0}")]
+    Kube(#[from] ::kube::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("recovering state from the store and cluster: {0}")]
+    Recover(#[from] crate::manager::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+fn duration_flag(flag: &'static str, s: &str) -> Result<Duration, ServerError> {
+    match Ttl::parse(flag, s) {
+        Ok(Ttl::Finite(d)) => Ok(d),
+        Ok(Ttl::Infinite) => Err(ServerError::Flag { flag, message: "must be a finite duration".into() }),
+        Err(e) => Err(ServerError::Flag { flag, message: e.message }),
+    }
+}
+
+impl ServerArgs {
+    pub fn settings(&self) -> Result<Settings, ServerError> {
+        Ok(Settings {
+            default_ttl: duration_flag("--default-ttl", &self.default_ttl)?,
+            max_ttl: duration_flag("--max-ttl", &self.max_ttl)?,
+            allow_infinite: self.allow_infinite,
+            default_namespace: self.default_namespace.clone(),
+            pause_at: self.pause_at.clone(),
+        })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| {
+            let base = std::env::var_os("XDG_DATA_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+                .unwrap_or_else(|| PathBuf::from("/var/lib"));
+            base.join("previewd")
+        })
+    }
+}
+
+/// Opens the store, recovers, and serves on `listener` until `shutdown`.
+pub async fn run(
+    args: ServerArgs,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let settings = args.settings()?;
+    let reap_every = duration_flag("--reap-interval", &args.reap_interval)?;
+    let client = Client::try_default().await?;
+    let store = Store::open(&args.data_dir()).await?;
+    let manager = Manager::new(store, Cluster::new(client.clone(), args.image_pull_policy.clone()), settings);
+
+    let report = manager.recover(args.adopt).await?;
+    tracing::info!(
+        live = report.live,
+        recreated = report.recreated,
+        adopted = report.adopted.len(),
+        expired = report.expired.len(),
+        deleted = report.deleted.len(),
+        "recovered"
+    );
+
+    let watch = tokio::spawn(watch_pods(manager.clone(), client));
+    let reaper = tokio::spawn(reap(manager.clone(), reap_every));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PreviewServiceServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    tracing::info!(addr = %listener.local_addr().map_err(|e| ServerError::Flag { flag: "--listen", message: e.to_string() })?, "previewd serving");
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(PreviewServiceServer::new(Api::new(manager)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    watch.abort();
+    reaper.abort();
+    Ok(result?)
+}
+
+/// Keeps the manager's view of preview pods current.
+async fn watch_pods(manager: Arc<Manager>, client: Client) {
+    let api: KubeApi<Pod> = KubeApi::all(client);
+    let cfg = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER},{LABEL_ROLE}={ROLE_POD}"));
+    let mut events = watcher(api, cfg).default_backoff().boxed();
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => manager.observe_pod(&p, false),
+            Ok(watcher::Event::Delete(p)) => manager.observe_pod(&p, true),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
+        }
+    }
+}
+
+/// The TTL reaper: an interval task, well inside the 5-second promise.
+async fn reap(manager: Arc<Manager>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match manager.reap().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "reaped environments"),
+            Err(e) => tracing::warn!(error = %e, "reaping failed; will retry"),
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Durable environment records in an embedded redb database.
+//!
+//! All table definitions live here. Every helper runs its transaction inside
+//! `spawn_blocking`, commits on Ok and aborts (drops) on Err, and never holds a
+//! transaction across an `.await`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Mode, Target};
+use crate::filter::FilterSpec;
+
+/// key → JSON-encoded [`EnvRecord`].
+const ENVS: TableDefinition<&str, &[u8]> = TableDefinition::new("environments_v1");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store at {path}: {source}")]
+    Open { path: PathBuf, source: redb::DatabaseError },
+    #[error("store: {0}")]
+    Db(String),
+    #[error("store record {key:?} is corrupt: {source}")]
+    Corrupt { key: String, source: serde_json::Error },
+    #[error("store task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Db(e.to_string()) }
+        }
+    )*};
+}
+db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// One environment as previewd remembers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvRecord {
+    pub key: String,
+    pub namespace: String,
+    pub created_at_ms: i64,
+    /// `None` never expires.
+    pub expires_at_ms: Option<i64>,
+    pub mode: Mode,
+    /// Written before any object is created; cleared once all exist.
+    pub pending: bool,
+    pub pods: Vec<PodRecord>,
+}
+
+/// One preview pod group (one or more replicas) of an environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PodRecord {
+    /// Name within the environment; unique per environment.
+    pub group: String,
+    pub target: Target,
+    pub container: String,
+    pub image: String,
+    pub mode: Mode,
+    pub filter: FilterSpec,
+    pub ports: Vec<u16>,
+    /// Kubernetes names of the replicas.
+    pub pod_names: Vec<String>,
+    /// The Pod object to create for each replica (name filled in per replica).
+    pub template: serde_json::Value,
+}
+
+impl EnvRecord {
+    pub fn expired_at(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_some_and(|t| t <= now_ms)
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+impl Store {
+    /// Opens (or creates) the database file `previewd.redb` in `dir`.
+    pub async fn open(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join("previewd.redb");
+        let db = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
+                .map_err(|e| StoreError::Db(format!("creating {}: {e}", path.display())))?;
+            let db = Database::create(&path).map_err(|source| StoreError::Open { path, source })?;
+            let tx = db.begin_write()?;
+            tx.open_table(ENVS)?;
+            tx.commit()?;
+            Ok::<_, StoreError>(db)
+        })
+        .await??;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    /// Runs `f` in one write transaction: committed if it returns Ok.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_write()?;
+            let out = {
+                let mut table = tx.open_table(ENVS)?;
+                f(&mut table)?
+            };
+            tx.commit()?;
+            Ok(out)
+        })
+        .await?
+    }
+
+    pub async fn put(&self, rec: &EnvRecord) -> Result<(), StoreError> {
+        let key = rec.key.clone();
+        // Serialising a plain struct of strings and numbers cannot fail.
+        let bytes = serde_json::to_vec(rec).expect("EnvRecord serialises");
+        self.write(move |t| {
+            t.insert(key.as_str(), bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes a record; true when it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let key = key.to_string();
+        self.write(move |t| Ok(t.remove(key.as_str())?.is_some())).await
+    }
+
+    pub async fn load_all(&self) -> Result<Vec<EnvRecord>, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(ENVS)?;
+            let mut out = Vec::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                let rec = serde_json::from_slice(v.value())
+                    .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?;
+                out.push(rec);
+            }
+            Ok(out)
+        })
+        .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(key: &str) -> EnvRecord {
+        EnvRecord {
+            key: key.into(),
+            namespace: "ns".into(),
+            created_at_ms: 1,
+            expires_at_ms: Some(10),
+            mode: Mode::Steal,
+            pending: true,
+            pods: vec![PodRecord {
+                group: "orders".into(),
+                target: Target::Targetless,
+                container: "app".into(),
+                image: "img".into(),
+                mode: Mode::Steal,
+                filter: FilterSpec::Key(key.into()),
+                ports: vec![80],
+                pod_names: vec!["orders-k".into()],
+                template: serde_json::json!({"spec": {}}),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn put_load_delete_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).await.unwrap();
+            s.put(&rec("a")).await.unwrap();
+            s.put(&rec("b")).await.unwrap();
+            assert!(s.delete("a").await.unwrap());
+            assert!(!s.delete("a").await.unwrap());
+        }
+        let s = Store::open(dir.path()).await.unwrap();
+        assert_eq!(s.load_all().await.unwrap(), vec![rec("b")]);
+        assert!(rec("b").expired_at(10));
+        assert!(!rec("b").expired_at(9));
+    }
+}
