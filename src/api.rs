@@ -35,11 +35,14 @@ impl From<Error> for Status {
 
 pub struct Api {
     manager: Arc<Manager>,
+    /// Changes when the server shuts down, so open watches end and graceful
+    /// shutdown does not wait on them forever.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Api {
-    pub fn new(manager: Arc<Manager>) -> Self {
-        Api { manager }
+    pub fn new(manager: Arc<Manager>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        Api { manager, stopping }
     }
 }
 
@@ -73,13 +76,18 @@ impl PreviewService for Api {
         // ends when the client goes away (send fails).
         let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
         let manager = self.manager.clone();
+        let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let (snap, mut events) = manager.subscribe(&sel);
             if tx.send(Ok(snap)).await.is_err() {
                 return;
             }
             loop {
-                let ev = match events.recv().await {
+                let next = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = stopping.changed() => break,
+                };
+                let ev = match next {
                     Ok(ev) if Manager::event_matches(&sel, &ev) => (*ev).clone(),
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(missed)) => {

@@ -21,6 +21,8 @@ pub const LABEL_KEY: &str = "preview.dev/key";
 pub const LABEL_ROLE: &str = "preview.dev/role";
 pub const LABEL_GROUP: &str = "preview.dev/group";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Which previewd owns an object: several can share a cluster.
+pub const LABEL_INSTANCE: &str = "preview.dev/instance";
 pub const MANAGER: &str = "previewd";
 pub const ROLE_POD: &str = "pod";
 pub const ROLE_ENV: &str = "env";
@@ -72,11 +74,25 @@ pub struct Cluster {
     pub client: Client,
     /// Forces this pull policy on preview containers (e.g. "Never" on a registry-less cluster).
     pub pull_policy: Option<String>,
+    /// This previewd's instance name; it only sees objects labelled with it.
+    pub instance: String,
 }
 
 impl Cluster {
-    pub fn new(client: Client, pull_policy: Option<String>) -> Self {
-        Cluster { client, pull_policy }
+    pub fn new(client: Client, pull_policy: Option<String>, instance: String) -> Self {
+        Cluster { client, pull_policy, instance }
+    }
+
+    /// Label selector for everything this instance manages, plus `extra`.
+    pub fn selector(&self, extra: &str) -> String {
+        let base = format!("{LABEL_MANAGED_BY}={MANAGER},{LABEL_INSTANCE}={}", self.instance);
+        if extra.is_empty() { base } else { format!("{base},{extra}") }
+    }
+
+    pub fn labels(&self, key: &str, role: &str) -> BTreeMap<String, String> {
+        let mut l = labels(key, role);
+        l.insert(LABEL_INSTANCE.into(), self.instance.clone());
+        l
     }
 
     pub async fn ensure_namespace(&self, ns: &str) -> Result<(), KubeError> {
@@ -152,7 +168,7 @@ impl Cluster {
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some(labels(&rec.key, ROLE_ENV)),
+                labels: Some(self.labels(&rec.key, ROLE_ENV)),
                 ..Default::default()
             },
             // Serialising a plain struct cannot fail.
@@ -197,7 +213,7 @@ impl Cluster {
     /// Names of the existing pods of one environment.
     pub async fn env_pods(&self, ns: &str, key: &str) -> Result<Vec<String>, KubeError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let lp = ListParams::default().labels(&format!("{LABEL_KEY}={key},{LABEL_ROLE}={ROLE_POD}"));
+        let lp = ListParams::default().labels(&self.selector(&format!("{LABEL_KEY}={key},{LABEL_ROLE}={ROLE_POD}")));
         let list = api.list_metadata(&lp).await.map_err(KubeError::api(format!("list pods of {key}")))?;
         Ok(list.items.into_iter().map(|p| p.name_any()).collect())
     }
@@ -205,7 +221,7 @@ impl Cluster {
     /// Deletes every object labelled with `key`, in any namespace. Returns
     /// `kind/namespace/name` of what it deleted.
     pub async fn delete_env(&self, key: &str) -> Result<Vec<String>, KubeError> {
-        let selector = format!("{LABEL_MANAGED_BY}={MANAGER},{LABEL_KEY}={key}");
+        let selector = self.selector(&format!("{LABEL_KEY}={key}"));
         let mut removed = Vec::new();
         for obj in self.managed(&selector).await? {
             if self.delete_object(&obj).await? {
@@ -215,7 +231,8 @@ impl Cluster {
         Ok(removed)
     }
 
-    /// Every object previewd manages that matches `selector`, in any namespace.
+    /// Every object this instance manages that matches `selector` (from
+    /// [`Cluster::selector`]), in any namespace.
     pub async fn managed(&self, selector: &str) -> Result<Vec<ManagedObject>, KubeError> {
         let lp = ListParams::default().labels(selector);
         let mut out = Vec::new();
@@ -254,7 +271,7 @@ impl Cluster {
 
     /// Environment records kept in owner ConfigMaps, for `--adopt`.
     pub async fn adoptable(&self) -> Result<Vec<EnvRecord>, KubeError> {
-        let lp = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER},{LABEL_ROLE}={ROLE_ENV}"));
+        let lp = ListParams::default().labels(&self.selector(&format!("{LABEL_ROLE}={ROLE_ENV}")));
         let cms = Api::<ConfigMap>::all(self.client.clone())
             .list(&lp)
             .await
@@ -313,6 +330,7 @@ pub struct PodPlan<'a> {
     pub env: &'a BTreeMap<String, String>,
     pub pull_policy: Option<&'a str>,
     pub propagate_key: bool,
+    pub instance: &'a str,
 }
 
 /// Builds the preview pod (without a name): the target's template with the
@@ -336,6 +354,7 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
     let mut labels_ = meta.labels.take().unwrap_or_default();
     labels_.extend(labels(plan.key, ROLE_POD));
     labels_.insert(LABEL_GROUP.into(), plan.group.into());
+    labels_.insert(LABEL_INSTANCE.into(), plan.instance.into());
     let mut annotations = meta.annotations.take().unwrap_or_default();
     annotations.insert(ANNOTATION_TARGET.into(), plan.target.to_string());
     annotations.insert(ANNOTATION_CONTAINER.into(), container.clone());
@@ -512,6 +531,7 @@ mod tests {
             env: &env,
             pull_policy: Some("Never"),
             propagate_key: true,
+            instance: "i1",
         });
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.service_account_name.as_deref(), Some("orders-sa"));

@@ -326,6 +326,7 @@ impl Manager {
                 env: &cfg.env,
                 pull_policy: self.cluster.pull_policy.as_deref(),
                 propagate_key: true,
+                instance: &self.cluster.instance,
             });
             // A Pod always serialises.
             let template = serde_json::to_value(&pod).expect("pod serialises");
@@ -388,7 +389,12 @@ impl Manager {
         self.store.put(&rec).await?;
         self.pause_point("after-intent").await;
         self.publish_upsert(&rec, is_new);
-        self.realize(&rec).await?;
+        if let Err(e) = self.realize(&rec).await {
+            // Nothing half-made: undo what this request added, keep what was.
+            tracing::warn!(key, error = %e, "start failed; rolling back");
+            self.rollback(&rec, existing.as_ref()).await;
+            return Err(e);
+        }
         for name in &stale {
             self.cluster.delete_pod(&rec.namespace, name).await?;
         }
@@ -397,6 +403,41 @@ impl Manager {
         self.store.put(&rec).await?;
         let env = self.publish_settled(&rec, ttl_extended);
         Ok((env, warnings))
+    }
+
+    /// Restores the state before a failed Start: the previous record and its
+    /// pods, or nothing at all for a new environment. Best effort; what it
+    /// cannot undo now, `recover` finds by label at the next start.
+    async fn rollback(&self, attempted: &EnvRecord, previous: Option<&EnvRecord>) {
+        let result = async {
+            match previous {
+                None => {
+                    self.cluster.delete_env(&attempted.key).await?;
+                    self.store.delete(&attempted.key).await?;
+                    let mut view = self.view();
+                    if let Some(e) = view.envs.remove(&attempted.key) {
+                        let env = to_proto(&e);
+                        publish(&mut view, &self.events, proto::EventKind::Cleaned, vec![env], None);
+                    }
+                }
+                Some(prev) => {
+                    let keep: Vec<&String> = prev.pods.iter().flat_map(|p| &p.pod_names).collect();
+                    for name in attempted.pods.iter().flat_map(|p| &p.pod_names).filter(|n| !keep.contains(n)) {
+                        self.cluster.delete_pod(&attempted.namespace, name).await?;
+                    }
+                    self.cluster.put_owner(prev).await?;
+                    self.store.put(prev).await?;
+                    if let Some(v) = self.view().envs.get_mut(&prev.key) {
+                        v.rec = prev.clone();
+                    }
+                }
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::error!(key = %attempted.key, error = %e, "rollback incomplete; the next start reconciles it");
+        }
     }
 
     /// Creates the owner and every pod of a record that does not exist yet.
@@ -551,7 +592,7 @@ impl Manager {
             live.push(rec);
         }
         let known: std::collections::HashSet<&str> = live.iter().map(|r| r.key.as_str()).collect();
-        for obj in self.cluster.managed(&format!("{}={}", cluster::LABEL_MANAGED_BY, cluster::MANAGER)).await? {
+        for obj in self.cluster.managed(&self.cluster.selector("")).await? {
             if !known.contains(obj.key.as_str()) && self.cluster.delete_object(&obj).await? {
                 report.deleted.push(obj.to_string());
             }

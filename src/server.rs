@@ -17,7 +17,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::Api;
 use crate::config::Ttl;
-use crate::kube::{Cluster, LABEL_MANAGED_BY, LABEL_ROLE, MANAGER, ROLE_POD};
+use crate::kube::{Cluster, LABEL_ROLE, ROLE_POD};
 use crate::manager::{Manager, Settings};
 use crate::proto::preview_service_server::PreviewServiceServer;
 use crate::store::{Store, StoreError};
@@ -53,6 +53,9 @@ pub struct ServerArgs {
     /// How often expired environments are looked for.
     #[arg(long, env = "PREVIEW_REAP_INTERVAL", default_value = "1s")]
     pub reap_interval: String,
+    /// Instance name: several previewds can share a cluster, each seeing only its own objects.
+    #[arg(long, env = "PREVIEW_INSTANCE", default_value = "default")]
+    pub instance: String,
     /// Test hook: stop at this point of Start and wait to be killed.
     #[arg(long, env = "PREVIEW_PAUSE_AT", hide = true)]
     pub pause_at: Option<String>,
@@ -104,17 +107,29 @@ impl ServerArgs {
     }
 }
 
-/// Opens the store, recovers, and serves on `listener` until `shutdown`.
+/// Connects to Kubernetes (KUBECONFIG or in-cluster) and runs [`serve`].
 pub async fn run(
     args: ServerArgs,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let client = Client::try_default().await?;
+    serve(args, client, listener, shutdown).await
+}
+
+/// Opens the store, recovers, and serves on `listener` until `shutdown`.
+pub async fn serve(
+    args: ServerArgs,
+    client: Client,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let settings = args.settings()?;
     let reap_every = duration_flag("--reap-interval", &args.reap_interval)?;
-    let client = Client::try_default().await?;
+    crate::config::validate_dns_label("--instance", &args.instance, 63)
+        .map_err(|e| ServerError::Flag { flag: "--instance", message: e.message })?;
     let store = Store::open(&args.data_dir()).await?;
-    let manager = Manager::new(store, Cluster::new(client.clone(), args.image_pull_policy.clone()), settings);
+    let manager = Manager::new(store, Cluster::new(client.clone(), args.image_pull_policy.clone(), args.instance.clone()), settings);
 
     let report = manager.recover(args.adopt).await?;
     tracing::info!(
@@ -126,7 +141,8 @@ pub async fn run(
         "recovered"
     );
 
-    let watch = tokio::spawn(watch_pods(manager.clone(), client));
+    let selector = manager.cluster().selector(&format!("{LABEL_ROLE}={ROLE_POD}"));
+    let watch = tokio::spawn(watch_pods(manager.clone(), client, selector));
     let reaper = tokio::spawn(reap(manager.clone(), reap_every));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -140,12 +156,17 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     tracing::info!(addr = %listener.local_addr().map_err(|e| ServerError::Flag { flag: "--listen", message: e.to_string() })?, "previewd serving");
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(PreviewServiceServer::new(Api::new(manager)))
+        .add_service(PreviewServiceServer::new(Api::new(manager, stop_rx)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     watch.abort();
@@ -154,9 +175,9 @@ pub async fn run(
 }
 
 /// Keeps the manager's view of preview pods current.
-async fn watch_pods(manager: Arc<Manager>, client: Client) {
+async fn watch_pods(manager: Arc<Manager>, client: Client, selector: String) {
     let api: KubeApi<Pod> = KubeApi::all(client);
-    let cfg = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER},{LABEL_ROLE}={ROLE_POD}"));
+    let cfg = watcher::Config::default().labels(&selector);
     let mut events = watcher(api, cfg).default_backoff().boxed();
     while let Some(ev) = events.next().await {
         match ev {

@@ -1,1 +1,153 @@
-fn main(){}
+//! preview-echo: the test and demo application.
+//!
+//! `serve` answers every request (HTTP/1.1 or h2c) with its version, pod name,
+//! method, path and the `baggage` it saw; with `--downstream URL` it first
+//! calls that URL, passing `baggage` on (unless `--drop-baggage`), and
+//! includes the answer. `get URL` is a tiny client for tests run inside pods.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+#[derive(Parser)]
+#[command(name = "preview-echo")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve HTTP/1.1 and h2c.
+    Serve {
+        #[arg(long, env = "ECHO_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// The version string every answer carries.
+        #[arg(long, env = "ECHO_VERSION", default_value = "v1")]
+        version: String,
+        /// Call this URL for every request and include its answer.
+        #[arg(long, env = "ECHO_DOWNSTREAM")]
+        downstream: Option<String>,
+        /// Do not pass `baggage` on to the downstream call.
+        #[arg(long, env = "ECHO_DROP_BAGGAGE")]
+        drop_baggage: bool,
+    },
+    /// Print this network namespace's outbound IPv4 address (no packet is sent).
+    Whoami,
+    /// GET a URL and print the body; exits 1 on a non-2xx answer.
+    Get {
+        url: String,
+        /// Extra request headers, `Name: value`.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+    },
+}
+
+struct App {
+    version: String,
+    pod: String,
+    downstream: Option<String>,
+    drop_baggage: bool,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let baggage: Vec<String> = req
+        .headers()
+        .get_all("baggage")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(String::from))
+        .collect();
+    let method = req.method().to_string();
+    let path = req.uri().path_and_query().map_or("/".to_string(), |p| p.to_string());
+    let proto = format!("{:?}", req.version());
+    let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let mut answer = serde_json::json!({
+        "version": app.version, "pod": app.pod, "method": method, "path": path,
+        "protocol": proto, "baggage": baggage, "body_bytes": body_len,
+    });
+    if let Some(url) = &app.downstream {
+        let mut b = Request::get(url.as_str());
+        if !app.drop_baggage {
+            for v in &baggage {
+                b = b.header("baggage", v.as_str());
+            }
+        }
+        let down = match b.body(Full::new(Bytes::new())) {
+            Ok(r) => match app.client.request(r).await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    serde_json::from_slice(&body)
+                        .unwrap_or_else(|_| serde_json::json!({"status": status, "raw": String::from_utf8_lossy(&body)}))
+                }
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            },
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+        answer["downstream"] = down;
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(answer.to_string() + "\n")));
+    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    Ok(resp)
+}
+
+async fn serve(app: App, listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    eprintln!("preview-echo {} listening on {listen}", app.version);
+    let app = Arc::new(app);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(app.clone(), req));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // Errors here are per-connection (client went away); nothing to do.
+            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Serve { listen, version, downstream, drop_baggage } => {
+            let pod = std::env::var("HOSTNAME").unwrap_or_default();
+            serve(App { version, pod, downstream, drop_baggage, client: client() }, listen).await
+        }
+        Cmd::Whoami => {
+            // connect() on UDP only picks a route and source address.
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            sock.connect("198.19.0.1:53").context("no route to the service network")?;
+            println!("{}", sock.local_addr()?.ip());
+            Ok(())
+        }
+        Cmd::Get { url, headers } => {
+            let mut b = Request::get(url.as_str());
+            for h in &headers {
+                let (n, v) = h.split_once(':').with_context(|| format!("-H {h:?}: expected `Name: value`"))?;
+                b = b.header(n.trim(), v.trim());
+            }
+            let resp = client().request(b.body(Full::new(Bytes::new()))?).await.with_context(|| format!("GET {url}"))?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            print!("{}", String::from_utf8_lossy(&body));
+            anyhow::ensure!(status.is_success(), "GET {url}: {status}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what the project needs on a fresh Debian machine (also used by CI).
+set -euo pipefail
+PKGS=(containerd runc containernetworking-plugins iptables conntrack etcd-server iproute2
+      openssl curl gcc libc6-dev make protobuf-compiler libprotobuf-dev)
+missing=()
+for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || { echo "install-deps: apt-get install ${missing[*]} failed" >&2; exit 1; }
+fi
+command -v go >/dev/null || { echo "install-deps: Go is required (>= 1.24) to build Kubernetes" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "install-deps: Rust (cargo) is required" >&2; exit 1; }
