@@ -44,8 +44,23 @@ python3 -c 'import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKE
 blocker=$!; sleep 0.5
 msg=$("$C" up 2>&1); rc=$?
 kill "$blocker" 2>/dev/null; wait "$blocker" 2>/dev/null
-check "busy port stops up with a clear message" bash -c "[ $rc -ne 0 ] && grep -q 'port 12379 (for etcd) is already in use' <<<'$msg'"
+check "busy port stops up with a clear message" bash -c "[ $rc -ne 0 ] && grep -q 'port 12379 (for etcd) is already in use' <<<\"\$1\"" _ "$msg"
 check "nothing half-started after the failed up" no_processes
+# A missing package: a PATH without conntrack.
+fakebin=$(mktemp -d)
+for f in /usr/local/sbin/* /usr/local/bin/* /usr/sbin/* /usr/bin/* /sbin/* /bin/*; do
+  n=$(basename "$f"); [ "$n" = conntrack ] || [ -e "$fakebin/$n" ] || ln -s "$f" "$fakebin/$n"
+done
+msg=$(PATH="$fakebin" "$C" up 2>&1); rc=$?
+rm -rf "$fakebin"
+check "missing package stops up and names it" bash -c "[ $rc -ne 0 ] && grep -q 'missing: conntrack' <<<\"\$1\"" _ "$msg"
+check "nothing started after the missing package" no_processes
+# A failed build: a version the Go module proxy does not have, in an empty cache.
+cache=$(mktemp -d)
+msg=$(PREVIEW_CACHE="$cache" K8S_VERSION=v1.34.999 "$C" up 2>&1); rc=$?
+rm -rf "$cache"
+check "failed build stops up and says where" bash -c "[ $rc -ne 0 ] && grep -q 'could not download k8s.io/kubernetes@v1.34.999' <<<\"\$1\" && grep -q 'building Kubernetes failed' <<<\"\$1\"" _ "$msg"
+check "nothing started after the failed build" no_processes
 check "up after the port is free works" up_ok
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -1,0 +1,68 @@
+//! The `preview` CLI against a real previewd and cluster: start prints the
+//! key and waits until Ready, status renders the table and JSON, clean
+//! removes, and errors exit with 1 (failure) or 2 (usage) and say what to fix.
+
+mod common;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use common::*;
+
+fn preview(server: &str, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_preview")).env("PREVIEW_SERVER", server).args(args).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn start_status_clean_and_exit_codes() -> Result<()> {
+    let ns = TestNs::new("t-cli").await?;
+    echo_app(&ns, "orders", "v1", 1, &[]).await?;
+    let d = Previewd::start(&ns).await?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("orders.yaml");
+    std::fs::write(&cfg, "target: deployment/orders\nfeature:\n  preview: {ttl_mins: 30}\n")?;
+    let cfg = cfg.to_str().context("path")?.to_string();
+    let server = d.addr.clone();
+
+    // start blocks until the pod is Ready; runs on a blocking thread meanwhile.
+    let (s, c) = (server.clone(), cfg.clone());
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        preview(&s, &["start", "-f", &c, "--image", "preview.local/echo:v2", "--key", "cli1", "--timeout", "90s"])
+    })
+    .await??;
+    ensure!(code == 0, "start exited {code}: {err}");
+    ensure!(out.lines().next() == Some("key: cli1"), "first line: {out}");
+    ensure!(out.contains("running (29m remaining)") || out.contains("running (30m remaining)"), "{out}");
+
+    let s = server.clone();
+    let (code, out, _) = tokio::task::spawn_blocking(move || preview(&s, &["status", "-o", "json"])).await??;
+    ensure!(code == 0);
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(v[0]["key"] == "cli1" && v[0]["pods"][0]["ready"] == true && v[0]["pods"][0]["target"] == "deployment/orders", "{v}");
+    let s = server.clone();
+    let (_, table, _) = tokio::task::spawn_blocking(move || preview(&s, &["status", "--key", "cli1"])).await??;
+    ensure!(table.starts_with("KEY") && table.contains("cli1") && table.contains("preview.local/echo:v2"), "{table}");
+
+    // Failures: a missing image is a clear error (1); bad flags are usage (2).
+    let (s, c) = (server.clone(), cfg.clone());
+    let (code, _, err) = tokio::task::spawn_blocking(move || preview(&s, &["start", "-f", &c, "--key", "cli2"])).await??;
+    ensure!(code == 1 && err.contains("image"), "{code} {err}");
+    let s = server.clone();
+    let (code, _, _) = tokio::task::spawn_blocking(move || preview(&s, &["status", "-o", "xml"])).await??;
+    ensure!(code == 2, "usage error exit {code}");
+    let (code, _, err) = tokio::task::spawn_blocking(|| preview("http://127.0.0.1:9", &["status"])).await??;
+    ensure!(code == 1 && err.contains("cannot reach previewd at http://127.0.0.1:9"), "{code} {err}");
+
+    let s = server.clone();
+    let (code, out, _) = tokio::task::spawn_blocking(move || preview(&s, &["clean", "--key", "cli1"])).await??;
+    ensure!(code == 0 && out.contains("cleaned cli1 (2 objects)"), "{out}");
+    let s = server.clone();
+    let (_, out, _) = tokio::task::spawn_blocking(move || preview(&s, &["clean", "--key", "cli1"])).await??;
+    ensure!(out.contains("nothing to clean"), "{out}");
+    d.stop().await
+}
