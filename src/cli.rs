@@ -167,7 +167,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 pub async fn connect(server: &str) -> Result<PreviewServiceClient<Channel>, CliError> {
     let endpoint = Channel::from_shared(server.to_string())
         .map_err(|e| CliError::Usage(format!("--server {server:?} is not a URL: {e}")))?
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // Snapshots of many environments are large: a 64 KiB HTTP/2 window
+        // would cost several round trips each.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20));
     let channel = endpoint.connect().await.map_err(|source| CliError::Connect { server: server.into(), source })?;
     Ok(PreviewServiceClient::new(channel))
 }

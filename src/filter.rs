@@ -85,6 +85,18 @@ impl RequestView for http::request::Parts {
     }
 }
 
+impl<B> RequestView for http::Request<B> {
+    fn method(&self) -> &str {
+        self.method().as_str()
+    }
+    fn path_and_query(&self) -> &str {
+        self.uri().path_and_query().map_or("/", |p| p.as_str())
+    }
+    fn for_each_header(&self, f: &mut dyn FnMut(&str, &[u8]) -> bool) -> bool {
+        self.headers().iter().any(|(n, v)| f(n.as_str(), v.as_bytes()))
+    }
+}
+
 impl Filter {
     pub fn matches(&self, req: &dyn RequestView) -> bool {
         match self {

@@ -1,6 +1,7 @@
 //! Preview environments on Kubernetes: run changed services as preview pods
 //! inside an existing cluster and route keyed staging traffic to them.
 //!
+//! - [`agent`]: the data plane in target pods (preview-agent).
 //! - [`api`]: the gRPC `PreviewService` and the one conversion of errors to `tonic::Status`.
 //! - [`manager`]: validates, persists and applies environment changes; publishes status.
 //! - [`store`]: durable records in redb.
@@ -10,6 +11,7 @@
 //! - [`server`]: previewd's flags and main loop.
 //! - [`cli`]: the `preview` command.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -97,13 +97,19 @@ impl Store {
     }
 
     /// Runs `f` in one write transaction: committed if it returns Ok.
+    /// A `durable: false` commit is persisted by the next durable one (or lost
+    /// in a crash); use it only where losing it is safe.
     async fn write<T: Send + 'static>(
         &self,
+        durable: bool,
         f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write()?;
+            let mut tx = db.begin_write()?;
+            if !durable {
+                tx.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
+            }
             let out = {
                 let mut table = tx.open_table(ENVS)?;
                 f(&mut table)?
@@ -115,10 +121,20 @@ impl Store {
     }
 
     pub async fn put(&self, rec: &EnvRecord) -> Result<(), StoreError> {
+        self.put_with(rec, true).await
+    }
+
+    /// A put that may be lost in a crash, for updates that recovery redoes
+    /// anyway (marking a record settled: a pending one is simply completed).
+    pub async fn put_relaxed(&self, rec: &EnvRecord) -> Result<(), StoreError> {
+        self.put_with(rec, false).await
+    }
+
+    async fn put_with(&self, rec: &EnvRecord, durable: bool) -> Result<(), StoreError> {
         let key = rec.key.clone();
         // Serialising a plain struct of strings and numbers cannot fail.
         let bytes = serde_json::to_vec(rec).expect("EnvRecord serialises");
-        self.write(move |t| {
+        self.write(durable, move |t| {
             t.insert(key.as_str(), bytes.as_slice())?;
             Ok(())
         })
@@ -128,7 +144,7 @@ impl Store {
     /// Removes a record; true when it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let key = key.to_string();
-        self.write(move |t| Ok(t.remove(key.as_str())?.is_some())).await
+        self.write(true, move |t| Ok(t.remove(key.as_str())?.is_some())).await
     }
 
     pub async fn load_all(&self) -> Result<Vec<EnvRecord>, StoreError> {

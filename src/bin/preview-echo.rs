@@ -41,6 +41,9 @@ enum Cmd {
         /// Do not pass `baggage` on to the downstream call.
         #[arg(long, env = "ECHO_DROP_BAGGAGE")]
         drop_baggage: bool,
+        /// Also echo raw TCP bytes back on this address.
+        #[arg(long, env = "ECHO_TCP_ECHO")]
+        tcp_echo: Option<SocketAddr>,
     },
     /// Print this network namespace's outbound IPv4 address (no packet is sent).
     Whoami,
@@ -54,6 +57,7 @@ enum Cmd {
 }
 
 struct App {
+    served: std::sync::atomic::AtomicU64,
     version: String,
     pod: String,
     downstream: Option<String>,
@@ -66,6 +70,20 @@ fn client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    use std::sync::atomic::Ordering;
+    let path = req.uri().path();
+    // /stats: how many requests this instance answered (not counting /stats).
+    if path == "/stats" {
+        let body = serde_json::json!({"version": app.version, "served": app.served.load(Ordering::Relaxed)});
+        return Ok(Response::new(Full::new(Bytes::from(body.to_string() + "\n"))));
+    }
+    app.served.fetch_add(1, Ordering::Relaxed);
+    // /bytes/N: a large download.
+    if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+        let mut resp = Response::new(Full::new(Bytes::from(vec![b'x'; n.min(64 << 20)])));
+        resp.headers_mut().insert("x-version", hyper::header::HeaderValue::from_str(&app.version).unwrap_or(hyper::header::HeaderValue::from_static("?")));
+        return Ok(resp);
+    }
     let baggage: Vec<String> = req
         .headers()
         .get_all("baggage")
@@ -124,10 +142,27 @@ async fn serve(app: App, listen: SocketAddr) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
-        Cmd::Serve { listen, version, downstream, drop_baggage } => {
+    // With no arguments (an image's bare entrypoint) it serves.
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.len() == 1 {
+        args.push("serve".into());
+    }
+    match Cli::parse_from(args).cmd {
+        Cmd::Serve { listen, version, downstream, drop_baggage, tcp_echo } => {
+            if let Some(addr) = tcp_echo {
+                let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+                tokio::spawn(async move {
+                    while let Ok((mut s, _)) = l.accept().await {
+                        tokio::spawn(async move {
+                            let (mut r, mut w) = s.split();
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        });
+                    }
+                });
+            }
             let pod = std::env::var("HOSTNAME").unwrap_or_default();
-            serve(App { version, pod, downstream, drop_baggage, client: client() }, listen).await
+            let served = Default::default();
+            serve(App { served, version, pod, downstream, drop_baggage, client: client() }, listen).await
         }
         Cmd::Whoami => {
             // connect() on UDP only picks a route and source address.

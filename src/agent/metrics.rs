@@ -1,0 +1,68 @@
+//! Counters for the admin port's `/metrics` (Prometheus text format).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default, Clone, Copy)]
+struct PerKey {
+    routed: u64,
+    mirrored: u64,
+    mirror_dropped: u64,
+    mirror_failed: u64,
+}
+
+/// Unmatched requests touch only an atomic; per-key counters take a lock.
+#[derive(Default)]
+pub struct Metrics {
+    passthrough: AtomicU64,
+    raw: AtomicU64,
+    keys: Mutex<BTreeMap<String, PerKey>>,
+}
+
+impl Metrics {
+    pub fn passthrough(&self) {
+        self.passthrough.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn raw(&self) {
+        self.raw.fetch_add(1, Ordering::Relaxed);
+    }
+    fn bump(&self, key: &str, f: impl FnOnce(&mut PerKey)) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        match keys.get_mut(key) {
+            Some(k) => f(k),
+            None => f(keys.entry(key.to_string()).or_default()),
+        }
+    }
+    pub fn routed(&self, key: &str) {
+        self.bump(key, |k| k.routed += 1);
+    }
+    pub fn mirrored(&self, key: &str) {
+        self.bump(key, |k| k.mirrored += 1);
+    }
+    pub fn mirror_dropped(&self, key: &str) {
+        self.bump(key, |k| k.mirror_dropped += 1);
+    }
+    pub fn mirror_failed(&self, key: &str) {
+        self.bump(key, |k| k.mirror_failed += 1);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# TYPE preview_agent_passthrough_total counter");
+        let _ = writeln!(out, "preview_agent_passthrough_total {}", self.passthrough.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# TYPE preview_agent_raw_connections_total counter");
+        let _ = writeln!(out, "preview_agent_raw_connections_total {}", self.raw.load(Ordering::Relaxed));
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(out, "# TYPE preview_agent_requests_total counter");
+        for (key, k) in &keys {
+            for (action, n) in
+                [("routed", k.routed), ("mirrored", k.mirrored), ("mirror_dropped", k.mirror_dropped), ("mirror_failed", k.mirror_failed)]
+            {
+                let _ = writeln!(out, "preview_agent_requests_total{{key=\"{key}\",action=\"{action}\"}} {n}");
+            }
+        }
+        out
+    }
+}

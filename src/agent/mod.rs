@@ -1,0 +1,242 @@
+//! preview-agent: the data plane that runs in a target pod's network
+//! namespace. It redirects the target's ports to itself and routes each
+//! request: to a preview pod (steal), to the app plus a copy (mirror), or to
+//! the app unchanged.
+//!
+//! `run` is a small guard process that starts the worker and removes the
+//! worker's rules whatever way it ends (exit, SIGTERM, panic, SIGKILL of the
+//! worker). `cleanup` removes rules left when both were killed.
+
+pub mod detect;
+pub mod intercept;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use intercept::Backend;
+use metrics::Metrics;
+use proxy::Proxy;
+use routes::{Route, RouteTable, SharedRoutes};
+
+#[derive(Parser, Debug)]
+#[command(name = "preview-agent", version, about = "Routes keyed staging traffic to preview pods")]
+pub struct AgentCli {
+    #[command(subcommand)]
+    pub command: AgentCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Start the worker under a guard that removes its rules when it ends.
+    Run(WorkerArgs),
+    /// The worker itself (started by `run`).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+    /// Remove every agent rule in this network namespace.
+    Cleanup,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Target ports to intercept.
+    #[arg(long, env = "PREVIEW_AGENT_PORTS", value_delimiter = ',', required = true)]
+    pub ports: Vec<u16>,
+    /// Where intercepted connections are redirected.
+    #[arg(long, env = "PREVIEW_AGENT_LISTEN", default_value = "0.0.0.0:15001")]
+    pub listen: SocketAddr,
+    /// Admin port (`/metrics`, `/routes`); never intercepted.
+    #[arg(long, env = "PREVIEW_AGENT_ADMIN", default_value = "0.0.0.0:15090")]
+    pub admin: SocketAddr,
+    /// Routes as a JSON list, re-read when the file changes.
+    #[arg(long, env = "PREVIEW_AGENT_ROUTES")]
+    pub routes: PathBuf,
+    /// Chain name (chosen by the guard).
+    #[arg(long, hide = true)]
+    pub chain: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("routes file {path}: {message}")]
+    Routes { path: PathBuf, message: String },
+    #[error(transparent)]
+    Intercept(#[from] intercept::InterceptError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn read_routes(path: &PathBuf) -> Result<Vec<Route>, AgentError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AgentError::Routes { path: path.clone(), message: e.to_string() })?;
+    serde_json::from_str(&text).map_err(|e| AgentError::Routes { path: path.clone(), message: e.to_string() })
+}
+
+fn mtime(path: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The guard: starts the worker, forwards SIGTERM/SIGINT, and removes the
+/// worker's chain when it exits, however it exits. Returns its exit code.
+pub async fn guard(args: WorkerArgs) -> Result<i32, AgentError> {
+    let chain = args.chain.clone().unwrap_or_else(intercept::chain_name);
+    let exe = std::env::current_exe()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("worker")
+        .arg("--ports")
+        .arg(args.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
+        .arg("--listen")
+        .arg(args.listen.to_string())
+        .arg("--admin")
+        .arg(args.admin.to_string())
+        .arg("--routes")
+        .arg(&args.routes)
+        .arg("--chain")
+        .arg(&chain);
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break s?,
+            _ = term.recv() => forward_term(pid),
+            _ = int.recv() => forward_term(pid),
+        }
+    };
+    // The worker removes its rules itself on a clean exit; this covers the rest.
+    match Backend::detect().and_then(|b| b.remove(&chain)) {
+        Ok(()) => tracing::info!(%chain, ?status, "worker ended; rules removed"),
+        Err(e) => tracing::error!(%chain, error = %e, "worker ended; removing rules failed"),
+    }
+    Ok(status.code().unwrap_or(1))
+}
+
+fn forward_term(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) with a pid we spawned and a valid signal number.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
+/// Removes every agent chain in this namespace; returns their names.
+pub fn cleanup() -> Result<Vec<String>, AgentError> {
+    Ok(Backend::detect()?.remove_all()?)
+}
+
+/// The worker: listens, installs the rules, routes until SIGTERM or until no
+/// route is left, then removes the rules.
+pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
+    let chain = args.chain.clone().unwrap_or_else(intercept::chain_name);
+    // Bind first: if another agent holds the port, touch nothing.
+    let listener = TcpListener::bind(args.listen).await.map_err(|source| AgentError::Bind { addr: args.listen, source })?;
+    let admin = TcpListener::bind(args.admin).await.map_err(|source| AgentError::Bind { addr: args.admin, source })?;
+    let now = crate::manager::now_ms();
+    let initial = RouteTable::compile(read_routes(&args.routes)?)
+        .map_err(|message| AgentError::Routes { path: args.routes.clone(), message })?;
+    let initial = RouteTable::compile(initial.live(now)).map_err(|message| AgentError::Routes { path: args.routes.clone(), message })?;
+    if initial.is_empty() {
+        tracing::info!("no live routes; nothing to do");
+        return Ok(());
+    }
+    let routes = Arc::new(SharedRoutes::default());
+    routes.set(initial);
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Proxy::new(routes.clone(), metrics.clone());
+
+    let backend = Backend::detect()?;
+    let stale = backend.remove_all()?;
+    if !stale.is_empty() {
+        tracing::warn!(?stale, "removed rules left by a dead agent");
+    }
+    backend.install(&chain, &args.ports, args.listen.port())?;
+    for p in &args.ports {
+        intercept::flush_conntrack(*p);
+    }
+    tracing::info!(%chain, ports = ?args.ports, listen = %args.listen, "intercepting");
+
+    tokio::spawn(serve_admin(admin, routes.clone(), metrics.clone()));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let app = match intercept::original_dst(&stream) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no original destination; dropping connection");
+                    continue;
+                }
+            };
+            tokio::spawn(proxy.clone().serve(stream, app));
+        }
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut seen = mtime(&args.routes);
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = tick.tick() => {
+                let m = mtime(&args.routes);
+                let now = crate::manager::now_ms();
+                let current = routes.get();
+                let next = if m != seen {
+                    seen = m;
+                    match read_routes(&args.routes) {
+                        Ok(r) => r.into_iter().filter(|r| r.expires_at_ms.is_none_or(|t| t > now)).collect(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "keeping the previous routes");
+                            current.live(now)
+                        }
+                    }
+                } else {
+                    current.live(now)
+                };
+                if next.len() != current.routes.len() || next.iter().zip(&current.routes).any(|(a, b)| *a != b.route) {
+                    match RouteTable::compile(next) {
+                        Ok(t) => {
+                            tracing::info!(routes = t.routes.len(), "routes updated");
+                            routes.set(t);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "bad routes; keeping the previous ones"),
+                    }
+                }
+                if routes.get().is_empty() {
+                    break "no routes left";
+                }
+            }
+        }
+    };
+    backend.remove(&chain)?;
+    tracing::info!(%chain, why, "rules removed; exiting");
+    Ok(())
+}
+
+async fn serve_admin(listener: TcpListener, routes: Arc<SharedRoutes>, metrics: Arc<Metrics>) {
+    use http_body_util::Full;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (routes, metrics) = (routes.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let body = match req.uri().path() {
+                    "/metrics" => metrics.render(),
+                    "/routes" => serde_json::to_string(&routes.get().live(i64::MIN)).unwrap_or_default(),
+                    _ => "ok\n".to_string(),
+                };
+                async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(bytes::Bytes::from(body)))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+        });
+    }
+}

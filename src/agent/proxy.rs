@@ -1,0 +1,281 @@
+//! The data plane: one task per intercepted connection. It detects the
+//! protocol, then routes HTTP/1 requests, HTTP/2 streams (gRPC included) one
+//! by one; anything else is spliced to the app unchanged.
+//!
+//! Staging must not notice: unmatched requests go to the app as they came,
+//! a preview that is down fails only the keyed request (502 / gRPC
+//! UNAVAILABLE), and mirror copies never make the original wait.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, UPGRADE};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+
+use super::detect::{H2_PREFACE, Protocol, detect};
+use super::metrics::Metrics;
+use super::routes::SharedRoutes;
+use crate::config::Mode;
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// How long a silent client may wait before we treat it as raw TCP.
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// Mirror only bodies with a known length up to this size.
+pub const MIRROR_MAX_BODY: u64 = 1 << 20;
+/// Copies waiting to be sent; more are dropped and counted.
+pub const MIRROR_QUEUE: usize = 1024;
+/// Copies in flight at once.
+const MIRROR_CONCURRENCY: usize = 64;
+
+struct MirrorJob {
+    key: String,
+    req: Request<ProxyBody>,
+    to: SocketAddr,
+}
+
+pub struct Proxy {
+    pub routes: Arc<SharedRoutes>,
+    pub metrics: Arc<Metrics>,
+    h1: Client<HttpConnector, ProxyBody>,
+    h2: Client<HttpConnector, ProxyBody>,
+    mirror: mpsc::Sender<MirrorJob>,
+}
+
+fn connector() -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(Duration::from_secs(3)));
+    c
+}
+
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn full(b: impl Into<Bytes>) -> ProxyBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+impl Proxy {
+    /// Must be called inside a tokio runtime: it starts the mirror sender.
+    pub fn new(routes: Arc<SharedRoutes>, metrics: Arc<Metrics>) -> Arc<Proxy> {
+        let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector());
+        let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector());
+        let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
+        let proxy = Arc::new(Proxy { routes, metrics, h1, h2, mirror: tx });
+        tokio::spawn(mirror_sender(proxy.h1.clone(), proxy.h2.clone(), proxy.metrics.clone(), rx));
+        proxy
+    }
+
+    /// Serves one intercepted connection whose original destination is `app`.
+    pub async fn serve(self: Arc<Self>, client: TcpStream, app: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        let proto = sniff(&client).await;
+        let port = app.port();
+        match proto {
+            Protocol::Raw => {
+                self.metrics.raw();
+                let Ok(mut up) = TcpStream::connect(app).await else { return };
+                let _ = up.set_nodelay(true);
+                let mut client = client;
+                // Errors end the connection, as a direct one would end.
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+            }
+            Protocol::Http1 => {
+                let svc = hyper::service::service_fn(move |req| self.clone().handle(req, app, port));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    // Like Envoy's 60 KiB header limit: larger requests get 431.
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(client), svc)
+                    .with_upgrades()
+                    .await;
+            }
+            Protocol::Http2 => {
+                let svc = hyper::service::service_fn(move |req| self.clone().handle(req, app, port));
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(client), svc)
+                    .await;
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, app: SocketAddr, port: u16) -> Result<Response<ProxyBody>, Infallible> {
+        let table = self.routes.get();
+        let Some(route) = table.find(port, &req) else {
+            self.metrics.passthrough();
+            return Ok(self.forward(req, app, None).await);
+        };
+        let key = route.key.clone();
+        let preview = SocketAddr::new(route.destination, port);
+        match route.mode {
+            Mode::Steal => {
+                self.metrics.routed(&key);
+                Ok(self.forward(req, preview, Some(&key)).await)
+            }
+            Mode::Mirror => {
+                let len = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                let upgrade = req.headers().contains_key(UPGRADE);
+                let bodyless = len.is_none() && req.version() != Version::HTTP_2 && !is_chunked(&req);
+                let size = if bodyless { Some(0) } else { len };
+                match size.filter(|n| *n <= MIRROR_MAX_BODY && !upgrade) {
+                    None => {
+                        self.metrics.mirror_dropped(&key);
+                        Ok(self.forward(req, app, None).await)
+                    }
+                    Some(_) => {
+                        let (parts, body) = req.into_parts();
+                        let bytes = match body.collect().await {
+                            Ok(b) => b.to_bytes(),
+                            Err(_) => return Ok(error_response(&parts.headers, StatusCode::BAD_REQUEST, "request body ended early")),
+                        };
+                        let mut copy = Request::new(full(bytes.clone()));
+                        *copy.method_mut() = parts.method.clone();
+                        *copy.uri_mut() = parts.uri.clone();
+                        *copy.version_mut() = parts.version;
+                        *copy.headers_mut() = parts.headers.clone();
+                        match self.mirror.try_send(MirrorJob { key: key.clone(), req: copy, to: preview }) {
+                            Ok(()) => self.metrics.mirrored(&key),
+                            Err(_) => self.metrics.mirror_dropped(&key),
+                        }
+                        let original = Request::from_parts(parts, full(bytes));
+                        Ok(self.send(original, app, None, None).await)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `req` to `to`, splicing an HTTP/1 upgrade (WebSocket) when the
+    /// upstream answers 101. `key` names the preview when it is one.
+    async fn forward(&self, mut req: Request<Incoming>, to: SocketAddr, key: Option<&str>) -> Response<ProxyBody> {
+        let upgrade = (req.version() != Version::HTTP_2 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        self.send(Request::from_parts(parts, body.boxed()), to, key, upgrade).await
+    }
+
+    async fn send(
+        &self,
+        mut req: Request<ProxyBody>,
+        to: SocketAddr,
+        key: Option<&str>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ProxyBody> {
+        let headers = req.headers().clone();
+        let h2 = req.version() == Version::HTTP_2;
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        match format!("http://{to}{pq}").parse() {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => return error_response(&headers, StatusCode::BAD_REQUEST, "bad request target"),
+        }
+        let result = if h2 { self.h2.request(req).await } else { self.h1.request(req).await };
+        match result {
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_upgrade) = client_upgrade {
+                        let upstream = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream.await) {
+                                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                            }
+                        });
+                    }
+                }
+                resp.map(|b| b.boxed())
+            }
+            Err(e) => {
+                let msg = match key {
+                    Some(k) => format!("preview for key {k:?} at {to} is unreachable: {e}"),
+                    None => format!("upstream {to} is unreachable: {e}"),
+                };
+                tracing::debug!(%msg);
+                error_response(&headers, StatusCode::BAD_GATEWAY, &msg)
+            }
+        }
+    }
+}
+
+fn is_chunked<B>(req: &Request<B>) -> bool {
+    req.headers().get(http::header::TRANSFER_ENCODING).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// 502 for HTTP; a trailers-only UNAVAILABLE for gRPC so the client sees a status.
+fn error_response(req_headers: &http::HeaderMap, status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let grpc = req_headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut resp = if grpc {
+        let mut r = Response::new(empty());
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        r.headers_mut().insert("grpc-status", HeaderValue::from_static("14"));
+        if let Ok(v) = HeaderValue::from_str(&msg.replace(['\r', '\n'], " ")) {
+            r.headers_mut().insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(format!("{msg}\n")));
+        *r.status_mut() = status;
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    };
+    resp.headers_mut().insert("x-preview-agent", HeaderValue::from_static("error"));
+    resp
+}
+
+/// Peeks until the protocol is known, the client is silent for
+/// [`DETECT_TIMEOUT`], or it closes.
+async fn sniff(stream: &TcpStream) -> Protocol {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return Protocol::Raw,
+        };
+        if n == 0 {
+            return Protocol::Raw;
+        }
+        if let Some(p) = detect(&buf[..n]) {
+            return p;
+        }
+        // A partial request line: wait for more bytes.
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(1))).await.is_err() {
+            return Protocol::Raw;
+        }
+    }
+}
+
+async fn mirror_sender(
+    h1: Client<HttpConnector, ProxyBody>,
+    h2: Client<HttpConnector, ProxyBody>,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<MirrorJob>,
+) {
+    let limit = Arc::new(Semaphore::new(MIRROR_CONCURRENCY));
+    while let Some(MirrorJob { key, mut req, to }) = rx.recv().await {
+        let Ok(permit) = limit.clone().acquire_owned().await else { return };
+        let (h1, h2, metrics) = (h1.clone(), h2.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+            if let Ok(uri) = format!("http://{to}{pq}").parse() {
+                *req.uri_mut() = uri;
+                let sent = if req.version() == Version::HTTP_2 { h2.request(req).await } else { h1.request(req).await };
+                match sent {
+                    // The copy's answer is read and dropped.
+                    Ok(resp) => drop(resp.into_body().collect().await),
+                    Err(_) => metrics.mirror_failed(&key),
+                }
+            }
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,20 @@
+//! preview-agent: the data plane in target pods (see `preview::agent`).
+use clap::Parser;
+use preview::agent::{AgentCli, AgentCommand};
+
+#[tokio::main]
+async fn main() {
+    preview::telemetry::init();
+    let cli = AgentCli::parse();
+    let result = match cli.command {
+        AgentCommand::Run(args) => preview::agent::guard(args).await.map(|code| std::process::exit(code)),
+        AgentCommand::Worker(args) => preview::agent::worker(args).await,
+        AgentCommand::Cleanup => preview::agent::cleanup().map(|chains| {
+            println!("removed {} chain(s){}{}", chains.len(), if chains.is_empty() { "" } else { ": " }, chains.join(", "));
+        }),
+    };
+    if let Err(e) = result {
+        eprintln!("preview-agent: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,431 @@
+//! Issue 4: preview-agent with real sockets and real iptables, in network
+//! namespaces made by the test:
+//!
+//!   client ns 198.18.100.1 ── 198.18.100.2 pod ns (app :8080, :9000 + agent)
+//!                                198.18.101.1 ── 198.18.101.2 preview ns (v2)
+//!                                             └─ 198.18.101.3          (v3)
+//!
+//! Clients run on a thread that has entered the client namespace.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const POD: &str = "198.18.100.2";
+
+struct Net {
+    id: String,
+    procs: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("{args:?}"))?;
+    ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Net {
+    fn ns(&self, which: &str) -> String {
+        format!("pa{}{which}", self.id)
+    }
+
+    fn new() -> Result<Net> {
+        let id = preview::config::generate_key()[..6].to_string();
+        let net = Net { id, procs: Vec::new(), dir: tempfile::tempdir()? };
+        let (c, p, v) = (net.ns("c"), net.ns("p"), net.ns("v"));
+        for n in [&c, &p, &v] {
+            sh(&["ip", "netns", "add", n])?;
+            sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+        }
+        let (c0, p0, p1, v1) = (format!("{c}0"), format!("{p}0"), format!("{p}1"), format!("{v}1"));
+        sh(&["ip", "link", "add", &c0, "netns", &c, "type", "veth", "peer", "name", &p0, "netns", &p])?;
+        sh(&["ip", "link", "add", &p1, "netns", &p, "type", "veth", "peer", "name", &v1, "netns", &v])?;
+        for (n, dev, addr) in [
+            (&c, &c0, "198.18.100.1/24"),
+            (&p, &p0, "198.18.100.2/24"),
+            (&p, &p1, "198.18.101.1/24"),
+            (&v, &v1, "198.18.101.2/24"),
+            (&v, &v1, "198.18.101.3/24"),
+        ] {
+            sh(&["ip", "-n", n, "addr", "add", addr, "dev", dev])?;
+            sh(&["ip", "-n", n, "link", "set", dev, "up"])?;
+        }
+        Ok(net)
+    }
+
+    fn spawn(&mut self, ns: &str, args: &[&str]) -> Result<usize> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(self.dir.path().join(format!("{}.log", self.procs.len())))?))
+            .spawn()?;
+        self.procs.push(child);
+        Ok(self.procs.len() - 1)
+    }
+
+    /// App v1 on :8080 (+ raw echo on :9000) in the pod, v2 and v3 previews.
+    fn servers(&mut self) -> Result<()> {
+        let echo = env!("CARGO_BIN_EXE_preview-echo");
+        let (p, v) = (self.ns("p"), self.ns("v"));
+        self.spawn(&p, &[echo, "serve", "--listen", "0.0.0.0:8080", "--version", "v1", "--tcp-echo", "0.0.0.0:9000"])?;
+        self.spawn(&v, &[echo, "serve", "--listen", "198.18.101.2:8080", "--version", "v2"])?;
+        self.spawn(&v, &[echo, "serve", "--listen", "198.18.101.3:8080", "--version", "v3"])?;
+        Ok(())
+    }
+
+    fn routes_path(&self) -> PathBuf {
+        self.dir.path().join("routes.json")
+    }
+
+    fn set_routes(&self, routes: serde_json::Value) -> Result<()> {
+        let tmp = self.dir.path().join("routes.tmp");
+        std::fs::write(&tmp, routes.to_string())?;
+        std::fs::rename(tmp, self.routes_path())?;
+        Ok(())
+    }
+
+    fn agent(&mut self) -> Result<usize> {
+        let agent = env!("CARGO_BIN_EXE_preview-agent");
+        let routes = self.routes_path();
+        let p = self.ns("p");
+        let idx = self.spawn(&p, &[agent, "run", "--ports", "8080,9000", "--routes", routes.to_str().unwrap_or_default()])?;
+        Ok(idx)
+    }
+
+    fn chains(&self) -> Result<Vec<String>> {
+        let out = sh(&["ip", "netns", "exec", &self.ns("p"), "iptables", "-w", "-t", "nat", "-S"])?;
+        Ok(out.lines().filter_map(|l| l.strip_prefix("-N ")).filter(|c| c.starts_with("PREVIEW-AGENT-")).map(String::from).collect())
+    }
+
+    /// Runs `f` on a thread inside the client namespace.
+    fn client<T: Send + 'static, Fut: std::future::Future<Output = Result<T>>>(
+        &self,
+        f: impl FnOnce() -> Fut + Send + 'static,
+    ) -> Result<T> {
+        let path = format!("/var/run/netns/{}", self.ns("c"));
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path)?;
+            // SAFETY: setns on this thread only, with an fd we own.
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
+            ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    }
+
+    fn kill(&mut self, idx: usize, signal: i32) {
+        if let Ok(pid) = i32::try_from(self.procs[idx].id()) {
+            // SAFETY: signalling a child we spawned.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        // `ip netns exec` children die with their parent's kill only if they
+        // are the exec'd process (they are: ip execs the command).
+        for n in ["c", "p", "v"] {
+            let _ = Command::new("ip").args(["netns", "del", &self.ns(n)]).status();
+        }
+    }
+}
+
+fn route(key: &str, mode: &str, dest: &str) -> serde_json::Value {
+    serde_json::json!({"key": key, "mode": mode, "filter": {"key": key}, "destination": dest})
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn h1_conn(port: u16) -> Result<H1> {
+    let s = tokio::net::TcpStream::connect((POD, port)).await?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+async fn get(send: &mut H1, path: &str, key: Option<&str>) -> Result<serde_json::Value> {
+    let mut b = http::Request::get(path).header("host", POD);
+    if let Some(k) = key {
+        b = b.header("baggage", format!("other=1,preview-key={k}"));
+    }
+    send.ready().await?;
+    let resp = send.send_request(b.body(Full::new(Bytes::new()))?).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    ensure!(status.is_success(), "{path} {key:?}: {status} {}", String::from_utf8_lossy(&body));
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Waits until the agent's rules are in (a keyed request reaches `want`).
+async fn wait_routed(key: &str, want: &str) -> Result<()> {
+    for _ in 0..100 {
+        if let Ok(mut s) = h1_conn(8080).await {
+            if let Ok(v) = get(&mut s, "/", Some(key)).await {
+                if v["version"] == want {
+                    return Ok(());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("key {key} never reached {want}")
+}
+
+fn version(v: &serde_json::Value) -> &str {
+    v["version"].as_str().unwrap_or_default()
+}
+
+#[test]
+fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
+    let mut net = Net::new()?;
+    net.servers()?;
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2"), route("beta", "steal", "198.18.101.3")]))?;
+    net.agent()?;
+    net.client(|| async {
+        wait_routed("alpha", "v2").await?;
+        // One keep-alive connection, keyed and unkeyed requests interleaved.
+        let mut s = h1_conn(8080).await?;
+        for _ in 0..5 {
+            ensure!(version(&get(&mut s, "/", None).await?) == "v1");
+            ensure!(version(&get(&mut s, "/", Some("alpha")).await?) == "v2");
+            ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v3");
+            // A probe-like request (no key) reaches the app.
+            ensure!(version(&get(&mut s, "/healthz", None).await?) == "v1");
+            // A key that is a prefix or extension of another does not match.
+            ensure!(version(&get(&mut s, "/", Some("alph")).await?) == "v1");
+        }
+        // Large upload (chunked, streamed) and large download through steal.
+        let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> =
+            (0..64).map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![b'a'; 128 * 1024])))).collect();
+        let body = http_body_util::StreamBody::new(futures::stream::iter(chunks));
+        let stream = tokio::net::TcpStream::connect((POD, 8080)).await?;
+        let (mut up, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::post("/upload").header("host", POD).header("x-preview-key", "alpha").body(body)?;
+        let resp = up.send_request(req).await?;
+        ensure!(resp.headers().get("transfer-encoding").is_none() || resp.status().is_success());
+        let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+        ensure!(version(&v) == "v2" && v["body_bytes"] == 64 * 128 * 1024, "{v}");
+        let mut s = h1_conn(8080).await?;
+        send_ready(&mut s).await?;
+        let req = http::Request::get("/bytes/20000000").header("host", POD).header("x-preview-key", "beta").body(Full::new(Bytes::new()))?;
+        let resp = s.send_request(req).await?;
+        ensure!(resp.headers().get("x-version").map(|v| v.as_bytes()) == Some(&b"v3"[..]));
+        ensure!(resp.into_body().collect().await?.to_bytes().len() == 20_000_000);
+
+        // Raw TCP (a line protocol) passes unchanged; garbage does not hurt others.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut raw = tokio::net::TcpStream::connect((POD, 9000)).await?;
+        raw.write_all(b"hello preview\nsecond line\n").await?;
+        let mut buf = vec![0u8; 26];
+        raw.read_exact(&mut buf).await?;
+        ensure!(&buf == b"hello preview\nsecond line\n", "{:?}", String::from_utf8_lossy(&buf));
+        let mut garbage = tokio::net::TcpStream::connect((POD, 8080)).await?;
+        garbage.write_all(&[0u8, 159, 146, 150, 255, 1, 2, 3]).await?;
+        drop(garbage);
+        let _half_open = tokio::net::TcpStream::connect((POD, 8080)).await?; // never writes
+        // Headers too large: an error for that request only.
+        let mut s = h1_conn(8080).await?;
+        send_ready(&mut s).await?;
+        let big = "x".repeat(300 * 1024);
+        let req = http::Request::get("/").header("host", POD).header("x-big", big).body(Full::new(Bytes::new()))?;
+        let r = s.send_request(req).await;
+        ensure!(r.is_err() || r.as_ref().is_ok_and(|r| r.status() == 431), "oversized headers accepted: {:?}", r.map(|r| r.status()));
+        ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v2");
+        Ok(())
+    })
+}
+
+async fn send_ready(s: &mut H1) -> Result<()> {
+    s.ready().await?;
+    Ok(())
+}
+
+#[test]
+fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
+    let mut net = Net::new()?;
+    net.servers()?;
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2"), route("gone", "steal", "198.18.101.9")]))?;
+    net.agent()?;
+    net.client(|| async {
+        wait_routed("alpha", "v2").await?;
+        let stream = tokio::net::TcpStream::connect((POD, 8080)).await?;
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        for i in 0..6 {
+            let key = if i % 2 == 0 { Some("alpha") } else { None };
+            let mut b = http::Request::get(format!("http://{POD}:8080/h2"));
+            if let Some(k) = key {
+                b = b.header("baggage", format!("preview-key={k}"));
+            }
+            let resp = h2.send_request(b.body(Full::new(Bytes::new()))?).await?;
+            let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+            ensure!(v["protocol"] == "HTTP/2.0", "{v}");
+            ensure!(version(&v) == if key.is_some() { "v2" } else { "v1" }, "{v}");
+        }
+        // A preview that is down: gRPC gets UNAVAILABLE, HTTP gets 502; staging unaffected.
+        let req = http::Request::post(format!("http://{POD}:8080/pkg.Svc/Call"))
+            .header("content-type", "application/grpc")
+            .header("x-preview-key", "gone")
+            .body(Full::new(Bytes::new()))?;
+        let resp = h2.send_request(req).await?;
+        ensure!(resp.headers().get("grpc-status").map(|v| v.as_bytes()) == Some(&b"14"[..]), "{:?}", resp.headers());
+        let mut s = h1_conn(8080).await?;
+        send_ready(&mut s).await?;
+        let resp = s
+            .send_request(http::Request::get("/").header("host", POD).header("x-preview-key", "gone").body(Full::new(Bytes::new()))?)
+            .await?;
+        ensure!(resp.status() == 502, "{}", resp.status());
+        ensure!(version(&get(&mut s, "/", None).await?) == "v1");
+        Ok(())
+    })
+}
+
+#[test]
+fn mirror_copies_arrive_and_originals_are_unchanged() -> Result<()> {
+    let mut net = Net::new()?;
+    net.servers()?;
+    net.set_routes(serde_json::json!([
+        route("steady", "steal", "198.18.101.3"),
+        route("m", "mirror", "198.18.101.2"),
+        route("statsv2", "steal", "198.18.101.2"),
+    ]))?;
+    net.agent()?;
+    net.client(|| async {
+        wait_routed("steady", "v3").await?;
+        let before = get(&mut h1_conn(8080).await?, "/stats", None).await?;
+        let preview_before = stats_v2().await?;
+        let mut s = h1_conn(8080).await?;
+        let n = 300;
+        let t = tokio::time::Instant::now();
+        for _ in 0..n {
+            ensure!(version(&get(&mut s, "/m", Some("m")).await?) == "v1");
+        }
+        ensure!(t.elapsed() < Duration::from_secs(30));
+        let after = get(&mut h1_conn(8080).await?, "/stats", None).await?;
+        ensure!(after["served"].as_u64() >= before["served"].as_u64().map(|b| b + n), "{before} {after}");
+        // Copies arrive at the preview (it answered them; answers were dropped).
+        for _ in 0..50 {
+            if stats_v2().await? >= preview_before + n {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("preview got {} of {n} copies", stats_v2().await? - preview_before)
+    })?;
+    let metrics = sh(&["ip", "netns", "exec", &net.ns("p"), "curl", "-s", "http://127.0.0.1:15090/metrics"])?;
+    ensure!(metrics.contains("preview_agent_requests_total{key=\"m\",action=\"mirrored\"} 300"), "{metrics}");
+    Ok(())
+}
+
+/// Requests the v2 preview answered, asked over the pod→preview link from the client side.
+async fn stats_v2() -> Result<u64> {
+    // The client cannot reach the preview network; ask through a keyed route instead.
+    let mut s = h1_conn(8080).await?;
+    let v = get(&mut s, "/stats", Some("statsv2")).await;
+    match v {
+        Ok(v) if v["version"] == "v2" => Ok(v["served"].as_u64().unwrap_or(0)),
+        _ => bail!("no stats route"),
+    }
+}
+
+#[test]
+fn routes_added_later_apply_to_open_connections_and_exit_removes_rules() -> Result<()> {
+    let mut net = Net::new()?;
+    net.servers()?;
+    let soon = preview::manager::now_ms() + 60_000;
+    let mut first = route("alpha", "steal", "198.18.101.2");
+    first["expires_at_ms"] = serde_json::json!(soon);
+    net.set_routes(serde_json::json!([first.clone()]))?;
+    let agent = net.agent()?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let routes_path = net.routes_path();
+    let handle = {
+        let path = format!("/var/run/netns/{}", net.ns("c"));
+        std::thread::spawn(move || -> Result<()> {
+            let fd = std::fs::File::open(&path)?;
+            // SAFETY: setns on this thread only.
+            ensure!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) } == 0);
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+                wait_routed("alpha", "v2").await?;
+                let mut s = h1_conn(8080).await?;
+                ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v1");
+                tx.send(())?; // main thread adds beta's route
+                done_rx.recv_timeout(Duration::from_secs(10))?;
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v3", "open connection not re-routed");
+                Ok(())
+            })
+        })
+    };
+    rx.recv_timeout(Duration::from_secs(30))?;
+    std::fs::write(routes_path.with_extension("tmp"), serde_json::json!([first, route("beta", "steal", "198.18.101.3")]).to_string())?;
+    std::fs::rename(routes_path.with_extension("tmp"), &routes_path)?;
+    done_tx.send(())?;
+    handle.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    ensure!(net.chains()?.len() == 1, "{:?}", net.chains()?);
+
+    // All routes gone: the agent removes its rules and exits; the app answers directly.
+    net.set_routes(serde_json::json!([]))?;
+    let status = wait_exit(&mut net.procs[agent], Duration::from_secs(10))?;
+    ensure!(status.success(), "agent exit {status:?}");
+    ensure!(net.chains()?.is_empty(), "rules left: {:?}", net.chains()?);
+    net.client(|| async { ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1"); Ok(()) })
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        ensure!(std::time::Instant::now() < end, "did not exit within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_and_sigkill_then_cleanup_restore_direct_service() -> Result<()> {
+    let mut net = Net::new()?;
+    net.servers()?;
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
+    let agent = net.agent()?;
+    net.client(|| async { wait_routed("alpha", "v2").await })?;
+    net.kill(agent, libc::SIGTERM);
+    wait_exit(&mut net.procs[agent], Duration::from_secs(10))?;
+    ensure!(net.chains()?.is_empty(), "rules left after SIGTERM: {:?}", net.chains()?);
+    net.client(|| async { ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1"); Ok(()) })?;
+
+    // SIGKILL the guard and its worker together: the rules stay, and with
+    // nobody listening, staging breaks until `cleanup` runs.
+    let agent = net.agent()?;
+    net.client(|| async { wait_routed("alpha", "v2").await })?;
+    let guard = net.procs[agent].id();
+    let worker = sh(&["pgrep", "-P", &guard.to_string()])?;
+    for pid in std::iter::once(guard.to_string()).chain(worker.split_whitespace().map(String::from)) {
+        sh(&["kill", "-KILL", &pid])?;
+    }
+    wait_exit(&mut net.procs[agent], Duration::from_secs(5))?;
+    ensure!(net.chains()?.len() == 1, "SIGKILL should leave the rules: {:?}", net.chains()?);
+    let broken = net.client(|| async { Ok(h1_conn(8080).await.is_err()) })?;
+    ensure!(broken, "expected connection refused while stale rules remain");
+    let out = sh(&["ip", "netns", "exec", &net.ns("p"), env!("CARGO_BIN_EXE_preview-agent"), "cleanup"])?;
+    ensure!(out.starts_with("removed 1 chain"), "{out}");
+    ensure!(net.chains()?.is_empty());
+    net.client(|| async { ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1"); Ok(()) })
+}
