@@ -429,3 +429,61 @@ fn sigterm_and_sigkill_then_cleanup_restore_direct_service() -> Result<()> {
     ensure!(net.chains()?.is_empty());
     net.client(|| async { ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1"); Ok(()) })
 }
+
+async fn read_text(s: &mut tokio::net::TcpStream) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).await?;
+    let mut p = vec![0u8; (h[1] & 0x7f) as usize];
+    s.read_exact(&mut p).await?;
+    Ok(String::from_utf8(p)?)
+}
+
+/// A WebSocket client over raw TCP: handshake, read the first frame (the
+/// server's version), send a masked frame and read its echo.
+async fn websocket(key: Option<&str>) -> Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect((POD, 8080)).await?;
+    let mut req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {POD}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    if let Some(k) = key {
+        req.push_str(&format!("baggage: preview-key={k}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await?;
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    ensure!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ensure!(head.to_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    let version = read_text(&mut s).await?;
+    let msg = b"ping through the agent";
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | msg.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(msg.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).await?;
+    let echo = read_text(&mut s).await?;
+    Ok((version, echo))
+}
+
+#[test]
+fn websocket_through_steal_and_passthrough() -> Result<()> {
+    let mut net = Net::new()?;
+    net.servers()?;
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
+    net.agent()?;
+    net.client(|| async {
+        wait_routed("alpha", "v2").await?;
+        let (v, echo) = websocket(Some("alpha")).await?;
+        ensure!(v == "v2" && echo == "ping through the agent", "{v} {echo}");
+        let (v, echo) = websocket(None).await?;
+        ensure!(v == "v1" && echo == "ping through the agent", "{v} {echo}");
+        Ok(())
+    })
+}

@@ -9,6 +9,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+mod echo_ws;
+
 use anyhow::Context;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
@@ -69,8 +71,35 @@ fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     use std::sync::atomic::Ordering;
+    // WebSocket: 101, then the version as the first frame, then echo.
+    if let Some(key) = req.headers().get("sec-websocket-key").and_then(|k| k.to_str().ok()).map(echo_ws::accept_key) {
+        app.served.fetch_add(1, Ordering::Relaxed);
+        let upgrade = hyper::upgrade::on(&mut req);
+        let version = app.version.clone();
+        tokio::spawn(async move {
+            let Ok(up) = upgrade.await else { return };
+            let mut io = TokioIo::new(up);
+            if echo_ws::write_text(&mut io, version.as_bytes()).await.is_err() {
+                return;
+            }
+            while let Ok(Some(msg)) = echo_ws::read_frame(&mut io).await {
+                if echo_ws::write_text(&mut io, &msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert("upgrade", hyper::header::HeaderValue::from_static("websocket"));
+        h.insert("connection", hyper::header::HeaderValue::from_static("Upgrade"));
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&key) {
+            h.insert("sec-websocket-accept", v);
+        }
+        return Ok(resp);
+    }
     let path = req.uri().path();
     // /stats: how many requests this instance answered (not counting /stats).
     if path == "/stats" {
