@@ -75,9 +75,9 @@ impl Net {
     fn servers(&mut self) -> Result<()> {
         let echo = env!("CARGO_BIN_EXE_preview-echo");
         let (p, v) = (self.ns("p"), self.ns("v"));
-        self.spawn(&p, &[echo, "serve", "--listen", "0.0.0.0:8080", "--version", "v1", "--tcp-echo", "0.0.0.0:9000"])?;
-        self.spawn(&v, &[echo, "serve", "--listen", "198.18.101.2:8080", "--version", "v2"])?;
-        self.spawn(&v, &[echo, "serve", "--listen", "198.18.101.3:8080", "--version", "v3"])?;
+        self.spawn(&p, &[echo, "serve", "--listen", "0.0.0.0:8080", "--version", "v1", "--tcp-echo", "0.0.0.0:9000", "--grpc-listen", "0.0.0.0:9090"])?;
+        self.spawn(&v, &[echo, "serve", "--listen", "198.18.101.2:8080", "--version", "v2", "--grpc-listen", "198.18.101.2:9090"])?;
+        self.spawn(&v, &[echo, "serve", "--listen", "198.18.101.3:8080", "--version", "v3", "--grpc-listen", "198.18.101.3:9090"])?;
         Ok(())
     }
 
@@ -96,7 +96,7 @@ impl Net {
         let agent = env!("CARGO_BIN_EXE_preview-agent");
         let routes = self.routes_path();
         let p = self.ns("p");
-        let idx = self.spawn(&p, &[agent, "run", "--ports", "8080,9000", "--routes", routes.to_str().unwrap_or_default()])?;
+        let idx = self.spawn(&p, &[agent, "run", "--ports", "8080,9000,9090", "--routes", routes.to_str().unwrap_or_default()])?;
         Ok(idx)
     }
 
@@ -484,6 +484,47 @@ fn websocket_through_steal_and_passthrough() -> Result<()> {
         ensure!(v == "v2" && echo == "ping through the agent", "{v} {echo}");
         let (v, echo) = websocket(None).await?;
         ensure!(v == "v1" && echo == "ping through the agent", "{v} {echo}");
+        Ok(())
+    })
+}
+
+#[test]
+fn grpc_unary_and_server_streaming_routed_per_call_with_trailers() -> Result<()> {
+    use preview::proto::echo::{EchoRequest, echo_client::EchoClient};
+    let mut net = Net::new()?;
+    net.servers()?;
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2"), route("gone", "steal", "198.18.101.9")]))?;
+    net.agent()?;
+    net.client(|| async {
+        wait_routed("alpha", "v2").await?;
+        // One channel (one HTTP/2 connection); each call is routed by its metadata.
+        let mut c = EchoClient::connect(format!("http://{POD}:9090")).await?;
+        let call = |key: Option<&str>, count: u32| {
+            let mut r = tonic::Request::new(EchoRequest { message: "hi".into(), count });
+            if let Some(k) = key {
+                r.metadata_mut().insert("baggage", format!("preview-key={k}").parse().expect("ascii"));
+            }
+            r
+        };
+        for _ in 0..3 {
+            ensure!(c.unary(call(Some("alpha"), 0)).await?.into_inner().version == "v2");
+            ensure!(c.unary(call(None, 0)).await?.into_inner().version == "v1");
+        }
+        for (key, want) in [(Some("alpha"), "v2"), (None, "v1")] {
+            let mut stream = c.stream(call(key, 5)).await?.into_inner();
+            let mut got = Vec::new();
+            // `message()` returns Ok(None) only once the trailers said OK.
+            while let Some(reply) = stream.message().await? {
+                ensure!(reply.version == want, "{reply:?}");
+                got.push(reply.index);
+            }
+            ensure!(got == vec![0, 1, 2, 3, 4], "{got:?}");
+            let trailers = stream.trailers().await?;
+            ensure!(trailers.is_some(), "no trailers");
+        }
+        let err = c.unary(call(Some("gone"), 0)).await.expect_err("preview is down");
+        ensure!(err.code() == tonic::Code::Unavailable, "{err:?}");
+        ensure!(c.unary(call(None, 0)).await?.into_inner().version == "v1");
         Ok(())
     })
 }

@@ -43,6 +43,9 @@ enum Cmd {
         /// Do not pass `baggage` on to the downstream call.
         #[arg(long, env = "ECHO_DROP_BAGGAGE")]
         drop_baggage: bool,
+        /// Also serve the gRPC Echo service on this address.
+        #[arg(long, env = "ECHO_GRPC_LISTEN")]
+        grpc_listen: Option<SocketAddr>,
         /// Also echo raw TCP bytes back on this address.
         #[arg(long, env = "ECHO_TCP_ECHO")]
         tcp_echo: Option<SocketAddr>,
@@ -169,6 +172,36 @@ async fn serve(app: App, listen: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
+struct GrpcEcho {
+    version: String,
+}
+
+#[tonic::async_trait]
+impl preview::proto::echo::echo_server::Echo for GrpcEcho {
+    async fn unary(
+        &self,
+        req: tonic::Request<preview::proto::echo::EchoRequest>,
+    ) -> Result<tonic::Response<preview::proto::echo::EchoReply>, tonic::Status> {
+        let message = req.into_inner().message;
+        Ok(tonic::Response::new(preview::proto::echo::EchoReply { message, version: self.version.clone(), index: 0 }))
+    }
+
+    type StreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<preview::proto::echo::EchoReply, tonic::Status>> + Send>>;
+
+    async fn stream(
+        &self,
+        req: tonic::Request<preview::proto::echo::EchoRequest>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let req = req.into_inner();
+        let version = self.version.clone();
+        let replies = (0..req.count.min(1000)).map(move |index| {
+            Ok(preview::proto::echo::EchoReply { message: req.message.clone(), version: version.clone(), index })
+        });
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter(replies))))
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // With no arguments (an image's bare entrypoint) it serves.
@@ -177,7 +210,16 @@ async fn main() -> anyhow::Result<()> {
         args.push("serve".into());
     }
     match Cli::parse_from(args).cmd {
-        Cmd::Serve { listen, version, downstream, drop_baggage, tcp_echo } => {
+        Cmd::Serve { listen, version, downstream, drop_baggage, tcp_echo, grpc_listen } => {
+            if let Some(addr) = grpc_listen {
+                let svc = preview::proto::echo::echo_server::EchoServer::new(GrpcEcho { version: version.clone() });
+                let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+                tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(svc)
+                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+                );
+            }
             if let Some(addr) = tcp_echo {
                 let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
                 tokio::spawn(async move {
