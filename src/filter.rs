@@ -211,4 +211,44 @@ mod tests {
         assert!(FilterSpec::Header("(".into()).compile().is_err());
         assert!(FilterSpec::Method("G T".into()).compile().is_err());
     }
+
+    /// Fuzz-style property test over filter matching: random header values
+    /// and baggage never panic, and the key filter agrees with a simple model.
+    #[test]
+    fn random_headers_never_panic_and_match_the_model() {
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"ab-=,; preview-key\t\x7f\xff";
+        let filters: Vec<Filter> = [
+            FilterSpec::Key("ab".into()),
+            FilterSpec::Header("^baggage: .*preview-key=ab".into()),
+            FilterSpec::AnyOf(vec![FilterSpec::Path("^/a".into()), FilterSpec::Method("POST".into())]),
+        ]
+        .iter()
+        .map(|f| f.compile().unwrap())
+        .collect();
+        for _ in 0..20_000 {
+            let len = (next() % 40) as usize;
+            let value: Vec<u8> = (0..len).map(|_| alphabet[(next() as usize) % alphabet.len()]).collect();
+            // The model: split on ',', take the part before ';', trim, compare.
+            let model = value.split(|b| *b == b',').any(|m| {
+                let kv = m.split(|b| *b == b';').next().unwrap_or_default();
+                kv.iter().position(|b| *b == b'=').is_some_and(|eq| {
+                    kv[..eq].trim_ascii() == b"preview-key" && kv[eq + 1..].trim_ascii() == b"ab"
+                })
+            });
+            assert_eq!(baggage_has_key(&value, "ab"), model, "{:?}", String::from_utf8_lossy(&value));
+            let Ok(hv) = http::HeaderValue::from_bytes(&value) else { continue };
+            let mut req = http::Request::get("/a?x").body(()).unwrap();
+            req.headers_mut().insert("baggage", hv);
+            for f in &filters {
+                let _ = f.matches(&req);
+            }
+        }
+    }
 }

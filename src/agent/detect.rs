@@ -52,4 +52,32 @@ mod tests {
         // "PRI" that is not the preface is an ordinary token.
         assert_eq!(detect(b"PRIX / HTTP/1.1"), Some(Protocol::Http1));
     }
+
+    /// Fuzz-style property test: any bytes, any split, never panics, and a
+    /// decision never changes once more bytes arrive.
+    #[test]
+    fn random_input_is_stable_and_never_panics() {
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let seeds: [&[u8]; 3] = [H2_PREFACE, b"GET /x HTTP/1.1\r\n", b"SSH-2.0-x\r\n"];
+        for i in 0..50_000 {
+            let mut buf: Vec<u8> = seeds[i % 3].to_vec();
+            for _ in 0..(next() % 4) {
+                let pos = (next() as usize) % buf.len();
+                buf[pos] = next() as u8;
+            }
+            buf.truncate((next() as usize) % (buf.len() + 1));
+            let full = detect(&buf);
+            for cut in 0..buf.len() {
+                if let Some(p) = detect(&buf[..cut]) {
+                    assert_eq!(Some(p), full, "{:?} then {:?}", &buf[..cut], buf);
+                }
+            }
+        }
+    }
 }
