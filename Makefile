@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo
+.PHONY: deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -55,3 +55,6 @@ bench-core: images
 
 demo: images        ## the main job: a preview of orders on the local cluster
 	deploy/demo/demo.sh
+
+bench-agent: deps   ## agent vs direct vs nginx, in network namespaces (no cluster needed)
+	cargo test --release --test bench_agent -- --ignored --nocapture --test-threads 1

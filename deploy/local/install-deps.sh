@@ -2,7 +2,7 @@
 # Installs what the project needs on a fresh Debian machine (also used by CI).
 set -euo pipefail
 PKGS=(containerd runc containernetworking-plugins iptables conntrack etcd-server iproute2
-      openssl curl gcc libc6-dev make protobuf-compiler libprotobuf-dev)
+      openssl curl gcc libc6-dev make protobuf-compiler libprotobuf-dev nginx-light)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

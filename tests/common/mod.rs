@@ -3,6 +3,8 @@
 //! an in-process previewd.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
