@@ -403,3 +403,45 @@ fn grpc_unary_and_server_streaming_routed_per_call_with_trailers() -> Result<()>
         Ok(())
     })
 }
+
+#[test]
+fn connections_open_before_the_rules_do_not_bypass_the_agent() -> Result<()> {
+    let mut net = Net::new()?;
+    net.servers()?;
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let path = format!("/var/run/netns/{}", net.ns("c"));
+    let client = std::thread::spawn(move || -> Result<()> {
+        let fd = std::fs::File::open(&path)?;
+        // SAFETY: setns on this thread only.
+        ensure!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) } == 0);
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+            // A keep-alive connection made straight to the app, before any rule.
+            let mut old = None;
+            for _ in 0..100 {
+                if let Ok(c) = h1_conn(8080).await {
+                    old = Some(c);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut old = old.ok_or_else(|| anyhow::anyhow!("app never came up"))?;
+            ensure!(version(&get(&mut old, "/", Some("alpha")).await?) == "v1");
+            tx.send(())?;
+            go_rx.recv_timeout(Duration::from_secs(30))?;
+            wait_routed("alpha", "v2").await?;
+            // conntrack was flushed: the old connection is reset (the client
+            // reconnects through the agent); it never reaches the app around it.
+            match get(&mut old, "/", Some("alpha")).await {
+                Ok(v) => ensure!(version(&v) == "v2", "old connection bypassed the agent: {v}"),
+                Err(_) => ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v2"),
+            }
+            Ok(())
+        })
+    });
+    rx.recv_timeout(Duration::from_secs(30))?;
+    net.agent()?;
+    go_tx.send(())?;
+    client.join().map_err(|_| anyhow::anyhow!("client panicked"))?
+}
