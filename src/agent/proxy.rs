@@ -94,7 +94,8 @@ impl Proxy {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
             }
             Protocol::Http1 => {
-                let svc = hyper::service::service_fn(move |req| self.clone().handle(req, app, port));
+                let conn = Arc::new(AppConn::default());
+                let svc = hyper::service::service_fn(move |req| self.clone().handle(req, app, port, Some(conn.clone())));
                 let _ = hyper::server::conn::http1::Builder::new()
                     // Like Envoy's 60 KiB header limit: larger requests get 431.
                     .max_buf_size(64 * 1024)
@@ -103,7 +104,7 @@ impl Proxy {
                     .await;
             }
             Protocol::Http2 => {
-                let svc = hyper::service::service_fn(move |req| self.clone().handle(req, app, port));
+                let svc = hyper::service::service_fn(move |req| self.clone().handle(req, app, port, None));
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(client), svc)
                     .await;
@@ -111,11 +112,20 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, app: SocketAddr, port: u16) -> Result<Response<ProxyBody>, Infallible> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        app: SocketAddr,
+        port: u16,
+        conn: Option<Arc<AppConn>>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let table = self.routes.get();
         let Some(route) = table.find(port, &req) else {
             self.metrics.passthrough();
-            return Ok(self.forward(req, app, None).await);
+            return Ok(match conn {
+                Some(conn) if !req.headers().contains_key(UPGRADE) => conn.send(req, app).await,
+                _ => self.forward(req, app, None).await,
+            });
         };
         let key = route.key.clone();
         let preview = SocketAddr::new(route.destination, port);
@@ -138,7 +148,7 @@ impl Proxy {
                         let (parts, body) = req.into_parts();
                         let bytes = match body.collect().await {
                             Ok(b) => b.to_bytes(),
-                            Err(_) => return Ok(error_response(&parts.headers, StatusCode::BAD_REQUEST, "request body ended early")),
+                            Err(_) => return Ok(error_response(is_grpc(&parts.headers), StatusCode::BAD_REQUEST, "request body ended early")),
                         };
                         let mut copy = Request::new(full(bytes.clone()));
                         *copy.method_mut() = parts.method.clone();
@@ -172,12 +182,12 @@ impl Proxy {
         key: Option<&str>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<ProxyBody> {
-        let headers = req.headers().clone();
+        let grpc = is_grpc(req.headers());
         let h2 = req.version() == Version::HTTP_2;
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
         match format!("http://{to}{pq}").parse() {
             Ok(uri) => *req.uri_mut() = uri,
-            Err(_) => return error_response(&headers, StatusCode::BAD_REQUEST, "bad request target"),
+            Err(_) => return error_response(grpc, StatusCode::BAD_REQUEST, "bad request target"),
         }
         let result = if h2 { self.h2.request(req).await } else { self.h1.request(req).await };
         match result {
@@ -200,8 +210,48 @@ impl Proxy {
                     None => format!("upstream {to} is unreachable: {e}"),
                 };
                 tracing::debug!(%msg);
-                error_response(&headers, StatusCode::BAD_GATEWAY, &msg)
+                error_response(grpc, StatusCode::BAD_GATEWAY, &msg)
             }
+        }
+    }
+}
+
+/// The app connection of one HTTP/1 client connection. Requests on a client
+/// connection come one at a time, so one upstream connection serves them all
+/// with no pool in between (the unmatched path is the hot one).
+#[derive(Default)]
+struct AppConn(tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ProxyBody>>>);
+
+impl AppConn {
+    async fn send(&self, req: Request<Incoming>, app: SocketAddr) -> Response<ProxyBody> {
+        let grpc = is_grpc(req.headers());
+        let fail = |e: &dyn std::fmt::Display| error_response(grpc, StatusCode::BAD_GATEWAY, &format!("upstream {app} is unreachable: {e}"));
+        let mut slot = self.0.lock().await;
+        if slot.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = match TcpStream::connect(app).await {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            let _ = stream.set_nodelay(true);
+            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok((send, conn)) => {
+                    tokio::spawn(conn);
+                    *slot = Some(send);
+                }
+                Err(e) => return fail(&e),
+            }
+        }
+        let Some(send) = slot.as_mut() else { return fail(&"no connection") };
+        if let Err(e) = send.ready().await {
+            *slot = None;
+            return fail(&e);
+        }
+        let (parts, body) = req.into_parts();
+        let sent = send.send_request(Request::from_parts(parts, body.boxed()));
+        drop(slot);
+        match sent.await {
+            Ok(resp) => resp.map(|b| b.boxed()),
+            Err(e) => fail(&e),
         }
     }
 }
@@ -210,9 +260,12 @@ fn is_chunked<B>(req: &Request<B>) -> bool {
     req.headers().get(http::header::TRANSFER_ENCODING).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"))
 }
 
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// 502 for HTTP; a trailers-only UNAVAILABLE for gRPC so the client sees a status.
-fn error_response(req_headers: &http::HeaderMap, status: StatusCode, msg: &str) -> Response<ProxyBody> {
-    let grpc = req_headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+fn error_response(grpc: bool, status: StatusCode, msg: &str) -> Response<ProxyBody> {
     let mut resp = if grpc {
         let mut r = Response::new(empty());
         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
