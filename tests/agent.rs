@@ -73,17 +73,21 @@ fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
     net.client(|| async {
         wait_routed("alpha", "v2").await?;
         // One keep-alive connection, keyed and unkeyed requests interleaved.
+        eprintln!("http1 step 1: One keep-alive connection, keyed and unkeyed requests interleaved.");
         let mut s = h1_conn(8080).await?;
         for _ in 0..5 {
             ensure!(version(&get(&mut s, "/", None).await?) == "v1");
             ensure!(version(&get(&mut s, "/", Some("alpha")).await?) == "v2");
             ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v3");
             // A probe-like request (no key) reaches the app.
+        eprintln!("http1 step 2: A probe-like request (no key) reaches the app.");
             ensure!(version(&get(&mut s, "/healthz", None).await?) == "v1");
             // A key that is a prefix or extension of another does not match.
+        eprintln!("http1 step 3: A key that is a prefix or extension of another does not match.");
             ensure!(version(&get(&mut s, "/", Some("alph")).await?) == "v1");
         }
         // Large upload (chunked, streamed) and large download through steal.
+        eprintln!("http1 step 4: Large upload (chunked, streamed) and large download through steal.");
         let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> =
             (0..64).map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![b'a'; 128 * 1024])))).collect();
         let body = http_body_util::StreamBody::new(futures::stream::iter(chunks));
@@ -103,6 +107,7 @@ fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
         ensure!(resp.into_body().collect().await?.to_bytes().len() == 20_000_000);
 
         // Raw TCP (a line protocol) passes unchanged; garbage does not hurt others.
+        eprintln!("http1 step 5: Raw TCP (a line protocol) passes unchanged; garbage does not hurt others.");
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut raw = tokio::net::TcpStream::connect((POD, 9000)).await?;
         raw.write_all(b"hello preview\nsecond line\n").await?;
@@ -114,6 +119,7 @@ fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
         drop(garbage);
         let _half_open = tokio::net::TcpStream::connect((POD, 8080)).await?; // never writes
         // Headers too large: an error for that request only.
+        eprintln!("http1 step 6: Headers too large: an error for that request only.");
         let mut s = h1_conn(8080).await?;
         send_ready(&mut s).await?;
         let big = "x".repeat(300 * 1024);
@@ -373,9 +379,11 @@ fn grpc_unary_and_server_streaming_routed_per_call_with_trailers() -> Result<()>
     net.client(|| async {
         wait_routed("alpha", "v2").await?;
         // One channel (one HTTP/2 connection); each call is routed by its metadata.
-        let mut c = EchoClient::connect(format!("http://{POD}:9090")).await?;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{POD}:9090"))?.connect_timeout(Duration::from_secs(5));
+        let mut c = EchoClient::new(endpoint.connect().await?);
         let call = |key: Option<&str>, count: u32| {
             let mut r = tonic::Request::new(EchoRequest { message: "hi".into(), count });
+            r.set_timeout(Duration::from_secs(20));
             if let Some(k) = key {
                 r.metadata_mut().insert("baggage", format!("preview-key={k}").parse().expect("ascii"));
             }

@@ -182,11 +182,16 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut seen = mtime(&args.routes);
+    // Under a guard: if the guard dies, we are reparented; clean up and go.
+    let guard_pid = args.chain.is_some().then(std::os::unix::process::parent_id);
     let why = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = tick.tick() => {
+                if guard_pid.is_some_and(|p| p != std::os::unix::process::parent_id()) {
+                    break "guard died";
+                }
                 let m = mtime(&args.routes);
                 let now = crate::manager::now_ms();
                 let current = routes.get();

@@ -5,6 +5,7 @@
 //!                                             └─ 198.18.101.3          (v3)
 
 use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, ensure};
@@ -59,6 +60,7 @@ impl Net {
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(self.dir.path().join(format!("{}.log", self.procs.len())))?))
+            .process_group(0)
             .spawn()?;
         self.procs.push(child);
         Ok(self.procs.len() - 1)
@@ -109,7 +111,10 @@ impl Net {
             // SAFETY: setns on this thread only, with an fd we own.
             let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) };
             ensure!(rc == 0, "setns {path}: {}", std::io::Error::last_os_error());
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f())
+            // A hung client is a failure, not a hung suite.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(90), f()).await })
+                .map_err(|_| anyhow::anyhow!("client in {path} timed out after 90 s"))?
         })
         .join()
         .map_err(|_| anyhow::anyhow!("client thread panicked"))?
@@ -126,7 +131,10 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         for p in &mut self.procs {
-            let _ = p.kill();
+            if let Ok(pid) = i32::try_from(p.id()) {
+                // SAFETY: kill(2) on the process group of a child we spawned.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
             let _ = p.wait();
         }
         // `ip netns exec` children die with their parent's kill only if they
