@@ -24,8 +24,10 @@ start=$(date +%s)
 # k8s.io/kubernetes replaces its staging modules with ./staging paths, which do
 # not exist in the module zip; a wrapper module pins each to its v0.x tag.
 staging_ver="v0.${K8S_VERSION#v1.}"
-modfile=$(GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
-[ -f "$modfile" ] || die "could not download k8s.io/kubernetes@$K8S_VERSION from the Go module proxy"
+json=$(GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$K8S_VERSION" 2>&1) \
+  || die "could not download k8s.io/kubernetes@$K8S_VERSION from the Go module proxy: $(echo "$json" | sed -n 's/.*"Error": "\(.*\)".*/\1/p')"
+modfile=$(echo "$json" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+[ -f "$modfile" ] || die "could not download k8s.io/kubernetes@$K8S_VERSION from the Go module proxy (no go.mod in the answer)"
 {
   echo "module preview.local/k8s-build"
   echo
