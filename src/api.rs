@@ -118,3 +118,60 @@ impl PreviewService for Api {
         Ok(Response::new(proto::CleanResponse { removed }))
     }
 }
+
+/// Serves `preview.v1.AgentService`: the route stream of each agent.
+pub struct AgentApi {
+    manager: Arc<Manager>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl AgentApi {
+    pub fn new(manager: Arc<Manager>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        AgentApi { manager, stopping }
+    }
+}
+
+type RouteStream = Pin<Box<dyn Stream<Item = Result<proto::RouteSet, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::agent_service_server::AgentService for AgentApi {
+    type RoutesStream = RouteStream;
+
+    async fn routes(&self, req: Request<proto::AgentHello>) -> Result<Response<Self::RoutesStream>, Status> {
+        let hello = req.into_inner();
+        if hello.namespace.is_empty() || hello.pod.is_empty() {
+            return Err(Status::invalid_argument("namespace, pod: both are required (the agent's own pod)"));
+        }
+        let target = self.manager.cluster().target_of_pod(&hello.namespace, &hello.pod).await.map_err(Error::from)?;
+        let Some((kind, name)) = target else {
+            return Err(Status::not_found(format!("pod: {}/{} does not exist", hello.namespace, hello.pod)));
+        };
+        tracing::info!(pod = %hello.pod, namespace = %hello.namespace, target = %format!("{}/{name}", kind.as_str()), "agent connected");
+        let (tx, rx) = mpsc::channel(4);
+        let manager = self.manager.clone();
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            let (_, mut events) = manager.subscribe(&Selector::default());
+            let mut last = None;
+            loop {
+                let routes = manager.routes_for(&hello.namespace, kind, &name);
+                if last.as_ref() != Some(&routes) {
+                    let set = proto::RouteSet { routes: routes.iter().map(crate::agent::routes::wire::to_proto).collect() };
+                    if tx.send(Ok(set)).await.is_err() {
+                        break;
+                    }
+                    last = Some(routes);
+                }
+                // Any change may move a route: recompute on every event.
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = stopping.changed() => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -160,6 +160,34 @@ impl Cluster {
         Ok(Some(Resolved { container: chosen.name.clone(), template, ports }))
     }
 
+    /// The workload a pod belongs to: its ReplicaSet's Deployment, its
+    /// StatefulSet or ReplicaSet, or the pod itself. `None` if the pod is gone.
+    pub async fn target_of_pod(&self, ns: &str, pod: &str) -> Result<Option<(WorkloadKind, String)>, KubeError> {
+        let p = Api::<Pod>::namespaced(self.client.clone(), ns)
+            .get_opt(pod)
+            .await
+            .map_err(KubeError::api(format!("get pod {ns}/{pod}")))?;
+        let Some(p) = p else { return Ok(None) };
+        let owner = p.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true)).cloned();
+        Ok(Some(match owner {
+            Some(o) if o.kind == "ReplicaSet" => {
+                let rs = Api::<ReplicaSet>::namespaced(self.client.clone(), ns)
+                    .get_opt(&o.name)
+                    .await
+                    .map_err(KubeError::api(format!("get replicaset {ns}/{}", o.name)))?;
+                let dep = rs
+                    .and_then(|rs| rs.metadata.owner_references)
+                    .and_then(|refs| refs.into_iter().find(|r| r.controller == Some(true) && r.kind == "Deployment"));
+                match dep {
+                    Some(d) => (WorkloadKind::Deployment, d.name),
+                    None => (WorkloadKind::ReplicaSet, o.name),
+                }
+            }
+            Some(o) if o.kind == "StatefulSet" => (WorkloadKind::StatefulSet, o.name),
+            _ => (WorkloadKind::Pod, pod.to_string()),
+        }))
+    }
+
     /// Creates or updates the environment's owner ConfigMap, which also holds
     /// the record so that `--adopt` can rebuild the store from the cluster.
     pub async fn put_owner(&self, rec: &EnvRecord) -> Result<OwnerReference, KubeError> {

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::broadcast;
 
-use crate::config::{self, ConfigError, Mode, PodConfig, Target, Ttl};
+use crate::config::{self, ConfigError, Mode, PodConfig, Target, Ttl, WorkloadKind};
 use crate::filter::FilterSpec;
 use crate::kube::{self as cluster, Cluster, KubeError, PodPlan, PodState};
 use crate::proto;
@@ -684,6 +684,34 @@ impl Manager {
         let kind = if ttl_extended { proto::EventKind::TtlExtended } else { proto::EventKind::EnvAdded };
         publish(&mut view, &self.events, kind, vec![env.clone()], None);
         env
+    }
+
+    /// The routes agents on `ns`'s `kind/name` pods must apply: one per
+    /// preview pod group on that target, to its first replica with an IP
+    /// (a ready one first).
+    pub fn routes_for(&self, ns: &str, kind: WorkloadKind, name: &str) -> Vec<crate::agent::routes::Route> {
+        let view = self.view();
+        let mut out = Vec::new();
+        for env in view.envs.values().filter(|e| e.rec.namespace == ns && !e.rec.pending) {
+            for p in &env.rec.pods {
+                let on_target = matches!(&p.target, Target::Workload { kind: k, name: n, .. } if *k == kind && n == name);
+                if !on_target {
+                    continue;
+                }
+                let states: Vec<&PodState> = p.pod_names.iter().filter_map(|n| env.pods.get(n)).filter(|s| !s.ip.is_empty()).collect();
+                let best = states.iter().find(|s| s.ready).or(states.first());
+                let Some(ip) = best.and_then(|s| s.ip.parse().ok()) else { continue };
+                out.push(crate::agent::routes::Route {
+                    key: env.rec.key.clone(),
+                    mode: p.mode,
+                    filter: p.filter.clone(),
+                    ports: p.ports.clone(),
+                    destination: ip,
+                    expires_at_ms: env.rec.expires_at_ms,
+                });
+            }
+        }
+        out
     }
 
     pub fn len(&self) -> usize {

@@ -15,7 +15,8 @@ use ::kube::runtime::{WatchStreamExt, watcher};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::api::Api;
+use crate::api::{AgentApi, Api};
+use crate::proto::agent_service_server::AgentServiceServer;
 use crate::config::Ttl;
 use crate::kube::{Cluster, LABEL_ROLE, ROLE_POD};
 use crate::manager::{Manager, Settings};
@@ -166,7 +167,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(PreviewServiceServer::new(Api::new(manager, stop_rx)))
+        .add_service(PreviewServiceServer::new(Api::new(manager.clone(), stop_rx.clone())))
+        .add_service(AgentServiceServer::new(AgentApi::new(manager, stop_rx)))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     watch.abort();

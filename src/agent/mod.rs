@@ -56,8 +56,17 @@ pub struct WorkerArgs {
     #[arg(long, env = "PREVIEW_AGENT_ADMIN", default_value = "0.0.0.0:15090")]
     pub admin: SocketAddr,
     /// Routes as a JSON list, re-read when the file changes.
-    #[arg(long, env = "PREVIEW_AGENT_ROUTES")]
-    pub routes: PathBuf,
+    #[arg(long, env = "PREVIEW_AGENT_ROUTES", required_unless_present = "server", conflicts_with = "server")]
+    pub routes: Option<PathBuf>,
+    /// previewd's address: routes are streamed from it.
+    #[arg(long, env = "PREVIEW_AGENT_SERVER", requires_all = ["pod", "namespace"])]
+    pub server: Option<String>,
+    /// This pod's name (downward API), sent to previewd.
+    #[arg(long, env = "POD_NAME")]
+    pub pod: Option<String>,
+    /// This pod's namespace (downward API), sent to previewd.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
     /// Chain name (chosen by the guard).
     #[arg(long, hide = true)]
     pub chain: Option<String>,
@@ -97,10 +106,16 @@ pub async fn guard(args: WorkerArgs) -> Result<i32, AgentError> {
         .arg(args.listen.to_string())
         .arg("--admin")
         .arg(args.admin.to_string())
-        .arg("--routes")
-        .arg(&args.routes)
         .arg("--chain")
         .arg(&chain);
+    if let Some(r) = &args.routes {
+        cmd.arg("--routes").arg(r);
+    }
+    for (flag, v) in [("--server", &args.server), ("--pod", &args.pod), ("--namespace", &args.namespace)] {
+        if let Some(v) = v {
+            cmd.arg(flag).arg(v);
+        }
+    }
     let mut child = cmd.spawn()?;
     let pid = child.id();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -140,9 +155,10 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let listener = TcpListener::bind(args.listen).await.map_err(|source| AgentError::Bind { addr: args.listen, source })?;
     let admin = TcpListener::bind(args.admin).await.map_err(|source| AgentError::Bind { addr: args.admin, source })?;
     let now = crate::manager::now_ms();
-    let initial = RouteTable::compile(read_routes(&args.routes)?)
-        .map_err(|message| AgentError::Routes { path: args.routes.clone(), message })?;
-    let initial = RouteTable::compile(initial.live(now)).map_err(|message| AgentError::Routes { path: args.routes.clone(), message })?;
+    let mut source = RouteSource::new(&args).await?;
+    let first = source.initial.take().unwrap_or_default();
+    let initial = RouteTable::compile(first).map_err(|message| AgentError::Routes { path: source.name(), message })?;
+    let initial = RouteTable::compile(initial.live(now)).map_err(|message| AgentError::Routes { path: source.name(), message })?;
     if initial.is_empty() {
         tracing::info!("no live routes; nothing to do");
         return Ok(());
@@ -181,7 +197,6 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut seen = mtime(&args.routes);
     // Under a guard: if the guard dies, we are reparented; clean up and go.
     let guard_pid = args.chain.is_some().then(std::os::unix::process::parent_id);
     let why = loop {
@@ -192,20 +207,12 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
                 if guard_pid.is_some_and(|p| p != std::os::unix::process::parent_id()) {
                     break "guard died";
                 }
-                let m = mtime(&args.routes);
                 let now = crate::manager::now_ms();
                 let current = routes.get();
-                let next = if m != seen {
-                    seen = m;
-                    match read_routes(&args.routes) {
-                        Ok(r) => r.into_iter().filter(|r| r.expires_at_ms.is_none_or(|t| t > now)).collect(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "keeping the previous routes");
-                            current.live(now)
-                        }
-                    }
-                } else {
-                    current.live(now)
+                // New routes if the source has some; either way, drop expired ones.
+                let next: Vec<Route> = match source.poll() {
+                    Some(r) => r.into_iter().filter(|r| r.expires_at_ms.is_none_or(|t| t > now)).collect(),
+                    None => current.live(now),
                 };
                 if next.len() != current.routes.len() || next.iter().zip(&current.routes).any(|(a, b)| *a != b.route) {
                     match RouteTable::compile(next) {
@@ -225,6 +232,109 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     backend.remove(&chain)?;
     tracing::info!(%chain, why, "rules removed; exiting");
     Ok(())
+}
+
+/// Where routes come from: a JSON file (re-read when it changes) or
+/// previewd's stream (reconnected in the background; while previewd is
+/// unreachable the last routes stay, until they expire).
+struct RouteSource {
+    initial: Option<Vec<Route>>,
+    file: Option<(PathBuf, Option<SystemTime>)>,
+    stream: Option<tokio::sync::watch::Receiver<Vec<Route>>>,
+}
+
+impl RouteSource {
+    async fn new(args: &WorkerArgs) -> Result<RouteSource, AgentError> {
+        if let Some(path) = &args.routes {
+            let seen = mtime(path);
+            return Ok(RouteSource { initial: Some(read_routes(path)?), file: Some((path.clone(), seen)), stream: None });
+        }
+        let (server, pod, ns) = match (&args.server, &args.pod, &args.namespace) {
+            (Some(s), Some(p), Some(n)) => (s.clone(), p.clone(), n.clone()),
+            _ => return Err(AgentError::Routes { path: "--server".into(), message: "needs --server, --pod and --namespace".into() }),
+        };
+        let hello = crate::proto::AgentHello { namespace: ns, pod };
+        let mut stream = tokio::time::timeout(Duration::from_secs(15), open_stream(&server, hello.clone()))
+            .await
+            .map_err(|_| AgentError::Routes { path: server.clone().into(), message: "no answer within 15 s".into() })?
+            .map_err(|message| AgentError::Routes { path: server.clone().into(), message })?;
+        let first = next_set(&mut stream)
+            .await
+            .map_err(|message| AgentError::Routes { path: server.clone().into(), message })?;
+        let (tx, rx) = tokio::sync::watch::channel(first.clone());
+        tokio::spawn(follow(server, hello, stream, tx));
+        Ok(RouteSource { initial: Some(first), file: None, stream: Some(rx) })
+    }
+
+    fn name(&self) -> PathBuf {
+        self.file.as_ref().map_or_else(|| "previewd".into(), |(p, _)| p.clone())
+    }
+
+    /// New routes since the last call, if any.
+    fn poll(&mut self) -> Option<Vec<Route>> {
+        if let Some((path, seen)) = &mut self.file {
+            let m = mtime(path);
+            if m == *seen {
+                return None;
+            }
+            *seen = m;
+            return match read_routes(path) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "keeping the previous routes");
+                    None
+                }
+            };
+        }
+        let rx = self.stream.as_mut()?;
+        if rx.has_changed().unwrap_or(false) { Some(rx.borrow_and_update().clone()) } else { None }
+    }
+}
+
+type RouteStreaming = tonic::Streaming<crate::proto::RouteSet>;
+
+async fn open_stream(server: &str, hello: crate::proto::AgentHello) -> Result<RouteStreaming, String> {
+    let channel = tonic::transport::Channel::from_shared(server.to_string())
+        .map_err(|e| format!("{server:?} is not a URL: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let mut client = crate::proto::agent_service_client::AgentServiceClient::new(channel);
+    Ok(client.routes(hello).await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?.into_inner())
+}
+
+async fn next_set(stream: &mut RouteStreaming) -> Result<Vec<Route>, String> {
+    let set = stream.message().await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?.ok_or("stream ended")?;
+    set.routes.into_iter().map(routes::wire::from_proto).collect()
+}
+
+/// Follows previewd's stream; reconnects with a capped backoff when it drops.
+async fn follow(server: String, hello: crate::proto::AgentHello, mut stream: RouteStreaming, tx: tokio::sync::watch::Sender<Vec<Route>>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match next_set(&mut stream).await {
+            Ok(routes) => {
+                backoff = Duration::from_millis(250);
+                if tx.send(routes).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "route stream lost; keeping the last routes until they expire"),
+        }
+        loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            match open_stream(&server, hello.clone()).await {
+                Ok(s) => {
+                    stream = s;
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "reconnecting to previewd"),
+            }
+        }
+    }
 }
 
 async fn serve_admin(listener: TcpListener, routes: Arc<SharedRoutes>, metrics: Arc<Metrics>) {

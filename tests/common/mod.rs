@@ -228,10 +228,24 @@ impl Previewd {
         instance: String,
         tweak: impl FnOnce(&mut preview::server::ServerArgs),
     ) -> Result<Previewd> {
+        Self::start_full(ns, data, instance, "127.0.0.1:0", tweak).await
+    }
+
+    pub async fn start_listening(ns: &TestNs, data: std::path::PathBuf, instance: String, listen: &str) -> Result<Previewd> {
+        Self::start_full(ns, data, instance, listen, |_| {}).await
+    }
+
+    async fn start_full(
+        ns: &TestNs,
+        data: std::path::PathBuf,
+        instance: String,
+        listen: &str,
+        tweak: impl FnOnce(&mut preview::server::ServerArgs),
+    ) -> Result<Previewd> {
         preview::telemetry::init();
         let mut args = server_args(&ns.name, &data, &instance);
         tweak(&mut args);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let client = client().await?;
