@@ -112,7 +112,11 @@ impl PreviewService for Api {
             Some(clean_request::Selector::Key(k)) => CleanSelector::Key(k),
             Some(clean_request::Selector::Glob(g)) if !g.is_empty() => CleanSelector::Glob(g),
             Some(clean_request::Selector::AllExpired(true)) => CleanSelector::AllExpired,
-            _ => return Err(Status::invalid_argument("selector: give one of key, glob (non-empty) or all_expired=true")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "selector: give one of key, glob (non-empty) or all_expired=true",
+                ));
+            }
         };
         let removed = self.manager.clean(sel).await?;
         Ok(Response::new(proto::CleanResponse { removed }))
@@ -156,7 +160,8 @@ impl proto::agent_service_server::AgentService for AgentApi {
             loop {
                 let routes = manager.routes_for(&hello.namespace, kind, &name);
                 if last.as_ref() != Some(&routes) {
-                    let set = proto::RouteSet { routes: routes.iter().map(crate::agent::routes::wire::to_proto).collect() };
+                    let set =
+                        proto::RouteSet { routes: routes.iter().map(crate::agent::routes::wire::to_proto).collect() };
                     if tx.send(Ok(set)).await.is_err() {
                         break;
                     }

@@ -253,7 +253,12 @@ async fn start(client: &mut PreviewServiceClient<Channel>, a: StartArgs) -> Resu
 fn is_fatal(reason: &str) -> bool {
     matches!(
         reason,
-        "ErrImageNeverPull" | "ImagePullBackOff" | "ErrImagePull" | "InvalidImageName" | "CrashLoopBackOff" | "CreateContainerConfigError"
+        "ErrImageNeverPull"
+            | "ImagePullBackOff"
+            | "ErrImagePull"
+            | "InvalidImageName"
+            | "CrashLoopBackOff"
+            | "CreateContainerConfigError"
     )
 }
 
@@ -290,8 +295,13 @@ async fn status(client: &mut PreviewServiceClient<Channel>, a: StatusArgs) -> Re
 
 fn print_envs(envs: &[proto::Environment], output: Output) {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&envs.iter().map(env_json).collect::<Vec<_>>()).unwrap_or_default()),
-        Output::Yaml => print!("{}", serde_yaml::to_string(&envs.iter().map(env_json).collect::<Vec<_>>()).unwrap_or_default()),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&envs.iter().map(env_json).collect::<Vec<_>>()).unwrap_or_default()
+        ),
+        Output::Yaml => {
+            print!("{}", serde_yaml::to_string(&envs.iter().map(env_json).collect::<Vec<_>>()).unwrap_or_default())
+        }
         Output::Table | Output::Wide => print!("{}", table(envs, output == Output::Wide, crate::manager::now_ms())),
     }
 }
@@ -321,7 +331,8 @@ pub fn table(envs: &[proto::Environment], wide: bool, now_ms: i64) -> String {
             } else {
                 format!("{}: {}", p.reason.to_lowercase(), p.last_error)
             };
-            let mut r = vec![e.key.clone(), p.name.clone(), p.target.clone(), e.namespace.clone(), p.image.clone(), status];
+            let mut r =
+                vec![e.key.clone(), p.name.clone(), p.target.clone(), e.namespace.clone(), p.image.clone(), status];
             if wide {
                 r.extend([p.node.clone(), p.ip.clone(), p.restarts.to_string()]);
             }
@@ -384,8 +395,22 @@ mod tests {
             namespace: "shop".into(),
             expires_at: Some(prost_types::Timestamp { seconds: 3600 + 42 * 60, nanos: 0 }),
             pods: vec![
-                proto::Pod { name: "orders-k1-abcde".into(), target: "deployment/orders".into(), image: "o:v2".into(), ready: true, reason: "Ready".into(), ..Default::default() },
-                proto::Pod { name: "pay-k1-abcde".into(), target: "deployment/pay".into(), image: "p:v9".into(), reason: "ErrImageNeverPull".into(), last_error: "image not present".into(), ..Default::default() },
+                proto::Pod {
+                    name: "orders-k1-abcde".into(),
+                    target: "deployment/orders".into(),
+                    image: "o:v2".into(),
+                    ready: true,
+                    reason: "Ready".into(),
+                    ..Default::default()
+                },
+                proto::Pod {
+                    name: "pay-k1-abcde".into(),
+                    target: "deployment/pay".into(),
+                    image: "p:v9".into(),
+                    reason: "ErrImageNeverPull".into(),
+                    last_error: "image not present".into(),
+                    ..Default::default()
+                },
             ],
             ..Default::default()
         };

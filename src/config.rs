@@ -143,7 +143,9 @@ impl Ttl {
     /// Parses `90s`, `30m`, `2h`, `1d`, `1h30m`, a bare number of minutes, or `infinite`.
     pub fn parse(field: &str, s: &str) -> Result<Ttl> {
         let s = s.trim();
-        let bad = || ConfigError::new(field, format!("{s:?} is not a TTL; expected e.g. 90s, 30m, 2h, 1h30m or \"infinite\""));
+        let bad = || {
+            ConfigError::new(field, format!("{s:?} is not a TTL; expected e.g. 90s, 30m, 2h, 1h30m or \"infinite\""))
+        };
         if s.eq_ignore_ascii_case("infinite") {
             return Ok(Ttl::Infinite);
         }
@@ -268,7 +270,10 @@ pub fn interpret(mut doc: Value, key: &str) -> Result<PodConfig> {
                 Some(Value::String(s)) => Target::parse("target.path", s)?,
                 Some(Value::Object(p)) => target_object("target.path", p)?,
                 Some(other) => {
-                    return Err(ConfigError::new("target.path", format!("expected a string or object, got {}", type_name(other))));
+                    return Err(ConfigError::new(
+                        "target.path",
+                        format!("expected a string or object, got {}", type_name(other)),
+                    ));
                 }
             };
             if let Target::Workload { namespace: n, .. } = &mut t {
@@ -313,16 +318,40 @@ pub fn interpret(mut doc: Value, key: &str) -> Result<PodConfig> {
 
 /// mirrord's top-level fields that previewd does not act on.
 const MIRRORD_ROOT: &[&str] = &[
-    "accept_invalid_certificates", "agent", "api", "baggage", "ci", "container", "experimental",
-    "external_proxy", "internal_proxy", "kube_context", "kubeconfig", "multi_cluster", "operator",
-    "profile", "sip_binaries", "skip_build_tools", "skip_extra_build_tools", "skip_processes",
-    "skip_sip", "startup_retry", "telemetry", "traceparent", "use_proxy",
+    "accept_invalid_certificates",
+    "agent",
+    "api",
+    "baggage",
+    "ci",
+    "container",
+    "experimental",
+    "external_proxy",
+    "internal_proxy",
+    "kube_context",
+    "kubeconfig",
+    "multi_cluster",
+    "operator",
+    "profile",
+    "sip_binaries",
+    "skip_build_tools",
+    "skip_extra_build_tools",
+    "skip_processes",
+    "skip_sip",
+    "startup_retry",
+    "telemetry",
+    "traceparent",
+    "use_proxy",
 ];
 const MIRRORD_FEATURE: &[&str] = &["copy_target", "db_branches", "fs", "hostname", "magic", "split_queues"];
 const MIRRORD_NETWORK: &[&str] = &["dns", "ipv6", "outgoing"];
 const MIRRORD_INCOMING: &[&str] = &[
-    "https_delivery", "ignore_localhost", "ignore_ports", "listen_ports", "on_concurrent_steal",
-    "port_mapping", "tls_delivery",
+    "https_delivery",
+    "ignore_localhost",
+    "ignore_ports",
+    "listen_ports",
+    "on_concurrent_steal",
+    "port_mapping",
+    "tls_delivery",
 ];
 const MIRRORD_HTTP_FILTER: &[&str] = &["body_filter", "header_filter_jq"];
 const MIRRORD_ENV: &[&str] = &["env_file", "exclude", "include", "load_from_process", "mapping", "unset"];
@@ -360,9 +389,7 @@ fn target_object(field: &str, p: &Map<String, Value>) -> Result<Target> {
     ];
     for (k, kind) in kinds {
         if let Some(v) = p.get(k) {
-            let name = v
-                .as_str()
-                .ok_or_else(|| ConfigError::new(format!("{field}.{k}"), "expected a string"))?;
+            let name = v.as_str().ok_or_else(|| ConfigError::new(format!("{field}.{k}"), "expected a string"))?;
             validate_dns_subdomain(&format!("{field}.{k}"), name)?;
             let container = opt_string(p, &format!("{field}.container"))?;
             for other in p.keys() {
@@ -373,7 +400,10 @@ fn target_object(field: &str, p: &Map<String, Value>) -> Result<Target> {
             return Ok(Target::Workload { kind, name: name.to_string(), container, namespace: None });
         }
     }
-    Err(ConfigError::new(field, "expected one of deployment, statefulset, replicaset or pod (with an optional container)"))
+    Err(ConfigError::new(
+        field,
+        "expected one of deployment, statefulset, replicaset or pod (with an optional container)",
+    ))
 }
 
 fn parse_network(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> Result<()> {
@@ -381,7 +411,10 @@ fn parse_network(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> 
         Value::Null | Value::Bool(_) => return Ok(()),
         Value::Object(o) => o,
         other => {
-            return Err(ConfigError::new("feature.network", format!("expected an object or boolean, got {}", type_name(other))));
+            return Err(ConfigError::new(
+                "feature.network",
+                format!("expected an object or boolean, got {}", type_name(other)),
+            ));
         }
     };
     check_fields(obj, "feature.network", &["incoming"], MIRRORD_NETWORK, warnings)?;
@@ -395,7 +428,9 @@ fn parse_network(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> 
         Some(Value::Object(inc)) => {
             check_fields(inc, field, &["mode", "http_filter", "ports"], MIRRORD_INCOMING, warnings)?;
             if let Some(m) = inc.get("mode").filter(|v| !v.is_null()) {
-                let m = m.as_str().ok_or_else(|| ConfigError::new(format!("{field}.mode"), "expected \"steal\" or \"mirror\""))?;
+                let m = m
+                    .as_str()
+                    .ok_or_else(|| ConfigError::new(format!("{field}.mode"), "expected \"steal\" or \"mirror\""))?;
                 cfg.mode = parse_mode(&format!("{field}.mode"), m)?;
             }
             if let Some(ports) = inc.get("ports").filter(|v| !v.is_null()) {
@@ -454,7 +489,10 @@ fn parse_network(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> 
             }
             Ok(())
         }
-        Some(other) => Err(ConfigError::new(field, format!("expected \"steal\", \"mirror\" or an object, got {}", type_name(other)))),
+        Some(other) => Err(ConfigError::new(
+            field,
+            format!("expected \"steal\", \"mirror\" or an object, got {}", type_name(other)),
+        )),
     }
 }
 
@@ -474,15 +512,14 @@ fn parse_inner_list(field: &str, v: &Value) -> Result<Vec<FilterSpec>> {
                 return Err(ConfigError::new(&f, "expected exactly one of header, path, method"));
             }
             let (k, v) = obj.iter().next().expect("len checked above");
-            let s = v
-                .as_str()
-                .ok_or_else(|| ConfigError::new(format!("{f}.{k}"), "expected a string"))?
-                .to_string();
+            let s = v.as_str().ok_or_else(|| ConfigError::new(format!("{f}.{k}"), "expected a string"))?.to_string();
             match k.as_str() {
                 "header" => Ok(FilterSpec::Header(s)),
                 "path" => Ok(FilterSpec::Path(s)),
                 "method" => Ok(FilterSpec::Method(s)),
-                other => Err(ConfigError::new(format!("{f}.{other}"), "unknown filter; expected header, path or method")),
+                other => {
+                    Err(ConfigError::new(format!("{f}.{other}"), "unknown filter; expected header, path or method"))
+                }
             }
         })
         .collect()
@@ -515,7 +552,10 @@ fn parse_env(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> Resu
         Value::Null | Value::Bool(_) => return Ok(()),
         Value::Object(o) => o,
         other => {
-            return Err(ConfigError::new("feature.env", format!("expected an object or boolean, got {}", type_name(other))));
+            return Err(ConfigError::new(
+                "feature.env",
+                format!("expected an object or boolean, got {}", type_name(other)),
+            ));
         }
     };
     check_fields(obj, "feature.env", &["override"], MIRRORD_ENV, warnings)?;
@@ -559,18 +599,22 @@ fn parse_preview(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> 
                 cfg.ttl = Some(Ttl::Finite(Duration::from_secs(secs)));
             }
             Some(other) => {
-                return Err(ConfigError::new(field, format!("expected a positive whole number or \"infinite\", got {other}")));
+                return Err(ConfigError::new(
+                    field,
+                    format!("expected a positive whole number or \"infinite\", got {other}"),
+                ));
             }
         }
     }
     match obj.get("replicas") {
         None | Some(Value::Null) => {}
         Some(v) => {
-            cfg.replicas = v
-                .as_u64()
-                .filter(|n| (1..=MAX_REPLICAS as u64).contains(n))
-                .ok_or_else(|| ConfigError::new("feature.preview.replicas", format!("expected a whole number from 1 to {MAX_REPLICAS}")))?
-                as u32;
+            cfg.replicas = v.as_u64().filter(|n| (1..=MAX_REPLICAS as u64).contains(n)).ok_or_else(|| {
+                ConfigError::new(
+                    "feature.preview.replicas",
+                    format!("expected a whole number from 1 to {MAX_REPLICAS}"),
+                )
+            })? as u32;
         }
     }
     Ok(())
@@ -651,18 +695,16 @@ pub fn validate_dns_label(field: &str, s: &str, max: usize) -> Result<()> {
     } else {
         Err(ConfigError::new(
             field,
-            format!("{s:?} is not valid; expected a DNS label: 1 to {max} lower-case letters, digits or '-', starting and ending with a letter or digit"),
+            format!(
+                "{s:?} is not valid; expected a DNS label: 1 to {max} lower-case letters, digits or '-', starting and ending with a letter or digit"
+            ),
         ))
     }
 }
 
 fn validate_dns_subdomain(field: &str, s: &str) -> Result<()> {
     let ok = !s.is_empty() && s.len() <= 253 && s.split('.').all(|l| validate_dns_label(field, l, 63).is_ok());
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::new(field, format!("{s:?} is not a valid Kubernetes object name")))
-    }
+    if ok { Ok(()) } else { Err(ConfigError::new(field, format!("{s:?} is not a valid Kubernetes object name"))) }
 }
 
 /// A fresh key: 13 base32 characters, 65 bits from the OS's random source.
@@ -756,7 +798,10 @@ feature:
         let cases = [
             (r#"{"targt": "x"}"#, "targt"),
             (r#"{"feature": {"network": {"incoming": "borrow"}}}"#, "feature.network.incoming"),
-            (r#"{"feature": {"network": {"incoming": {"http_filter": {"header_filter": "("}}}}}"#, "feature.network.incoming.http_filter"),
+            (
+                r#"{"feature": {"network": {"incoming": {"http_filter": {"header_filter": "("}}}}}"#,
+                "feature.network.incoming.http_filter",
+            ),
             (r#"{"feature": {"preview": {"ttl_mins": -1}}}"#, "feature.preview.ttl_mins"),
             (r#"{"feature": {"preview": {"replicas": 0}}}"#, "feature.preview.replicas"),
             (r#"{"feature": {"network": {"incoming": {"ports": [70000]}}}}"#, "feature.network.incoming.ports[0]"),
@@ -816,14 +861,7 @@ feature:
             r#"{"key":"a","target":{"path":"deployment/x/container/y","namespace":"n"},"feature":{"network":{"incoming":{"mode":"steal","http_filter":{"any_of":[{"header":"^a: b"},{"path":"/x"}]},"ports":[80]}},"env":{"override":{"A":"1"}},"preview":{"image":"i","ttl_secs":"infinite","replicas":3}}}"#,
             "target: pod/p\nfeature:\n  network:\n    incoming: mirror\n  preview: {ttl_mins: 5}\n",
         ];
-        // xorshift: deterministic, so a failure reproduces.
-        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x9E37_79B9_7F4A_7C15);
         let alphabet = b"{}[]:,\"' \n-0123456789abcdefghijklmnopqrstuvwxyz_/.*()^$\\";
         for i in 0..20_000 {
             let seed = seeds[i % seeds.len()].as_bytes();

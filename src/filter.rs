@@ -216,13 +216,7 @@ mod tests {
     /// and baggage never panic, and the key filter agrees with a simple model.
     #[test]
     fn random_headers_never_panic_and_match_the_model() {
-        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x9E37_79B9_7F4A_7C15);
         let alphabet = b"ab-=,; preview-key\t\x7f\xff";
         let filters: Vec<Filter> = [
             FilterSpec::Key("ab".into()),
@@ -238,9 +232,9 @@ mod tests {
             // The model: split on ',', take the part before ';', trim, compare.
             let model = value.split(|b| *b == b',').any(|m| {
                 let kv = m.split(|b| *b == b';').next().unwrap_or_default();
-                kv.iter().position(|b| *b == b'=').is_some_and(|eq| {
-                    kv[..eq].trim_ascii() == b"preview-key" && kv[eq + 1..].trim_ascii() == b"ab"
-                })
+                kv.iter()
+                    .position(|b| *b == b'=')
+                    .is_some_and(|eq| kv[..eq].trim_ascii() == b"preview-key" && kv[eq + 1..].trim_ascii() == b"ab")
             });
             assert_eq!(baggage_has_key(&value, "ab"), model, "{:?}", String::from_utf8_lossy(&value));
             let Ok(hv) = http::HeaderValue::from_bytes(&value) else { continue };

@@ -124,18 +124,18 @@ impl Cluster {
                 .await
                 .map_err(KubeError::api(what))?
                 .and_then(|d| d.spec.and_then(|s| s.template)),
-            WorkloadKind::Pod => Api::<Pod>::namespaced(c, ns)
-                .get_opt(name)
-                .await
-                .map_err(KubeError::api(what))?
-                .map(|p| PodTemplateSpec {
-                    metadata: Some(ObjectMeta {
-                        labels: p.metadata.labels,
-                        annotations: p.metadata.annotations,
-                        ..Default::default()
-                    }),
-                    spec: p.spec,
-                }),
+            WorkloadKind::Pod => {
+                Api::<Pod>::namespaced(c, ns).get_opt(name).await.map_err(KubeError::api(what))?.map(|p| {
+                    PodTemplateSpec {
+                        metadata: Some(ObjectMeta {
+                            labels: p.metadata.labels,
+                            annotations: p.metadata.annotations,
+                            ..Default::default()
+                        }),
+                        spec: p.spec,
+                    }
+                })
+            }
         };
         let template = template.ok_or_else(|| KubeError::TargetNotFound {
             target: Target::Workload { kind: *kind, name: name.clone(), container: None, namespace: None }.to_string(),
@@ -200,7 +200,10 @@ impl Cluster {
                 ..Default::default()
             },
             // Serialising a plain struct cannot fail.
-            data: Some(BTreeMap::from([(RECORD_DATA.to_string(), serde_json::to_string(rec).expect("record serialises"))])),
+            data: Some(BTreeMap::from([(
+                RECORD_DATA.to_string(),
+                serde_json::to_string(rec).expect("record serialises"),
+            )])),
             ..Default::default()
         };
         let pp = PatchParams::apply(MANAGER).force();
@@ -236,14 +239,6 @@ impl Cluster {
             Err(e) if is_status(&e, 404) => Ok(false),
             Err(e) => Err(KubeError::Api { action: format!("delete pod {ns}/{name}"), source: e }),
         }
-    }
-
-    /// Names of the existing pods of one environment.
-    pub async fn env_pods(&self, ns: &str, key: &str) -> Result<Vec<String>, KubeError> {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        let lp = ListParams::default().labels(&self.selector(&format!("{LABEL_KEY}={key},{LABEL_ROLE}={ROLE_POD}")));
-        let list = api.list_metadata(&lp).await.map_err(KubeError::api(format!("list pods of {key}")))?;
-        Ok(list.items.into_iter().map(|p| p.name_any()).collect())
     }
 
     /// Deletes every object labelled with `key`, in any namespace. Returns
@@ -433,7 +428,12 @@ pub fn pod_names(group: &str, key: &str, template: &serde_json::Value, replicas:
 }
 
 /// The finished pod for one replica: name and controller owner set.
-pub fn instantiate(template: &serde_json::Value, name: &str, ns: &str, owner: &OwnerReference) -> Result<Pod, serde_json::Error> {
+pub fn instantiate(
+    template: &serde_json::Value,
+    name: &str,
+    ns: &str,
+    owner: &OwnerReference,
+) -> Result<Pod, serde_json::Error> {
     let mut pod: Pod = serde_json::from_value(template.clone())?;
     pod.metadata.name = Some(name.to_string());
     pod.metadata.namespace = Some(ns.to_string());
@@ -486,18 +486,15 @@ pub fn pod_state(pod: &Pod) -> PodState {
             } else {
                 st.reason = "Running".into();
             }
-            if st.last_error.is_empty() {
-                if let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
-                    st.last_error = format!("{} (exit code {})", t.reason.as_deref().unwrap_or("Terminated"), t.exit_code);
-                }
+            if st.last_error.is_empty()
+                && let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref())
+            {
+                st.last_error = format!("{} (exit code {})", t.reason.as_deref().unwrap_or("Terminated"), t.exit_code);
             }
         }
         None => {
-            let unscheduled = status
-                .conditions
-                .iter()
-                .flatten()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+            let unscheduled =
+                status.conditions.iter().flatten().find(|c| c.type_ == "PodScheduled" && c.status == "False");
             match unscheduled {
                 Some(c) => {
                     st.reason = c.reason.clone().unwrap_or_else(|| "Unschedulable".into());

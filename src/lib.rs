@@ -22,3 +22,14 @@ pub mod proto;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+
+/// Deterministic randomness for property tests: failures reproduce.
+#[cfg(test)]
+pub(crate) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}

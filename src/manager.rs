@@ -217,7 +217,8 @@ impl Manager {
             .enumerate()
             .map(|(i, d)| config::interpret(d, &key).map_err(|e| prefix(&req.pods, i, e)))
             .collect::<Result<Vec<_>, _>>()?;
-        let ttl = if req.ttl.is_empty() { configs.iter().find_map(|c| c.ttl) } else { Some(Ttl::parse("ttl", &req.ttl)?) };
+        let ttl =
+            if req.ttl.is_empty() { configs.iter().find_map(|c| c.ttl) } else { Some(Ttl::parse("ttl", &req.ttl)?) };
         let ttl = ttl.map(|t| self.check_ttl(t)).transpose()?;
 
         let _guard = self.lock_key(&key).await;
@@ -286,13 +287,13 @@ impl Manager {
                 .unwrap_or(&self.settings.default_namespace)
                 .to_string();
             config::validate_dns_label(&field("namespace"), &ns, 63)?;
-            if let Some(env_ns) = &env_ns {
-                if *env_ns != ns {
-                    return Err(Error::FailedPrecondition {
-                        field: field("namespace"),
-                        message: format!("environment {key:?} lives in namespace {env_ns:?}, not {ns:?}"),
-                    });
-                }
+            if let Some(env_ns) = &env_ns
+                && *env_ns != ns
+            {
+                return Err(Error::FailedPrecondition {
+                    field: field("namespace"),
+                    message: format!("environment {key:?} lives in namespace {env_ns:?}, not {ns:?}"),
+                });
             }
             env_ns = Some(ns.clone());
             let image = if req.image.is_empty() { cfg.image.clone() } else { Some(req.image.clone()) };
@@ -305,7 +306,8 @@ impl Manager {
                 return Err(invalid(field("name"), format!("two pods named {group:?}; give each a distinct name")));
             }
             // Both reads at once: they are most of Start's latency.
-            let (ns_ok, resolved) = tokio::join!(self.cluster.ensure_namespace(&ns), self.cluster.resolve(&ns, &target));
+            let (ns_ok, resolved) =
+                tokio::join!(self.cluster.ensure_namespace(&ns), self.cluster.resolve(&ns, &target));
             ns_ok.map_err(|e| match e {
                 KubeError::NamespaceNotFound(_) => {
                     Error::NotFound { field: field("namespace"), message: e.to_string() }
@@ -333,8 +335,14 @@ impl Manager {
             // A Pod always serialises.
             let template = serde_json::to_value(&pod).expect("pod serialises");
             let filter = cfg.filter.clone().unwrap_or_else(|| FilterSpec::Key(key.to_string()));
-            let ports = if cfg.ports.is_empty() { resolved.as_ref().map(|r| r.ports.clone()).unwrap_or_default() } else { cfg.ports.clone() };
-            warnings.extend(cfg.warnings.iter().map(|w| if reqs.len() > 1 { format!("pods[{i}]: {w}") } else { w.clone() }));
+            let ports = if cfg.ports.is_empty() {
+                resolved.as_ref().map(|r| r.ports.clone()).unwrap_or_default()
+            } else {
+                cfg.ports.clone()
+            };
+            warnings.extend(
+                cfg.warnings.iter().map(|w| if reqs.len() > 1 { format!("pods[{i}]: {w}") } else { w.clone() }),
+            );
             planned.push(PodRecord {
                 pod_names: cluster::pod_names(&group, key, &template, cfg.replicas),
                 group,
@@ -466,7 +474,8 @@ impl Manager {
             let Target::Workload { kind, name, .. } = &p.target else { continue };
             for other in view.envs.values().filter(|e| e.rec.key != key && e.rec.namespace == ns) {
                 for op in &other.rec.pods {
-                    let same_target = matches!(&op.target, Target::Workload { kind: k, name: n, .. } if k == kind && n == name);
+                    let same_target =
+                        matches!(&op.target, Target::Workload { kind: k, name: n, .. } if k == kind && n == name);
                     let ports_overlap =
                         p.ports.is_empty() || op.ports.is_empty() || p.ports.iter().any(|x| op.ports.contains(x));
                     if same_target && ports_overlap && op.filter == p.filter {
@@ -567,36 +576,44 @@ impl Manager {
                 }
             }
         }
+        // One list of everything we manage, instead of one per environment.
+        let objects = self.cluster.managed(&self.cluster.selector("")).await?;
         let now = now_ms();
         let mut live = Vec::new();
         for mut rec in records {
             if rec.expired_at(now) {
-                self.cluster.delete_env(&rec.key).await?;
+                for obj in objects.iter().filter(|o| o.key == rec.key) {
+                    self.cluster.delete_object(obj).await?;
+                }
                 self.store.delete(&rec.key).await?;
                 report.expired.push(rec.key);
                 continue;
             }
-            let existing = self.cluster.env_pods(&rec.namespace, &rec.key).await?;
+            let existing: Vec<&String> = objects
+                .iter()
+                .filter(|o| o.kind == "pod" && o.key == rec.key && o.namespace == rec.namespace)
+                .map(|o| &o.name)
+                .collect();
             let missing = rec.pods.iter().flat_map(|p| &p.pod_names).filter(|n| !existing.contains(n)).count();
             if missing > 0 || rec.pending {
                 self.realize(&rec).await?;
                 report.recreated += missing;
             }
             // Pods of this key that the record does not name are leftovers.
-            for name in existing.iter().filter(|n| !rec.pods.iter().any(|p| p.pod_names.contains(n))) {
+            for name in existing.into_iter().filter(|n| !rec.pods.iter().any(|p| p.pod_names.contains(n))) {
                 self.cluster.delete_pod(&rec.namespace, name).await?;
                 report.deleted.push(format!("pod/{}/{name}", rec.namespace));
             }
             if rec.pending {
+                // The owner ConfigMap may keep the pending copy (see `apply`).
                 rec.pending = false;
-                self.cluster.put_owner(&rec).await?;
                 self.store.put(&rec).await?;
             }
             live.push(rec);
         }
         let known: std::collections::HashSet<&str> = live.iter().map(|r| r.key.as_str()).collect();
-        for obj in self.cluster.managed(&self.cluster.selector("")).await? {
-            if !known.contains(obj.key.as_str()) && self.cluster.delete_object(&obj).await? {
+        for obj in objects.iter().filter(|o| !known.contains(o.key.as_str()) && !report.expired.contains(&o.key)) {
+            if self.cluster.delete_object(obj).await? {
                 report.deleted.push(obj.to_string());
             }
         }
@@ -625,7 +642,8 @@ impl Manager {
 
     pub fn event_matches(sel: &Selector, ev: &proto::StatusEvent) -> bool {
         ev.environments.iter().any(|e| {
-            (sel.key.is_empty() || glob_match(&sel.key, &e.key)) && (sel.namespace.is_empty() || sel.namespace == e.namespace)
+            (sel.key.is_empty() || glob_match(&sel.key, &e.key))
+                && (sel.namespace.is_empty() || sel.namespace == e.namespace)
         })
     }
 
@@ -634,7 +652,11 @@ impl Manager {
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let Some(key) = labels.get(cluster::LABEL_KEY) else { return };
         let Some(name) = pod.metadata.name.clone() else { return };
-        let mut state = if deleted { PodState { phase: "Missing".into(), reason: "Deleted".into(), ..Default::default() } } else { cluster::pod_state(pod) };
+        let mut state = if deleted {
+            PodState { phase: "Missing".into(), reason: "Deleted".into(), ..Default::default() }
+        } else {
+            cluster::pod_state(pod)
+        };
         let mut view = self.view();
         let View { envs, orphans, .. } = &mut *view;
         let Some(env) = envs.get_mut(key) else {
@@ -663,7 +685,8 @@ impl Manager {
     fn publish_upsert(&self, rec: &EnvRecord, is_new: bool) {
         let mut view = self.view();
         let pods = take_orphans(&mut view, rec);
-        let entry = view.envs.entry(rec.key.clone()).or_insert_with(|| EnvView { rec: rec.clone(), pods: BTreeMap::new() });
+        let entry =
+            view.envs.entry(rec.key.clone()).or_insert_with(|| EnvView { rec: rec.clone(), pods: BTreeMap::new() });
         entry.rec = rec.clone();
         entry.pods.extend(pods);
         if is_new {
@@ -675,7 +698,8 @@ impl Manager {
     fn publish_settled(&self, rec: &EnvRecord, ttl_extended: bool) -> proto::Environment {
         let mut view = self.view();
         let pods = take_orphans(&mut view, rec);
-        let entry = view.envs.entry(rec.key.clone()).or_insert_with(|| EnvView { rec: rec.clone(), pods: BTreeMap::new() });
+        let entry =
+            view.envs.entry(rec.key.clone()).or_insert_with(|| EnvView { rec: rec.clone(), pods: BTreeMap::new() });
         entry.rec = rec.clone();
         entry.pods.extend(pods);
         let live: Vec<&String> = rec.pods.iter().flat_map(|p| &p.pod_names).collect();
@@ -694,11 +718,13 @@ impl Manager {
         let mut out = Vec::new();
         for env in view.envs.values().filter(|e| e.rec.namespace == ns && !e.rec.pending) {
             for p in &env.rec.pods {
-                let on_target = matches!(&p.target, Target::Workload { kind: k, name: n, .. } if *k == kind && n == name);
+                let on_target =
+                    matches!(&p.target, Target::Workload { kind: k, name: n, .. } if *k == kind && n == name);
                 if !on_target {
                     continue;
                 }
-                let states: Vec<&PodState> = p.pod_names.iter().filter_map(|n| env.pods.get(n)).filter(|s| !s.ip.is_empty()).collect();
+                let states: Vec<&PodState> =
+                    p.pod_names.iter().filter_map(|n| env.pods.get(n)).filter(|s| !s.ip.is_empty()).collect();
                 let best = states.iter().find(|s| s.ready).or(states.first());
                 let Some(ip) = best.and_then(|s| s.ip.parse().ok()) else { continue };
                 out.push(crate::agent::routes::Route {

@@ -7,19 +7,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use ::kube::Client;
 use ::kube::api::Api as KubeApi;
 use ::kube::runtime::{WatchStreamExt, watcher};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::{AgentApi, Api};
-use crate::proto::agent_service_server::AgentServiceServer;
 use crate::config::Ttl;
 use crate::kube::{Cluster, LABEL_ROLE, ROLE_POD};
 use crate::manager::{Manager, Settings};
+use crate::proto::agent_service_server::AgentServiceServer;
 use crate::proto::preview_service_server::PreviewServiceServer;
 use crate::store::{Store, StoreError};
 
@@ -130,7 +130,11 @@ pub async fn serve(
     crate::config::validate_dns_label("--instance", &args.instance, 63)
         .map_err(|e| ServerError::Flag { flag: "--instance", message: e.message })?;
     let store = Store::open(&args.data_dir()).await?;
-    let manager = Manager::new(store, Cluster::new(client.clone(), args.image_pull_policy.clone(), args.instance.clone()), settings);
+    let manager = Manager::new(
+        store,
+        Cluster::new(client.clone(), args.image_pull_policy.clone(), args.instance.clone()),
+        settings,
+    );
 
     let report = manager.recover(args.adopt).await?;
     tracing::info!(

@@ -48,12 +48,11 @@ async fn get(send: &mut H1, path: &str, key: Option<&str>) -> Result<serde_json:
 /// Waits until the agent's rules are in (a keyed request reaches `want`).
 async fn wait_routed(key: &str, want: &str) -> Result<()> {
     for _ in 0..100 {
-        if let Ok(mut s) = h1_conn(8080).await {
-            if let Ok(v) = get(&mut s, "/", Some(key)).await {
-                if v["version"] == want {
-                    return Ok(());
-                }
-            }
+        if let Ok(mut s) = h1_conn(8080).await
+            && let Ok(v) = get(&mut s, "/", Some(key)).await
+            && v["version"] == want
+        {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -68,7 +67,10 @@ fn version(v: &serde_json::Value) -> &str {
 fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
     let mut net = Net::new()?;
     net.servers()?;
-    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2"), route("beta", "steal", "198.18.101.3")]))?;
+    net.set_routes(serde_json::json!([
+        route("alpha", "steal", "198.18.101.2"),
+        route("beta", "steal", "198.18.101.3")
+    ]))?;
     net.agent()?;
     net.client(|| async {
         wait_routed("alpha", "v2").await?;
@@ -80,10 +82,10 @@ fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
             ensure!(version(&get(&mut s, "/", Some("alpha")).await?) == "v2");
             ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v3");
             // A probe-like request (no key) reaches the app.
-        eprintln!("http1 step 2: A probe-like request (no key) reaches the app.");
+            eprintln!("http1 step 2: A probe-like request (no key) reaches the app.");
             ensure!(version(&get(&mut s, "/healthz", None).await?) == "v1");
             // A key that is a prefix or extension of another does not match.
-        eprintln!("http1 step 3: A key that is a prefix or extension of another does not match.");
+            eprintln!("http1 step 3: A key that is a prefix or extension of another does not match.");
             ensure!(version(&get(&mut s, "/", Some("alph")).await?) == "v1");
         }
         // Large upload (chunked, streamed) and large download through steal.
@@ -101,7 +103,10 @@ fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
         ensure!(version(&v) == "v2" && v["body_bytes"] == 64 * 128 * 1024, "{v}");
         let mut s = h1_conn(8080).await?;
         send_ready(&mut s).await?;
-        let req = http::Request::get("/bytes/20000000").header("host", POD).header("x-preview-key", "beta").body(Full::new(Bytes::new()))?;
+        let req = http::Request::get("/bytes/20000000")
+            .header("host", POD)
+            .header("x-preview-key", "beta")
+            .body(Full::new(Bytes::new()))?;
         let resp = s.send_request(req).await?;
         ensure!(resp.headers().get("x-version").map(|v| v.as_bytes()) == Some(&b"v3"[..]));
         ensure!(resp.into_body().collect().await?.to_bytes().len() == 20_000_000);
@@ -125,7 +130,11 @@ fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
         let big = "x".repeat(300 * 1024);
         let req = http::Request::get("/").header("host", POD).header("x-big", big).body(Full::new(Bytes::new()))?;
         let r = s.send_request(req).await;
-        ensure!(r.is_err() || r.as_ref().is_ok_and(|r| r.status() == 431), "oversized headers accepted: {:?}", r.map(|r| r.status()));
+        ensure!(
+            r.is_err() || r.as_ref().is_ok_and(|r| r.status() == 431),
+            "oversized headers accepted: {:?}",
+            r.map(|r| r.status())
+        );
         ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v2");
         Ok(())
     })
@@ -140,7 +149,10 @@ async fn send_ready(s: &mut H1) -> Result<()> {
 fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
     let mut net = Net::new()?;
     net.servers()?;
-    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2"), route("gone", "steal", "198.18.101.9")]))?;
+    net.set_routes(serde_json::json!([
+        route("alpha", "steal", "198.18.101.2"),
+        route("gone", "steal", "198.18.101.9")
+    ]))?;
     net.agent()?;
     net.client(|| async {
         wait_routed("alpha", "v2").await?;
@@ -168,7 +180,12 @@ fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
         let mut s = h1_conn(8080).await?;
         send_ready(&mut s).await?;
         let resp = s
-            .send_request(http::Request::get("/").header("host", POD).header("x-preview-key", "gone").body(Full::new(Bytes::new()))?)
+            .send_request(
+                http::Request::get("/")
+                    .header("host", POD)
+                    .header("x-preview-key", "gone")
+                    .body(Full::new(Bytes::new()))?,
+            )
             .await?;
         ensure!(resp.status() == 502, "{}", resp.status());
         ensure!(version(&get(&mut s, "/", None).await?) == "v1");
@@ -236,26 +253,21 @@ fn routes_added_later_apply_to_open_connections_and_exit_removes_rules() -> Resu
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let routes_path = net.routes_path();
-    let handle = {
-        let path = format!("/var/run/netns/{}", net.ns("c"));
-        std::thread::spawn(move || -> Result<()> {
-            let fd = std::fs::File::open(&path)?;
-            // SAFETY: setns on this thread only.
-            ensure!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) } == 0);
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
-                wait_routed("alpha", "v2").await?;
-                let mut s = h1_conn(8080).await?;
-                ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v1");
-                tx.send(())?; // main thread adds beta's route
-                done_rx.recv_timeout(Duration::from_secs(10))?;
-                tokio::time::sleep(Duration::from_millis(600)).await;
-                ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v3", "open connection not re-routed");
-                Ok(())
-            })
-        })
-    };
+    let handle = net.client_thread(move || async move {
+        wait_routed("alpha", "v2").await?;
+        let mut s = h1_conn(8080).await?;
+        ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v1");
+        tx.send(())?; // main thread adds beta's route
+        done_rx.recv_timeout(Duration::from_secs(10))?;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v3", "open connection not re-routed");
+        Ok(())
+    });
     rx.recv_timeout(Duration::from_secs(30))?;
-    std::fs::write(routes_path.with_extension("tmp"), serde_json::json!([first, route("beta", "steal", "198.18.101.3")]).to_string())?;
+    std::fs::write(
+        routes_path.with_extension("tmp"),
+        serde_json::json!([first, route("beta", "steal", "198.18.101.3")]).to_string(),
+    )?;
     std::fs::rename(routes_path.with_extension("tmp"), &routes_path)?;
     done_tx.send(())?;
     handle.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
@@ -266,7 +278,10 @@ fn routes_added_later_apply_to_open_connections_and_exit_removes_rules() -> Resu
     let status = wait_exit(&mut net.procs[agent], Duration::from_secs(10))?;
     ensure!(status.success(), "agent exit {status:?}");
     ensure!(net.chains()?.is_empty(), "rules left: {:?}", net.chains()?);
-    net.client(|| async { ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1"); Ok(()) })
+    net.client(|| async {
+        ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1");
+        Ok(())
+    })
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
@@ -290,7 +305,10 @@ fn sigterm_and_sigkill_then_cleanup_restore_direct_service() -> Result<()> {
     net.kill(agent, libc::SIGTERM);
     wait_exit(&mut net.procs[agent], Duration::from_secs(10))?;
     ensure!(net.chains()?.is_empty(), "rules left after SIGTERM: {:?}", net.chains()?);
-    net.client(|| async { ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1"); Ok(()) })?;
+    net.client(|| async {
+        ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1");
+        Ok(())
+    })?;
 
     // SIGKILL the guard and its worker together: the rules stay, and with
     // nobody listening, staging breaks until `cleanup` runs.
@@ -308,7 +326,10 @@ fn sigterm_and_sigkill_then_cleanup_restore_direct_service() -> Result<()> {
     let out = sh(&["ip", "netns", "exec", &net.ns("p"), env!("CARGO_BIN_EXE_preview-agent"), "cleanup"])?;
     ensure!(out.starts_with("removed 1 chain"), "{out}");
     ensure!(net.chains()?.is_empty());
-    net.client(|| async { ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1"); Ok(()) })
+    net.client(|| async {
+        ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1");
+        Ok(())
+    })
 }
 
 async fn read_text(s: &mut tokio::net::TcpStream) -> Result<String> {
@@ -374,12 +395,16 @@ fn grpc_unary_and_server_streaming_routed_per_call_with_trailers() -> Result<()>
     use preview::proto::echo::{EchoRequest, echo_client::EchoClient};
     let mut net = Net::new()?;
     net.servers()?;
-    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2"), route("gone", "steal", "198.18.101.9")]))?;
+    net.set_routes(serde_json::json!([
+        route("alpha", "steal", "198.18.101.2"),
+        route("gone", "steal", "198.18.101.9")
+    ]))?;
     net.agent()?;
     net.client(|| async {
         wait_routed("alpha", "v2").await?;
         // One channel (one HTTP/2 connection); each call is routed by its metadata.
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{POD}:9090"))?.connect_timeout(Duration::from_secs(5));
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{POD}:9090"))?
+            .connect_timeout(Duration::from_secs(5));
         let mut c = EchoClient::new(endpoint.connect().await?);
         let call = |key: Option<&str>, count: u32| {
             let mut r = tonic::Request::new(EchoRequest { message: "hi".into(), count });
@@ -419,34 +444,28 @@ fn connections_open_before_the_rules_do_not_bypass_the_agent() -> Result<()> {
     net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let path = format!("/var/run/netns/{}", net.ns("c"));
-    let client = std::thread::spawn(move || -> Result<()> {
-        let fd = std::fs::File::open(&path)?;
-        // SAFETY: setns on this thread only.
-        ensure!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) } == 0);
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
-            // A keep-alive connection made straight to the app, before any rule.
-            let mut old = None;
-            for _ in 0..100 {
-                if let Ok(c) = h1_conn(8080).await {
-                    old = Some(c);
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let client = net.client_thread(move || async move {
+        // A keep-alive connection made straight to the app, before any rule.
+        let mut old = None;
+        for _ in 0..100 {
+            if let Ok(c) = h1_conn(8080).await {
+                old = Some(c);
+                break;
             }
-            let mut old = old.ok_or_else(|| anyhow::anyhow!("app never came up"))?;
-            ensure!(version(&get(&mut old, "/", Some("alpha")).await?) == "v1");
-            tx.send(())?;
-            go_rx.recv_timeout(Duration::from_secs(30))?;
-            wait_routed("alpha", "v2").await?;
-            // conntrack was flushed: the old connection is reset (the client
-            // reconnects through the agent); it never reaches the app around it.
-            match get(&mut old, "/", Some("alpha")).await {
-                Ok(v) => ensure!(version(&v) == "v2", "old connection bypassed the agent: {v}"),
-                Err(_) => ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v2"),
-            }
-            Ok(())
-        })
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut old = old.ok_or_else(|| anyhow::anyhow!("app never came up"))?;
+        ensure!(version(&get(&mut old, "/", Some("alpha")).await?) == "v1");
+        tx.send(())?;
+        go_rx.recv_timeout(Duration::from_secs(30))?;
+        wait_routed("alpha", "v2").await?;
+        // conntrack was flushed: the old connection is reset (the client
+        // reconnects through the agent); it never reaches the app around it.
+        match get(&mut old, "/", Some("alpha")).await {
+            Ok(v) => ensure!(version(&v) == "v2", "old connection bypassed the agent: {v}"),
+            Err(_) => ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v2"),
+        }
+        Ok(())
     });
     rx.recv_timeout(Duration::from_secs(30))?;
     net.agent()?;

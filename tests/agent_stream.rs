@@ -39,7 +39,17 @@ impl HostLink {
     }
 
     fn admin(&self, path: &str) -> Result<String> {
-        netns::sh(&["ip", "netns", "exec", &self.ns, "curl", "-s", "--max-time", "2", &format!("http://127.0.0.1:15090{path}")])
+        netns::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns,
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            &format!("http://127.0.0.1:15090{path}"),
+        ])
     }
 
     fn chains(&self) -> Result<usize> {

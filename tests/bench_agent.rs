@@ -104,7 +104,12 @@ fn proc_stat(pid: &str) -> Result<(u64, u64)> {
     let fields: Vec<&str> = stat.rsplit(')').next().context("stat")?.split_whitespace().collect();
     let cpu = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).context("rss")?.parse()?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("rss")?
+        .parse()?;
     Ok((cpu, rss))
 }
 
@@ -148,7 +153,13 @@ http {{
         tokio::time::sleep(Duration::from_millis(500)).await;
         let warm = at_rate(app, None, 500, 1).await?;
         drop(warm);
-        Ok((at_rate(app, None, 1000, 2).await?, at_rate(app, None, 5000, 8).await?, max_rps(app).await?, max_rps(nginx).await?, at_rate(nginx, None, 1000, 2).await?))
+        Ok((
+            at_rate(app, None, 1000, 2).await?,
+            at_rate(app, None, 5000, 8).await?,
+            max_rps(app).await?,
+            max_rps(nginx).await?,
+            at_rate(nginx, None, 1000, 2).await?,
+        ))
     })?;
 
     // Phase 2: the same app through the agent.
@@ -157,11 +168,14 @@ http {{
     net.client(|| async {
         for _ in 0..100 {
             if let Ok(mut s) = conn(format!("{POD}:8080").parse()?).await {
-                let req = http::Request::get("/").header("host", POD).header("x-preview-key", "bench").body(Full::new(Bytes::new()))?;
-                if let Ok(resp) = s.send_request(req).await {
-                    if resp.into_body().collect().await?.to_bytes().windows(4).any(|w| w == b"\"v2\"") {
-                        return Ok(());
-                    }
+                let req = http::Request::get("/")
+                    .header("host", POD)
+                    .header("x-preview-key", "bench")
+                    .body(Full::new(Bytes::new()))?;
+                if let Ok(resp) = s.send_request(req).await
+                    && resp.into_body().collect().await?.to_bytes().windows(4).any(|w| w == b"\"v2\"")
+                {
+                    return Ok(());
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -184,21 +198,31 @@ http {{
     for (name, d, a) in [("1k rps", &direct_1k, &agent_1k), ("5k rps", &direct_5k, &agent_5k)] {
         println!(
             "unmatched, {name}: direct p50 {:.0} µs p99 {:.0} µs | agent p50 {:.0} µs p99 {:.0} µs | added p50 {:+.0} µs, p99 {:+.0} µs (goal p99 <= 100 µs at 1k) | n={}",
-            p(d, 50), p(d, 99), p(a, 50), p(a, 99), p(a, 50) - p(d, 50), p(a, 99) - p(d, 99), a.len()
+            p(d, 50),
+            p(d, 99),
+            p(a, 50),
+            p(a, 99),
+            p(a, 50) - p(d, 50),
+            p(a, 99) - p(d, 99),
+            a.len()
         );
     }
     println!("nginx (peer), 1k rps: p50 {:.0} µs p99 {:.0} µs", p(&nginx_1k, 50), p(&nginx_1k, 99));
     println!(
         "max throughput (32 conns): direct {direct_max:.0} rps | agent {agent_max:.0} rps = {:.2}x direct, {:.2}x nginx (goal >= 1.0x nginx) | nginx {nginx_max:.0} rps",
-        agent_max / direct_max, agent_max / nginx_max
+        agent_max / direct_max,
+        agent_max / nginx_max
     );
     println!(
         "agent RSS {:.1} MiB after 1k rps, {:.1} MiB at end (goal <= 12 MiB) | CPU {cpu_ms_per_s:.0} ms/s per 1k rps",
-        rss_1k as f64 / 1024.0, rss_end as f64 / 1024.0
+        rss_1k as f64 / 1024.0,
+        rss_end as f64 / 1024.0
     );
     println!(
         "mirror, 1k rps: original p99 {:.0} µs with mirroring on, {:.0} µs off = {:+.1}% (goal <= +10%)",
-        p(&mirror_on, 99), p(&mirror_off, 99), (p(&mirror_on, 99) / p(&mirror_off, 99) - 1.0) * 100.0
+        p(&mirror_on, 99),
+        p(&mirror_off, 99),
+        (p(&mirror_on, 99) / p(&mirror_off, 99) - 1.0) * 100.0
     );
     Ok(())
 }

@@ -43,14 +43,18 @@ async fn start_status_clean_and_exit_codes() -> Result<()> {
     let (code, out, _) = tokio::task::spawn_blocking(move || preview(&s, &["status", "-o", "json"])).await??;
     ensure!(code == 0);
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    ensure!(v[0]["key"] == "cli1" && v[0]["pods"][0]["ready"] == true && v[0]["pods"][0]["target"] == "deployment/orders", "{v}");
+    ensure!(
+        v[0]["key"] == "cli1" && v[0]["pods"][0]["ready"] == true && v[0]["pods"][0]["target"] == "deployment/orders",
+        "{v}"
+    );
     let s = server.clone();
     let (_, table, _) = tokio::task::spawn_blocking(move || preview(&s, &["status", "--key", "cli1"])).await??;
     ensure!(table.starts_with("KEY") && table.contains("cli1") && table.contains("preview.local/echo:v2"), "{table}");
 
     // Failures: a missing image is a clear error (1); bad flags are usage (2).
     let (s, c) = (server.clone(), cfg.clone());
-    let (code, _, err) = tokio::task::spawn_blocking(move || preview(&s, &["start", "-f", &c, "--key", "cli2"])).await??;
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || preview(&s, &["start", "-f", &c, "--key", "cli2"])).await??;
     ensure!(code == 1 && err.contains("image"), "{code} {err}");
     let s = server.clone();
     let (code, _, _) = tokio::task::spawn_blocking(move || preview(&s, &["status", "-o", "xml"])).await??;

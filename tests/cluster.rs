@@ -47,8 +47,7 @@ async fn service_reachable_by_dns_and_cluster_ip_from_another_pod() -> Result<()
     let svc = ns.api::<Service>().get("echo").await?;
     let cluster_ip = svc.spec.and_then(|s| s.cluster_ip).context("no ClusterIP")?;
     ensure!(cluster_ip.starts_with("198.19."), "ClusterIP {cluster_ip} outside 198.19.0.0/16");
-    let urls =
-        [format!("http://echo.{}.svc.cluster.local:8080/", ns.name), format!("http://{cluster_ip}:8080/")];
+    let urls = [format!("http://echo.{}.svc.cluster.local:8080/", ns.name), format!("http://{cluster_ip}:8080/")];
     for url in urls {
         // Both replicas must answer; kube-proxy picks at random, so ask until both have.
         let mut seen = BTreeSet::new();

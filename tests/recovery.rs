@@ -31,7 +31,13 @@ fn free_port() -> Result<u16> {
 }
 
 /// Runs the real previewd binary; with `pause_at`, returns once it paused there.
-fn spawn_previewd(ns: &str, data: &std::path::Path, instance: &str, pause_at: Option<&str>, adopt: bool) -> Result<Proc> {
+fn spawn_previewd(
+    ns: &str,
+    data: &std::path::Path,
+    instance: &str,
+    pause_at: Option<&str>,
+    adopt: bool,
+) -> Result<Proc> {
     let port = free_port()?;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_previewd"));
     cmd.env("KUBECONFIG", kubeconfig_path())
@@ -79,7 +85,9 @@ async fn managed(ns: &TestNs, instance: &str) -> Result<(Vec<String>, Vec<String
     Ok((pods.filter_map(|p| p.metadata.name).collect(), cms.into_iter().filter_map(|c| c.metadata.name).collect()))
 }
 
-async fn snapshot(c: &mut proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>) -> Result<Vec<proto::Environment>> {
+async fn snapshot(
+    c: &mut proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>,
+) -> Result<Vec<proto::Environment>> {
     Ok(c.status(proto::StatusRequest::default()).await?.into_inner().next().await.context("snapshot")??.environments)
 }
 
@@ -110,7 +118,10 @@ async fn sigkill_during_start_leaves_complete_or_absent() -> Result<()> {
         let p = spawn_previewd(&ns.name, data.path(), &instance, None, false)?;
         let mut c = connect(&p.addr).await?;
         let envs = snapshot(&mut c).await?;
-        let env = envs.iter().find(|e| e.key == key).with_context(|| format!("{point}: env missing after restart: {envs:?}"))?;
+        let env = envs
+            .iter()
+            .find(|e| e.key == key)
+            .with_context(|| format!("{point}: env missing after restart: {envs:?}"))?;
         ensure!(!env.pending && env.pods.len() == 1, "{point}: {env:?}");
         let (pods, cms) = managed(&ns, &instance).await?;
         ensure!(pods == vec![env.pods[0].name.clone()], "{point}: pods {pods:?} vs record {:?}", env.pods);
@@ -129,7 +140,8 @@ async fn lost_store_is_adopted_or_cleaned_from_labels() -> Result<()> {
     let data = tempfile::tempdir()?;
     let d = Previewd::start_with(&ns, data.path().to_path_buf(), instance.clone(), |_| {}).await?;
     let mut c = d.client().await?;
-    let env = c.start(start_req(r#"{"target": "deployment/orders"}"#, "preview.local/echo:v2", "adopt1")).await?.into_inner();
+    let env =
+        c.start(start_req(r#"{"target": "deployment/orders"}"#, "preview.local/echo:v2", "adopt1")).await?.into_inner();
     let pod_name = env.environment.context("env")?.pods[0].name.clone();
     d.stop().await?;
 

@@ -17,7 +17,8 @@ use kube::api::ListParams;
 use preview::proto::{self, EventKind, clean_request};
 use tonic::Code;
 
-const ORDERS: &str = r#"{"target": "deployment/orders", "feature": {"env": {"override": {"FEATURE": "on-{{ key }}"}}}}"#;
+const ORDERS: &str =
+    r#"{"target": "deployment/orders", "feature": {"env": {"override": {"FEATURE": "on-{{ key }}"}}}}"#;
 
 async fn pod_uids(ns: &TestNs, selector: &str) -> Result<BTreeSet<String>> {
     let pods = ns.api::<Pod>().list(&ListParams::default().labels(selector)).await?;
@@ -58,8 +59,14 @@ async fn start_clones_the_target_and_leaves_it_untouched() -> Result<()> {
     echo_app(&ns, "orders", "v1", 1, &[("KEEP", "kept")]).await?;
     ready_pods(&ns, "app=orders", 1).await?;
     let before_pods = pod_uids(&ns, "app=orders").await?;
-    let before_rs: BTreeSet<String> =
-        ns.api::<ReplicaSet>().list(&Default::default()).await?.items.into_iter().filter_map(|r| r.metadata.uid).collect();
+    let before_rs: BTreeSet<String> = ns
+        .api::<ReplicaSet>()
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|r| r.metadata.uid)
+        .collect();
     let d = Previewd::start(&ns).await?;
     let mut c = d.client().await?;
 
@@ -87,9 +94,16 @@ async fn start_clones_the_target_and_leaves_it_untouched() -> Result<()> {
     // Status reports the container Ready…
     wait_env(&d, &key, "preview ready", |e| e.pods.iter().all(|p| p.ready)).await?;
     // …while the Service's EndpointSlices never list it as ready.
-    let ip = ns.api::<Pod>().get(pod.metadata.name.as_deref().context("name")?).await?.status.and_then(|s| s.pod_ip).context("ip")?;
+    let ip = ns
+        .api::<Pod>()
+        .get(pod.metadata.name.as_deref().context("name")?)
+        .await?
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("ip")?;
     for _ in 0..8 {
-        let slices = ns.api::<EndpointSlice>().list(&ListParams::default().labels("kubernetes.io/service-name=orders")).await?;
+        let slices =
+            ns.api::<EndpointSlice>().list(&ListParams::default().labels("kubernetes.io/service-name=orders")).await?;
         for ep in slices.items.iter().flat_map(|s| &s.endpoints) {
             if ep.addresses.contains(&ip) {
                 let ready = ep.conditions.as_ref().and_then(|c| c.ready);
@@ -101,8 +115,14 @@ async fn start_clones_the_target_and_leaves_it_untouched() -> Result<()> {
 
     // The target is exactly as it was: same pods, same ReplicaSets, 1 replica.
     ensure!(pod_uids(&ns, "app=orders,!preview.dev/key").await? == before_pods, "target pods changed");
-    let after_rs: BTreeSet<String> =
-        ns.api::<ReplicaSet>().list(&Default::default()).await?.items.into_iter().filter_map(|r| r.metadata.uid).collect();
+    let after_rs: BTreeSet<String> = ns
+        .api::<ReplicaSet>()
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|r| r.metadata.uid)
+        .collect();
     ensure!(after_rs == before_rs, "ReplicaSets changed");
     let dep = ns.api::<Deployment>().get("orders").await?;
     let status = dep.status.context("status")?;
@@ -113,7 +133,8 @@ async fn start_clones_the_target_and_leaves_it_untouched() -> Result<()> {
         pod.metadata.owner_references
     );
 
-    let cleaned = c.clean(proto::CleanRequest { selector: Some(clean_request::Selector::Key(key.clone())) }).await?.into_inner();
+    let cleaned =
+        c.clean(proto::CleanRequest { selector: Some(clean_request::Selector::Key(key.clone())) }).await?.into_inner();
     ensure!(cleaned.removed.len() == 1 && cleaned.removed[0].objects.len() == 2, "{cleaned:?}");
     d.stop().await
 }
@@ -124,10 +145,8 @@ async fn watch_shows_creating_then_ready_and_missing_images() -> Result<()> {
     echo_app(&ns, "orders", "v1", 1, &[]).await?;
     let d = Previewd::start(&ns).await?;
     let mut c = d.client().await?;
-    let mut watch = c
-        .status(proto::StatusRequest { key: "w*".into(), namespace: String::new(), watch: true })
-        .await?
-        .into_inner();
+    let mut watch =
+        c.status(proto::StatusRequest { key: "w*".into(), namespace: String::new(), watch: true }).await?.into_inner();
     let first = watch.next().await.context("no snapshot")??;
     ensure!(first.kind == EventKind::Snapshot as i32 && first.environments.is_empty(), "{first:?}");
 
@@ -157,7 +176,8 @@ async fn watch_shows_creating_then_ready_and_missing_images() -> Result<()> {
     );
 
     c.start(start_req(r#"{"target": "deployment/orders"}"#, "preview.local/no-such-image:v0", "w-bad")).await?;
-    let env = wait_env(&d, "w-bad", "a waiting reason", |e| e.pods.iter().any(|p| p.reason == "ErrImageNeverPull")).await?;
+    let env =
+        wait_env(&d, "w-bad", "a waiting reason", |e| e.pods.iter().any(|p| p.reason == "ErrImageNeverPull")).await?;
     ensure!(!env.pods[0].ready && !env.pods[0].last_error.is_empty(), "{env:?}");
     c.clean(proto::CleanRequest { selector: Some(clean_request::Selector::Glob("w-*".into())) }).await?;
     d.stop().await
@@ -175,7 +195,11 @@ async fn add_pod_multi_target_targetless_and_replicas() -> Result<()> {
     // AddPod into the existing key: a second target.
     let add = proto::AddPodRequest {
         key: key.into(),
-        pod: Some(proto::PodRequest { config: r#"{"target": "deployment/payments"}"#.into(), image: "preview.local/echo:v2".into(), ..Default::default() }),
+        pod: Some(proto::PodRequest {
+            config: r#"{"target": "deployment/payments"}"#.into(),
+            image: "preview.local/echo:v2".into(),
+            ..Default::default()
+        }),
     };
     c.add_pod(add.clone()).await?;
     // Targetless, two replicas, via Start on the same key.
@@ -198,12 +222,17 @@ async fn add_pod_multi_target_targetless_and_replicas() -> Result<()> {
     wait_env(&d, key, "4 ready pods", |e| e.pods.len() == 4 && e.pods.iter().all(|p| p.ready)).await?;
     ensure!(preview_pods(&ns, key).await?.len() == 4);
     // Targetless pods carry the key and a fresh spec.
-    let tool = preview_pods(&ns, key).await?.into_iter().find(|p| labels(p).get("preview.dev/group").map(String::as_str) == Some("tool")).context("tool pod")?;
+    let tool = preview_pods(&ns, key)
+        .await?
+        .into_iter()
+        .find(|p| labels(p).get("preview.dev/group").map(String::as_str) == Some("tool"))
+        .context("tool pod")?;
     ensure!(!labels(&tool).contains_key("app"), "targetless pod copied labels");
 
     // AddPod again with the same name replaces the pod (new spec, new name).
     let mut replace = add.clone();
-    replace.pod.as_mut().context("pod")?.config = r#"{"target": "deployment/payments", "feature": {"env": {"override": {"X": "2"}}}}"#.into();
+    replace.pod.as_mut().context("pod")?.config =
+        r#"{"target": "deployment/payments", "feature": {"env": {"override": {"X": "2"}}}}"#.into();
     let env = c.add_pod(replace).await?.into_inner().environment.context("env")?;
     ensure!(env.pods.len() == 4, "{:?}", env.pods);
     let pay: Vec<_> = env.pods.iter().filter(|p| p.group == "payments").collect();
@@ -235,7 +264,10 @@ async fn ttl_expiry_removes_everything_and_clean_is_idempotent() -> Result<()> {
     req.ttl = "3s".into();
     let started = tokio::time::Instant::now();
     c.start(req.clone()).await?;
-    let mut watch = c.status(proto::StatusRequest { key: "ttl1".into(), namespace: String::new(), watch: true }).await?.into_inner();
+    let mut watch = c
+        .status(proto::StatusRequest { key: "ttl1".into(), namespace: String::new(), watch: true })
+        .await?
+        .into_inner();
     // Extending the TTL sends TTL_EXTENDED.
     req.ttl = "4s".into();
     c.start(req).await?;
@@ -265,7 +297,10 @@ async fn ttl_expiry_removes_everything_and_clean_is_idempotent() -> Result<()> {
     ensure!(snap.environments.is_empty(), "{snap:?}");
     // Clean of something already gone is fine and removes nothing.
     for _ in 0..2 {
-        let r = c.clean(proto::CleanRequest { selector: Some(clean_request::Selector::Key("ttl1".into())) }).await?.into_inner();
+        let r = c
+            .clean(proto::CleanRequest { selector: Some(clean_request::Selector::Key("ttl1".into())) })
+            .await?
+            .into_inner();
         ensure!(r.removed.is_empty(), "{r:?}");
     }
     d.stop().await
@@ -285,9 +320,21 @@ async fn bad_input_gets_the_right_code_and_names_the_field() -> Result<()> {
         (start_req(ORDERS, img, "Bad_Key"), Code::InvalidArgument, "key"),
         (start_req(ORDERS, "", "k1"), Code::InvalidArgument, "image"),
         (start_req(r#"{"target": "deployment/nope"}"#, img, "k1"), Code::NotFound, "target"),
-        (start_req(r#"{"target": "deployment/orders/container/nope"}"#, img, "k1"), Code::InvalidArgument, "target.container"),
-        (start_req(r#"{"target": {"path": "deployment/orders", "namespace": "no-such-ns"}}"#, img, "k1"), Code::NotFound, "namespace"),
-        (start_req(r#"{"feature": {"preview": {"ttl_mins": "soon"}}}"#, img, "k1"), Code::InvalidArgument, "feature.preview.ttl_mins"),
+        (
+            start_req(r#"{"target": "deployment/orders/container/nope"}"#, img, "k1"),
+            Code::InvalidArgument,
+            "target.container",
+        ),
+        (
+            start_req(r#"{"target": {"path": "deployment/orders", "namespace": "no-such-ns"}}"#, img, "k1"),
+            Code::NotFound,
+            "namespace",
+        ),
+        (
+            start_req(r#"{"feature": {"preview": {"ttl_mins": "soon"}}}"#, img, "k1"),
+            Code::InvalidArgument,
+            "feature.preview.ttl_mins",
+        ),
         (start_req("{\"target\": ", img, "k1"), Code::InvalidArgument, "malformed JSON"),
         (start_req("target: [", img, "k1"), Code::InvalidArgument, "malformed YAML"),
         (start_req(r#"{"target": "deployment/orders", "colour": "blue"}"#, img, "k1"), Code::InvalidArgument, "colour"),
@@ -312,7 +359,10 @@ async fn bad_input_gets_the_right_code_and_names_the_field() -> Result<()> {
     let lp = ListParams::default().labels(&format!("preview.dev/instance={}", d.instance));
     ensure!(ns.api::<Pod>().list(&lp).await?.items.len() == 1, "stray preview pods");
     // A known-but-unsupported mirrord field is a warning, not an error.
-    let resp = c.start(start_req(r#"{"target": "deployment/orders", "feature": {"fs": "read"}}"#, img, "warned")).await?.into_inner();
+    let resp = c
+        .start(start_req(r#"{"target": "deployment/orders", "feature": {"fs": "read"}}"#, img, "warned"))
+        .await?
+        .into_inner();
     ensure!(resp.warnings.iter().any(|w| w.contains("feature.fs")), "{:?}", resp.warnings);
     c.clean(proto::CleanRequest { selector: Some(clean_request::Selector::Glob("*".into())) }).await?;
     let err = c.clean(proto::CleanRequest { selector: None }).await.unwrap_err();

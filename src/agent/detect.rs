@@ -57,13 +57,7 @@ mod tests {
     /// decision never changes once more bytes arrive.
     #[test]
     fn random_input_is_stable_and_never_panics() {
-        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x2545_F491_4F6C_DD1D);
         let seeds: [&[u8]; 3] = [H2_PREFACE, b"GET /x HTTP/1.1\r\n", b"SSH-2.0-x\r\n"];
         for i in 0..50_000 {
             let mut buf: Vec<u8> = seeds[i % 3].to_vec();

@@ -87,9 +87,14 @@ impl Backend {
             .map(|mut s| s.write_all(rules.as_bytes()))
             .transpose()
             .map_err(|e| InterceptError::Command { cmd: cmd.clone(), message: e.to_string() })?;
-        let out = child.wait_with_output().map_err(|e| InterceptError::Command { cmd: cmd.clone(), message: e.to_string() })?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| InterceptError::Command { cmd: cmd.clone(), message: e.to_string() })?;
         if !out.status.success() {
-            return Err(InterceptError::Command { cmd, message: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+            return Err(InterceptError::Command {
+                cmd,
+                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
         Ok(())
     }
@@ -135,7 +140,12 @@ impl Backend {
 /// before the rules existed re-enter nat (and reach the agent) or reset.
 pub fn flush_conntrack(port: u16) {
     // Exit code 1 means "no entries"; a missing binary is logged only.
-    match Command::new("conntrack").args(["-D", "-p", "tcp", "--orig-port-dst", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).status() {
+    match Command::new("conntrack")
+        .args(["-D", "-p", "tcp", "--orig-port-dst", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
         Ok(_) => {}
         Err(e) => tracing::warn!(port, error = %e, "conntrack not available; old connections keep going to the app"),
     }

@@ -57,9 +57,12 @@ impl Metrics {
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let _ = writeln!(out, "# TYPE preview_agent_requests_total counter");
         for (key, k) in &keys {
-            for (action, n) in
-                [("routed", k.routed), ("mirrored", k.mirrored), ("mirror_dropped", k.mirror_dropped), ("mirror_failed", k.mirror_failed)]
-            {
+            for (action, n) in [
+                ("routed", k.routed),
+                ("mirrored", k.mirrored),
+                ("mirror_dropped", k.mirror_dropped),
+                ("mirror_failed", k.mirror_failed),
+            ] {
                 let _ = writeln!(out, "preview_agent_requests_total{{key=\"{key}\",action=\"{action}\"}} {n}");
             }
         }

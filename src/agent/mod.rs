@@ -85,7 +85,8 @@ pub enum AgentError {
 }
 
 fn read_routes(path: &PathBuf) -> Result<Vec<Route>, AgentError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AgentError::Routes { path: path.clone(), message: e.to_string() })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| AgentError::Routes { path: path.clone(), message: e.to_string() })?;
     serde_json::from_str(&text).map_err(|e| AgentError::Routes { path: path.clone(), message: e.to_string() })
 }
 
@@ -152,13 +153,15 @@ pub fn cleanup() -> Result<Vec<String>, AgentError> {
 pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let chain = args.chain.clone().unwrap_or_else(intercept::chain_name);
     // Bind first: if another agent holds the port, touch nothing.
-    let listener = TcpListener::bind(args.listen).await.map_err(|source| AgentError::Bind { addr: args.listen, source })?;
+    let listener =
+        TcpListener::bind(args.listen).await.map_err(|source| AgentError::Bind { addr: args.listen, source })?;
     let admin = TcpListener::bind(args.admin).await.map_err(|source| AgentError::Bind { addr: args.admin, source })?;
     let now = crate::manager::now_ms();
     let mut source = RouteSource::new(&args).await?;
     let first = source.initial.take().unwrap_or_default();
     let initial = RouteTable::compile(first).map_err(|message| AgentError::Routes { path: source.name(), message })?;
-    let initial = RouteTable::compile(initial.live(now)).map_err(|message| AgentError::Routes { path: source.name(), message })?;
+    let initial = RouteTable::compile(initial.live(now))
+        .map_err(|message| AgentError::Routes { path: source.name(), message })?;
     if initial.is_empty() {
         tracing::info!("no live routes; nothing to do");
         return Ok(());
@@ -247,11 +250,20 @@ impl RouteSource {
     async fn new(args: &WorkerArgs) -> Result<RouteSource, AgentError> {
         if let Some(path) = &args.routes {
             let seen = mtime(path);
-            return Ok(RouteSource { initial: Some(read_routes(path)?), file: Some((path.clone(), seen)), stream: None });
+            return Ok(RouteSource {
+                initial: Some(read_routes(path)?),
+                file: Some((path.clone(), seen)),
+                stream: None,
+            });
         }
         let (server, pod, ns) = match (&args.server, &args.pod, &args.namespace) {
             (Some(s), Some(p), Some(n)) => (s.clone(), p.clone(), n.clone()),
-            _ => return Err(AgentError::Routes { path: "--server".into(), message: "needs --server, --pod and --namespace".into() }),
+            _ => {
+                return Err(AgentError::Routes {
+                    path: "--server".into(),
+                    message: "needs --server, --pod and --namespace".into(),
+                });
+            }
         };
         let hello = crate::proto::AgentHello { namespace: ns, pod };
         let mut stream = tokio::time::timeout(Duration::from_secs(15), open_stream(&server, hello.clone()))
@@ -310,7 +322,12 @@ async fn next_set(stream: &mut RouteStreaming) -> Result<Vec<Route>, String> {
 }
 
 /// Follows previewd's stream; reconnects with a capped backoff when it drops.
-async fn follow(server: String, hello: crate::proto::AgentHello, mut stream: RouteStreaming, tx: tokio::sync::watch::Sender<Vec<Route>>) {
+async fn follow(
+    server: String,
+    hello: crate::proto::AgentHello,
+    mut stream: RouteStreaming,
+    tx: tokio::sync::watch::Sender<Vec<Route>>,
+) {
     let mut backoff = Duration::from_millis(250);
     loop {
         match next_set(&mut stream).await {
@@ -351,7 +368,9 @@ async fn serve_admin(listener: TcpListener, routes: Arc<SharedRoutes>, metrics: 
                 };
                 async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(bytes::Bytes::from(body)))) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

@@ -95,7 +95,8 @@ impl Proxy {
             }
             Protocol::Http1 => {
                 let conn = Arc::new(AppConn::default());
-                let svc = hyper::service::service_fn(move |req| self.clone().handle(req, app, port, Some(conn.clone())));
+                let svc =
+                    hyper::service::service_fn(move |req| self.clone().handle(req, app, port, Some(conn.clone())));
                 let _ = hyper::server::conn::http1::Builder::new()
                     // Like Envoy's 60 KiB header limit: larger requests get 431.
                     .max_buf_size(64 * 1024)
@@ -148,7 +149,13 @@ impl Proxy {
                         let (parts, body) = req.into_parts();
                         let bytes = match body.collect().await {
                             Ok(b) => b.to_bytes(),
-                            Err(_) => return Ok(error_response(is_grpc(&parts.headers), StatusCode::BAD_REQUEST, "request body ended early")),
+                            Err(_) => {
+                                return Ok(error_response(
+                                    is_grpc(&parts.headers),
+                                    StatusCode::BAD_REQUEST,
+                                    "request body ended early",
+                                ));
+                            }
                         };
                         let mut copy = Request::new(full(bytes.clone()));
                         *copy.method_mut() = parts.method.clone();
@@ -170,7 +177,8 @@ impl Proxy {
     /// Sends `req` to `to`, splicing an HTTP/1 upgrade (WebSocket) when the
     /// upstream answers 101. `key` names the preview when it is one.
     async fn forward(&self, mut req: Request<Incoming>, to: SocketAddr, key: Option<&str>) -> Response<ProxyBody> {
-        let upgrade = (req.version() != Version::HTTP_2 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
+        let upgrade = (req.version() != Version::HTTP_2 && req.headers().contains_key(UPGRADE))
+            .then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         self.send(Request::from_parts(parts, body.boxed()), to, key, upgrade).await
     }
@@ -192,15 +200,15 @@ impl Proxy {
         let result = if h2 { self.h2.request(req).await } else { self.h1.request(req).await };
         match result {
             Ok(mut resp) => {
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client_upgrade) = client_upgrade {
-                        let upstream = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(async move {
-                            if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream.await) {
-                                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-                            }
-                        });
-                    }
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client_upgrade) = client_upgrade
+                {
+                    let upstream = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(async move {
+                        if let (Ok(c), Ok(u)) = (client_upgrade.await, upstream.await) {
+                            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                        }
+                    });
                 }
                 resp.map(|b| b.boxed())
             }
@@ -225,7 +233,9 @@ struct AppConn(tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest
 impl AppConn {
     async fn send(&self, req: Request<Incoming>, app: SocketAddr) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
-        let fail = |e: &dyn std::fmt::Display| error_response(grpc, StatusCode::BAD_GATEWAY, &format!("upstream {app} is unreachable: {e}"));
+        let fail = |e: &dyn std::fmt::Display| {
+            error_response(grpc, StatusCode::BAD_GATEWAY, &format!("upstream {app} is unreachable: {e}"))
+        };
         let mut slot = self.0.lock().await;
         if slot.as_ref().is_none_or(|s| s.is_closed()) {
             let stream = match TcpStream::connect(app).await {

@@ -171,8 +171,15 @@ pub mod wire {
         Ok(Route {
             mode: if r.mode == proto::Mode::Mirror as i32 { Mode::Mirror } else { Mode::Steal },
             filter: filter_from_proto(r.filter.ok_or_else(|| format!("route {}: no filter", r.key))?)?,
-            ports: r.ports.iter().map(|p| u16::try_from(*p).map_err(|_| format!("port {p} out of range"))).collect::<Result<_, _>>()?,
-            destination: r.destination.parse().map_err(|e| format!("route {}: destination {:?}: {e}", r.key, r.destination))?,
+            ports: r
+                .ports
+                .iter()
+                .map(|p| u16::try_from(*p).map_err(|_| format!("port {p} out of range")))
+                .collect::<Result<_, _>>()?,
+            destination: r
+                .destination
+                .parse()
+                .map_err(|e| format!("route {}: destination {:?}: {e}", r.key, r.destination))?,
             expires_at_ms: r.expires_at.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000),
             key: r.key,
         })
@@ -187,7 +194,10 @@ pub mod wire {
             let r = Route {
                 key: "k".into(),
                 mode: Mode::Mirror,
-                filter: FilterSpec::AllOf(vec![FilterSpec::Header("^a: b$".into()), FilterSpec::AnyOf(vec![FilterSpec::Key("k".into())])]),
+                filter: FilterSpec::AllOf(vec![
+                    FilterSpec::Header("^a: b$".into()),
+                    FilterSpec::AnyOf(vec![FilterSpec::Key("k".into())]),
+                ]),
                 ports: vec![80, 8080],
                 destination: "198.18.0.9".parse().unwrap(),
                 expires_at_ms: Some(1_764_290_000_123),

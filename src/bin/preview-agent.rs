@@ -10,7 +10,12 @@ async fn main() {
         AgentCommand::Run(args) => preview::agent::guard(args).await.map(|code| std::process::exit(code)),
         AgentCommand::Worker(args) => preview::agent::worker(args).await,
         AgentCommand::Cleanup => preview::agent::cleanup().map(|chains| {
-            println!("removed {} chain(s){}{}", chains.len(), if chains.is_empty() { "" } else { ": " }, chains.join(", "));
+            println!(
+                "removed {} chain(s){}{}",
+                chains.len(),
+                if chains.is_empty() { "" } else { ": " },
+                chains.join(", ")
+            );
         }),
     };
     if let Err(e) = result {

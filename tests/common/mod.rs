@@ -49,7 +49,10 @@ impl TestNs {
 
     pub fn api<K>(&self) -> Api<K>
     where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
         K::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), &self.name)
@@ -140,7 +143,10 @@ pub async fn ready_pods(ns: &TestNs, selector: &str, n: usize) -> Result<Vec<Pod
                 .into_iter()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
                 .filter(|p| {
-                    p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).is_some_and(|cs| cs.iter().all(|c| c.ready))
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.as_ref())
+                        .is_some_and(|cs| cs.iter().all(|c| c.ready))
                 })
                 .collect();
             Ok((pods.len() == n).then_some(pods))
@@ -157,10 +163,10 @@ pub async fn exec(ns: &TestNs, pod: &str, container: &str, cmd: &[&str]) -> Resu
     proc.stdout().context("no stdout")?.read_to_string(&mut out).await?;
     let status = proc.take_status().context("no status")?.await;
     proc.join().await?;
-    if let Some(s) = status {
-        if s.status.as_deref() == Some("Failure") {
-            bail!("{cmd:?} in {pod} failed: {:?} {out}", s.message);
-        }
+    if let Some(s) = status
+        && s.status.as_deref() == Some("Failure")
+    {
+        bail!("{cmd:?} in {pod} failed: {:?} {out}", s.message);
     }
     Ok(out)
 }
@@ -231,7 +237,12 @@ impl Previewd {
         Self::start_full(ns, data, instance, "127.0.0.1:0", tweak).await
     }
 
-    pub async fn start_listening(ns: &TestNs, data: std::path::PathBuf, instance: String, listen: &str) -> Result<Previewd> {
+    pub async fn start_listening(
+        ns: &TestNs,
+        data: std::path::PathBuf,
+        instance: String,
+        listen: &str,
+    ) -> Result<Previewd> {
         Self::start_full(ns, data, instance, listen, |_| {}).await
     }
 
@@ -266,7 +277,9 @@ impl Previewd {
         Ok(p)
     }
 
-    pub async fn client(&self) -> Result<preview::proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>> {
+    pub async fn client(
+        &self,
+    ) -> Result<preview::proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>> {
         Ok(preview::cli::connect(&self.addr).await?)
     }
 

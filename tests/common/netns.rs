@@ -4,8 +4,8 @@
 //!                                198.18.101.1 ── 198.18.101.2 preview ns (v2)
 //!                                             └─ 198.18.101.3          (v3)
 
-use std::path::PathBuf;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, ensure};
@@ -70,9 +70,29 @@ impl Net {
     pub fn servers(&mut self) -> Result<()> {
         let echo = env!("CARGO_BIN_EXE_preview-echo");
         let (p, v) = (self.ns("p"), self.ns("v"));
-        self.spawn(&p, &[echo, "serve", "--listen", "0.0.0.0:8080", "--version", "v1", "--tcp-echo", "0.0.0.0:9000", "--grpc-listen", "0.0.0.0:9090"])?;
-        self.spawn(&v, &[echo, "serve", "--listen", "198.18.101.2:8080", "--version", "v2", "--grpc-listen", "198.18.101.2:9090"])?;
-        self.spawn(&v, &[echo, "serve", "--listen", "198.18.101.3:8080", "--version", "v3", "--grpc-listen", "198.18.101.3:9090"])?;
+        self.spawn(
+            &p,
+            &[
+                echo,
+                "serve",
+                "--listen",
+                "0.0.0.0:8080",
+                "--version",
+                "v1",
+                "--tcp-echo",
+                "0.0.0.0:9000",
+                "--grpc-listen",
+                "0.0.0.0:9090",
+            ],
+        )?;
+        self.spawn(
+            &v,
+            &[echo, "serve", "--listen", "198.18.101.2:8080", "--version", "v2", "--grpc-listen", "198.18.101.2:9090"],
+        )?;
+        self.spawn(
+            &v,
+            &[echo, "serve", "--listen", "198.18.101.3:8080", "--version", "v3", "--grpc-listen", "198.18.101.3:9090"],
+        )?;
         Ok(())
     }
 
@@ -91,20 +111,35 @@ impl Net {
         let agent = env!("CARGO_BIN_EXE_preview-agent");
         let routes = self.routes_path();
         let p = self.ns("p");
-        let idx = self.spawn(&p, &[agent, "run", "--ports", "8080,9000,9090", "--routes", routes.to_str().unwrap_or_default()])?;
+        let idx = self
+            .spawn(&p, &[agent, "run", "--ports", "8080,9000,9090", "--routes", routes.to_str().unwrap_or_default()])?;
         Ok(idx)
     }
 
     pub fn chains(&self) -> Result<Vec<String>> {
         let out = sh(&["ip", "netns", "exec", &self.ns("p"), "iptables", "-w", "-t", "nat", "-S"])?;
-        Ok(out.lines().filter_map(|l| l.strip_prefix("-N ")).filter(|c| c.starts_with("PREVIEW-AGENT-")).map(String::from).collect())
+        Ok(out
+            .lines()
+            .filter_map(|l| l.strip_prefix("-N "))
+            .filter(|c| c.starts_with("PREVIEW-AGENT-"))
+            .map(String::from)
+            .collect())
     }
 
-    /// Runs `f` on a thread inside the client namespace.
+    /// Runs `f` on a thread inside the client namespace and waits for it.
     pub fn client<T: Send + 'static, Fut: std::future::Future<Output = Result<T>>>(
         &self,
         f: impl FnOnce() -> Fut + Send + 'static,
     ) -> Result<T> {
+        self.client_thread(f).join().map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    }
+
+    /// Starts `f` on a thread inside the client namespace (with its own
+    /// runtime, bounded at 90 s) and returns the thread.
+    pub fn client_thread<T: Send + 'static, Fut: std::future::Future<Output = Result<T>>>(
+        &self,
+        f: impl FnOnce() -> Fut + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
         let path = format!("/var/run/netns/{}", self.ns("c"));
         std::thread::spawn(move || {
             let fd = std::fs::File::open(&path)?;
@@ -116,8 +151,6 @@ impl Net {
             rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(90), f()).await })
                 .map_err(|_| anyhow::anyhow!("client in {path} timed out after 90 s"))?
         })
-        .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))?
     }
 
     pub fn kill(&mut self, idx: usize, signal: i32) {
@@ -144,4 +177,3 @@ impl Drop for Net {
         }
     }
 }
-

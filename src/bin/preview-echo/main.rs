@@ -113,15 +113,14 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
     // /bytes/N: a large download.
     if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
         let mut resp = Response::new(Full::new(Bytes::from(vec![b'x'; n.min(64 << 20)])));
-        resp.headers_mut().insert("x-version", hyper::header::HeaderValue::from_str(&app.version).unwrap_or(hyper::header::HeaderValue::from_static("?")));
+        resp.headers_mut().insert(
+            "x-version",
+            hyper::header::HeaderValue::from_str(&app.version).unwrap_or(hyper::header::HeaderValue::from_static("?")),
+        );
         return Ok(resp);
     }
-    let baggage: Vec<String> = req
-        .headers()
-        .get_all("baggage")
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(String::from))
-        .collect();
+    let baggage: Vec<String> =
+        req.headers().get_all("baggage").iter().filter_map(|v| v.to_str().ok().map(String::from)).collect();
     let method = req.method().to_string();
     let path = req.uri().path_and_query().map_or("/".to_string(), |p| p.to_string());
     let proto = format!("{:?}", req.version());
@@ -142,8 +141,9 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                    serde_json::from_slice(&body)
-                        .unwrap_or_else(|_| serde_json::json!({"status": status, "raw": String::from_utf8_lossy(&body)}))
+                    serde_json::from_slice(&body).unwrap_or_else(
+                        |_| serde_json::json!({"status": status, "raw": String::from_utf8_lossy(&body)}),
+                    )
                 }
                 Err(e) => serde_json::json!({"error": e.to_string()}),
             },
@@ -248,7 +248,8 @@ async fn main() -> anyhow::Result<()> {
                 let (n, v) = h.split_once(':').with_context(|| format!("-H {h:?}: expected `Name: value`"))?;
                 b = b.header(n.trim(), v.trim());
             }
-            let resp = client().request(b.body(Full::new(Bytes::new()))?).await.with_context(|| format!("GET {url}"))?;
+            let resp =
+                client().request(b.body(Full::new(Bytes::new()))?).await.with_context(|| format!("GET {url}"))?;
             let status = resp.status();
             let body = resp.into_body().collect().await?.to_bytes();
             print!("{}", String::from_utf8_lossy(&body));
