@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent
+.PHONY: lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -44,9 +44,15 @@ images: build cluster-up
 test-unit:
 	cargo test --lib --bins
 
+# rustfmt and clippy come with rustup's default profile; a toolchain without
+# them skips the step with a warning rather than failing the suite.
+lint:               ## formatting and clippy, warnings are errors
+	@if cargo fmt --version >/dev/null 2>&1; then cargo fmt --check; else echo "lint: rustfmt not installed; skipped"; fi
+	@if cargo clippy --version >/dev/null 2>&1; then cargo clippy --all-targets --quiet -- -D warnings; else echo "lint: clippy not installed; skipped"; fi
+
 # The whole suite: unit tests, cluster tests (parallel, one namespace each),
 # then the cluster's own down/up lifecycle checks.
-test: images
+test: lint images
 	cargo test --no-fail-fast -- --test-threads 4
 	deploy/local/test-lifecycle.sh
 
