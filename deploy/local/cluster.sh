@@ -350,13 +350,25 @@ up() {
     return 0
   fi
   scheduler_up
-  containerd_up
-  kubelet_up
-  proxy_up
+  node_up
   wait_for "node Ready" 90 node_ready || failed kubelet
   coredns_up
   wait_for "CoreDNS" 90 dns_ready || die "CoreDNS did not become ready: kubectl --kubeconfig $KC -n kube-system describe pods"
+  # A kubelet that was itself starting when containerd went away exits a
+  # moment later; check once more and start again what ended.
+  sleep 2
+  if ! { alive containerd && alive kubelet && alive kube-proxy; }; then
+    log "a node component exited during start-up; starting it again"
+    node_up
+    wait_for "node Ready" 90 node_ready || failed kubelet
+  fi
   log "cluster ready in $(( $(date +%s) - t0 ))s; KUBECONFIG=$KC"
+}
+
+node_up() {
+  containerd_up
+  kubelet_up
+  proxy_up
 }
 
 # ---------------------------------------------------------------- down ----

@@ -20,11 +20,15 @@ no_processes() {
 }
 no_cni() { ! ip link show cni0 >/dev/null 2>&1 && [ -z "$(ip -o link show type veth 2>/dev/null | grep -c cni0 | grep -v '^0$')" ]; }
 no_chains() { ! iptables-save 2>/dev/null | grep -qE '^:(KUBE-|CNI-|PREVIEW-)'; }
-up_ok() { "$C" up >/dev/null 2>&1 && "$C" status >/dev/null 2>&1; }
+# On failure, show what up and status said.
+up_ok() {
+  local out
+  out=$("$C" up 2>&1 && "$C" status 2>&1) || { echo "$out" | tail -n 15; return 1; }
+}
 kill_and_up() { # kill_and_up COMPONENT
   local p; p=$(cat "$STATE/pids/$1.pid")
   kill -KILL "$p"; sleep 1
-  "$C" up >/dev/null 2>&1 && "$C" status >/dev/null 2>&1
+  up_ok
 }
 
 t0=$(date +%s%N)
