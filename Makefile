@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent
+.PHONY: fuzz lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -64,3 +64,10 @@ demo: images        ## the main job: a preview of orders on the local cluster
 
 bench-agent: deps   ## agent vs direct vs nginx, in network namespaces (no cluster needed)
 	cargo test --release --test bench_agent -- --ignored --nocapture --test-threads 1
+
+# Coverage-guided fuzzing of protocol detection and filter matching (needs a
+# nightly toolchain and `cargo install cargo-fuzz`); bounded in time.
+FUZZ_SECONDS ?= 60
+fuzz:
+	cd fuzz && CARGO_TARGET_DIR=$(PREVIEW_CACHE)/fuzz-target cargo +nightly fuzz run detect -- -max_total_time=$(FUZZ_SECONDS)
+	cd fuzz && CARGO_TARGET_DIR=$(PREVIEW_CACHE)/fuzz-target cargo +nightly fuzz run filter -- -max_total_time=$(FUZZ_SECONDS)
