@@ -684,24 +684,15 @@ impl Manager {
 
     fn publish_upsert(&self, rec: &EnvRecord, is_new: bool) {
         let mut view = self.view();
-        let pods = take_orphans(&mut view, rec);
-        let entry =
-            view.envs.entry(rec.key.clone()).or_insert_with(|| EnvView { rec: rec.clone(), pods: BTreeMap::new() });
-        entry.rec = rec.clone();
-        entry.pods.extend(pods);
+        let env = to_proto(upsert_env(&mut view, rec));
         if is_new {
-            let env = to_proto(entry);
             publish(&mut view, &self.events, proto::EventKind::EnvAdded, vec![env], None);
         }
     }
 
     fn publish_settled(&self, rec: &EnvRecord, ttl_extended: bool) -> proto::Environment {
         let mut view = self.view();
-        let pods = take_orphans(&mut view, rec);
-        let entry =
-            view.envs.entry(rec.key.clone()).or_insert_with(|| EnvView { rec: rec.clone(), pods: BTreeMap::new() });
-        entry.rec = rec.clone();
-        entry.pods.extend(pods);
+        let entry = upsert_env(&mut view, rec);
         let live: Vec<&String> = rec.pods.iter().flat_map(|p| &p.pod_names).collect();
         entry.pods.retain(|n, _| live.contains(&n));
         let env = to_proto(entry);
@@ -756,6 +747,15 @@ pub struct RecoverReport {
     pub adopted: Vec<String>,
     pub expired: Vec<String>,
     pub deleted: Vec<String>,
+}
+
+/// Puts `rec` into the view, with any pod states seen before it.
+fn upsert_env<'v>(view: &'v mut View, rec: &EnvRecord) -> &'v mut EnvView {
+    let pods = take_orphans(view, rec);
+    let entry = view.envs.entry(rec.key.clone()).or_insert_with(|| EnvView { rec: rec.clone(), pods: BTreeMap::new() });
+    entry.rec = rec.clone();
+    entry.pods.extend(pods);
+    entry
 }
 
 fn take_orphans(view: &mut View, rec: &EnvRecord) -> BTreeMap<String, PodState> {

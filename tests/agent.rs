@@ -65,13 +65,10 @@ fn version(v: &serde_json::Value) -> &str {
 
 #[test]
 fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
-    let mut net = Net::new()?;
-    net.servers()?;
-    net.set_routes(serde_json::json!([
+    let (net, _) = Net::with_agent(serde_json::json!([
         route("alpha", "steal", "198.18.101.2"),
         route("beta", "steal", "198.18.101.3")
     ]))?;
-    net.agent()?;
     net.client(|| async {
         wait_routed("alpha", "v2").await?;
         // One keep-alive connection, keyed and unkeyed requests interleaved.
@@ -147,13 +144,10 @@ async fn send_ready(s: &mut H1) -> Result<()> {
 
 #[test]
 fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
-    let mut net = Net::new()?;
-    net.servers()?;
-    net.set_routes(serde_json::json!([
+    let (net, _) = Net::with_agent(serde_json::json!([
         route("alpha", "steal", "198.18.101.2"),
         route("gone", "steal", "198.18.101.9")
     ]))?;
-    net.agent()?;
     net.client(|| async {
         wait_routed("alpha", "v2").await?;
         let stream = tokio::net::TcpStream::connect((POD, 8080)).await?;
@@ -195,14 +189,11 @@ fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
 
 #[test]
 fn mirror_copies_arrive_and_originals_are_unchanged() -> Result<()> {
-    let mut net = Net::new()?;
-    net.servers()?;
-    net.set_routes(serde_json::json!([
+    let (net, _) = Net::with_agent(serde_json::json!([
         route("steady", "steal", "198.18.101.3"),
         route("m", "mirror", "198.18.101.2"),
         route("statsv2", "steal", "198.18.101.2"),
     ]))?;
-    net.agent()?;
     net.client(|| async {
         wait_routed("steady", "v3").await?;
         let before = get(&mut h1_conn(8080).await?, "/stats", None).await?;
@@ -297,10 +288,7 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::ExitS
 
 #[test]
 fn sigterm_and_sigkill_then_cleanup_restore_direct_service() -> Result<()> {
-    let mut net = Net::new()?;
-    net.servers()?;
-    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
-    let agent = net.agent()?;
+    let (mut net, agent) = Net::with_agent(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
     net.client(|| async { wait_routed("alpha", "v2").await })?;
     net.kill(agent, libc::SIGTERM);
     wait_exit(&mut net.procs[agent], Duration::from_secs(10))?;
@@ -376,10 +364,7 @@ async fn websocket(key: Option<&str>) -> Result<(String, String)> {
 
 #[test]
 fn websocket_through_steal_and_passthrough() -> Result<()> {
-    let mut net = Net::new()?;
-    net.servers()?;
-    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
-    net.agent()?;
+    let (net, _) = Net::with_agent(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
     net.client(|| async {
         wait_routed("alpha", "v2").await?;
         let (v, echo) = websocket(Some("alpha")).await?;
@@ -393,13 +378,10 @@ fn websocket_through_steal_and_passthrough() -> Result<()> {
 #[test]
 fn grpc_unary_and_server_streaming_routed_per_call_with_trailers() -> Result<()> {
     use preview::proto::echo::{EchoRequest, echo_client::EchoClient};
-    let mut net = Net::new()?;
-    net.servers()?;
-    net.set_routes(serde_json::json!([
+    let (net, _) = Net::with_agent(serde_json::json!([
         route("alpha", "steal", "198.18.101.2"),
         route("gone", "steal", "198.18.101.9")
     ]))?;
-    net.agent()?;
     net.client(|| async {
         wait_routed("alpha", "v2").await?;
         // One channel (one HTTP/2 connection); each call is routed by its metadata.

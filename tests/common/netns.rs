@@ -96,6 +96,16 @@ impl Net {
         Ok(())
     }
 
+    /// Namespaces, servers, the given routes and a running agent; returns
+    /// the agent's index in `procs`.
+    pub fn with_agent(routes: serde_json::Value) -> Result<(Net, usize)> {
+        let mut net = Net::new()?;
+        net.servers()?;
+        net.set_routes(routes)?;
+        let agent = net.agent()?;
+        Ok((net, agent))
+    }
+
     pub fn routes_path(&self) -> PathBuf {
         self.dir.path().join("routes.json")
     }
