@@ -152,7 +152,8 @@ EOF
 # ---------------------------------------------------------- components ----
 
 node_net() {
-  ip addr show dev lo | grep -q " $NODE_IP/" || ip addr add "$NODE_IP/32" dev lo
+  # Not `ip | grep -q`: with pipefail, grep's early exit SIGPIPEs ip.
+  [[ $(ip -4 addr show dev lo) == *" $NODE_IP/"* ]] || ip addr add "$NODE_IP/32" dev lo
   sysctl -qw net.ipv4.ip_forward=1
   [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] || modprobe br_netfilter 2>/dev/null || true
   [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] || die "br_netfilter is not available (needed for service traffic between pods)"
@@ -329,7 +330,7 @@ coredns_up() {
   sed -e "s/@DNS_IP@/$DNS_IP/" -e "s/@VERSION@/$COREDNS_VERSION/" "$HERE/coredns.yaml" | kubectl apply -f - >/dev/null
 }
 
-node_ready() { kubectl get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -qx True; }
+node_ready() { [ "$(kubectl get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
 dns_ready() { [ "$(kubectl -n kube-system get deploy coredns -o jsonpath='{.status.readyReplicas}')" = 1 ]; }
 
 up() {

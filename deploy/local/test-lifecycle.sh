@@ -19,7 +19,7 @@ no_processes() {
   [ -z "$p" ] || { ps -o pid,args -p $p; return 1; }
 }
 no_cni() { ! ip link show cni0 >/dev/null 2>&1 && [ -z "$(ip -o link show type veth 2>/dev/null | grep -c cni0 | grep -v '^0$')" ]; }
-no_chains() { ! iptables-save 2>/dev/null | grep -qE '^:(KUBE-|CNI-|PREVIEW-)'; }
+no_chains() { ! grep -qE '^:(KUBE-|CNI-|PREVIEW-)' <<<"$(iptables-save 2>/dev/null)"; }
 # On failure, show what up and status said.
 up_ok() {
   local out
