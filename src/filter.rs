@@ -139,6 +139,40 @@ pub fn baggage_has_key(header: &[u8], key: &str) -> bool {
     baggage_value(header).any(|v| v == key.as_bytes())
 }
 
+/// Adds `preview-key=<key>` to a request's baggage: a new header when there
+/// is none, appended to the last one when no header has the member, and
+/// nothing when any header already has it (whatever its value). Returns
+/// whether it changed anything.
+pub fn inject_baggage(headers: &mut http::HeaderMap, key: &str) -> bool {
+    if headers.get_all(BAGGAGE).iter().any(|v| baggage_value(v.as_bytes()).next().is_some()) {
+        return false;
+    }
+    let member = format!("{BAGGAGE_MEMBER}={key}");
+    match headers.entry(BAGGAGE) {
+        http::header::Entry::Vacant(e) => match http::HeaderValue::from_str(&member) {
+            Ok(v) => {
+                e.insert(v);
+                true
+            }
+            Err(_) => false,
+        },
+        http::header::Entry::Occupied(mut e) => {
+            let Some(last) = e.iter_mut().last() else { return false };
+            let old = last.as_bytes().trim_ascii();
+            let joined = if old.is_empty() { member.into_bytes() } else { [old, b",", member.as_bytes()].concat() };
+            match http::HeaderValue::from_bytes(&joined) {
+                Ok(v) => {
+                    *last = v;
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+    }
+}
+
+const BAGGAGE: &str = "baggage";
+
 /// Every value of the `preview-key` member in one baggage header.
 pub fn baggage_value(header: &[u8]) -> impl Iterator<Item = &[u8]> {
     header.split(|b| *b == b',').filter_map(|member| {
@@ -159,6 +193,30 @@ mod tests {
             b = b.header(*n, *v);
         }
         b.body(()).expect("valid test request").into_parts().0
+    }
+
+    #[test]
+    fn baggage_injection_never_duplicates() {
+        let run = |given: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in given {
+                h.append("baggage", v.parse().unwrap());
+            }
+            let changed = inject_baggage(&mut h, "k1");
+            (changed, h.get_all("baggage").iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(run(&[]), (true, vec!["preview-key=k1".to_string()]));
+        assert_eq!(run(&["a=1"]), (true, vec!["a=1,preview-key=k1".to_string()]));
+        assert_eq!(run(&["a=1", "b=2"]), (true, vec!["a=1".to_string(), "b=2,preview-key=k1".to_string()]));
+        assert_eq!(run(&[""]), (true, vec!["preview-key=k1".to_string()]));
+        // Already there (even with another key): untouched.
+        assert_eq!(run(&["a=1, preview-key=k1"]), (false, vec!["a=1, preview-key=k1".to_string()]));
+        assert_eq!(run(&["preview-key=other", "a=1"]).0, false);
+        // Injecting twice is the same as once.
+        let mut h = http::HeaderMap::new();
+        assert!(inject_baggage(&mut h, "k1"));
+        assert!(!inject_baggage(&mut h, "k1"));
+        assert_eq!(h.get_all("baggage").iter().count(), 1);
     }
 
     #[test]

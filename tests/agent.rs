@@ -454,3 +454,63 @@ fn connections_open_before_the_rules_do_not_bypass_the_agent() -> Result<()> {
     go_tx.send(())?;
     client.join().map_err(|_| anyhow::anyhow!("client panicked"))?
 }
+
+/// Issue 5's key propagation: the outbound agent in the client namespace
+/// (standing in for a preview pod) adds the key to outgoing HTTP requests'
+/// baggage exactly once and leaves raw TCP alone.
+#[test]
+fn outbound_mode_propagates_the_key_once_and_only_on_http() -> Result<()> {
+    let mut net = Net::new()?;
+    net.servers()?;
+    let agent = env!("CARGO_BIN_EXE_preview-agent");
+    let c = net.ns("c");
+    let idx = net.spawn(&c, &[agent, "outbound", "--key", "k1"])?;
+    let chains = || -> Result<usize> {
+        let out = sh(&["ip", "netns", "exec", &c, "iptables", "-w", "-t", "nat", "-S", "OUTPUT"])?;
+        Ok(out.lines().filter(|l| l.contains("PREVIEW-AGENT-")).count())
+    };
+    for _ in 0..100 {
+        if chains()? == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(chains()? == 1, "outbound rules never appeared");
+    net.client(|| async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = h1_conn(8080).await?;
+        let seen = |v: serde_json::Value| v["baggage"].clone();
+        // No baggage: a header is added.
+        ensure!(seen(get(&mut s, "/", None).await?) == serde_json::json!(["preview-key=k1"]));
+        // Baggage without the member: appended.
+        let req = |b: &'static str| {
+            http::Request::get("/").header("host", POD).header("baggage", b).body(Full::new(Bytes::new()))
+        };
+        send_ready(&mut s).await?;
+        let body = s.send_request(req("a=1")?).await?.into_body().collect().await?.to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body)?;
+        ensure!(seen(v.clone()) == serde_json::json!(["a=1,preview-key=k1"]), "{v}");
+        // Already there: untouched, never duplicated.
+        send_ready(&mut s).await?;
+        let body = s.send_request(req("preview-key=k1, a=1")?).await?.into_body().collect().await?.to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body)?;
+        ensure!(seen(v.clone()) == serde_json::json!(["preview-key=k1, a=1"]), "{v}");
+        // A line protocol: bytes unchanged.
+        let mut raw = tokio::net::TcpStream::connect((POD, 9000)).await?;
+        raw.write_all(b"GET-not-http baggage\n").await?;
+        let mut buf = [0u8; 21];
+        raw.read_exact(&mut buf).await?;
+        ensure!(&buf == b"GET-not-http baggage\n");
+        Ok(())
+    })?;
+    net.kill(idx, libc::SIGTERM);
+    wait_exit(&mut net.procs[idx], Duration::from_secs(10))?;
+    ensure!(chains()? == 0, "outbound rules left after SIGTERM");
+    // And the client reaches the app directly, without the key.
+    net.client(|| async {
+        let mut s = h1_conn(8080).await?;
+        ensure!(get(&mut s, "/", None).await?["baggage"] == serde_json::json!([]));
+        Ok(())
+    })?;
+    Ok(())
+}

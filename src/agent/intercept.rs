@@ -1,8 +1,10 @@
 //! Traffic interception in the pod's network namespace: nat rules in a chain
 //! of our own that redirect incoming TCP for the target's ports to the agent.
 //!
-//! Only PREROUTING is touched, so the agent's own connections to the app
-//! (which leave through OUTPUT) never loop back into the redirect.
+//! Inbound (target pods) hooks PREROUTING only, so the agent's own
+//! connections to the app (which leave through OUTPUT) never loop back.
+//! Outbound (preview pods) hooks OUTPUT and skips the agent's own sockets by
+//! their group id.
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -68,28 +70,29 @@ impl Backend {
     }
 
     /// Installs the chain and the jump to it in one atomic restore.
-    pub fn install(&self, chain: &str, ports: &[u16], to_port: u16) -> Result<(), InterceptError> {
-        let mut rules = format!("*nat\n:{chain} - [0:0]\n");
-        for p in ports {
-            rules.push_str(&format!("-A {chain} -p tcp -m tcp --dport {p} -j REDIRECT --to-ports {to_port}\n"));
-        }
-        rules.push_str(&format!("-I PREROUTING 1 -j {chain}\nCOMMIT\n"));
+    pub fn install(&self, chain: &str, dir: &Direction, to_port: u16) -> Result<(), InterceptError> {
+        let mut rules = format!("*nat\n:{chain} - [0:0]\n{}", dir.rules(chain, to_port));
+        rules.push_str(&format!("-I {} 1 -j {chain}\nCOMMIT\n", dir.hook()));
+        self.restore(&rules)
+    }
+
+    /// Replaces the chain's rules in one atomic restore; the jump stays.
+    /// (`--noflush` still flushes a chain that the input declares.)
+    pub fn update(&self, chain: &str, dir: &Direction, to_port: u16) -> Result<(), InterceptError> {
+        self.restore(&format!("*nat\n:{chain} - [0:0]\n{}COMMIT\n", dir.rules(chain, to_port)))
+    }
+
+    fn restore(&self, rules: &str) -> Result<(), InterceptError> {
         let cmd = format!("{} --noflush", self.restore);
+        let fail = |e: std::io::Error| InterceptError::Command { cmd: cmd.clone(), message: e.to_string() };
         let mut child = Command::new(&self.restore)
             .arg("--noflush")
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| InterceptError::Command { cmd: cmd.clone(), message: e.to_string() })?;
-        child
-            .stdin
-            .take()
-            .map(|mut s| s.write_all(rules.as_bytes()))
-            .transpose()
-            .map_err(|e| InterceptError::Command { cmd: cmd.clone(), message: e.to_string() })?;
-        let out = child
-            .wait_with_output()
-            .map_err(|e| InterceptError::Command { cmd: cmd.clone(), message: e.to_string() })?;
+            .map_err(fail)?;
+        child.stdin.take().map(|mut s| s.write_all(rules.as_bytes())).transpose().map_err(fail)?;
+        let out = child.wait_with_output().map_err(fail)?;
         if !out.status.success() {
             return Err(InterceptError::Command {
                 cmd,
@@ -101,13 +104,15 @@ impl Backend {
 
     /// Removes one chain and every jump to it; missing pieces are fine.
     pub fn remove(&self, chain: &str) -> Result<(), InterceptError> {
-        let rules = self.run(&["-t", "nat", "-S", "PREROUTING"])?;
-        for rule in rules.lines().filter(|r| r.ends_with(&format!("-j {chain}"))) {
-            let args: Vec<&str> = rule.split_whitespace().collect();
-            if args.first() == Some(&"-A") {
-                let mut del = vec!["-t", "nat", "-D"];
-                del.extend(&args[1..]);
-                self.run(&del)?;
+        for hook in ["PREROUTING", "OUTPUT"] {
+            let rules = self.run(&["-t", "nat", "-S", hook])?;
+            for rule in rules.lines().filter(|r| r.ends_with(&format!("-j {chain}"))) {
+                let args: Vec<&str> = rule.split_whitespace().collect();
+                if args.first() == Some(&"-A") {
+                    let mut del = vec!["-t", "nat", "-D"];
+                    del.extend(&args[1..]);
+                    self.run(&del)?;
+                }
             }
         }
         let _ = self.run(&["-t", "nat", "-F", chain]);
@@ -133,6 +138,39 @@ impl Backend {
             self.remove(c)?;
         }
         Ok(chains)
+    }
+}
+
+/// What a chain redirects to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Direction {
+    /// Incoming TCP to these ports (a target pod).
+    Inbound(Vec<u16>),
+    /// Every outgoing TCP connection except to loopback and the agent's own,
+    /// recognised by its group id (a preview pod, for key propagation).
+    Outbound { agent_gid: u32 },
+}
+
+impl Direction {
+    fn hook(&self) -> &'static str {
+        match self {
+            Direction::Inbound(_) => "PREROUTING",
+            Direction::Outbound { .. } => "OUTPUT",
+        }
+    }
+
+    fn rules(&self, chain: &str, to_port: u16) -> String {
+        match self {
+            Direction::Inbound(ports) => ports
+                .iter()
+                .map(|p| format!("-A {chain} -p tcp -m tcp --dport {p} -j REDIRECT --to-ports {to_port}\n"))
+                .collect(),
+            Direction::Outbound { agent_gid } => format!(
+                "-A {chain} -m owner --gid-owner {agent_gid} -j RETURN\n\
+                 -A {chain} -d 127.0.0.0/8 -j RETURN\n\
+                 -A {chain} -p tcp -j REDIRECT --to-ports {to_port}\n"
+            ),
+        }
     }
 }
 

@@ -18,12 +18,17 @@ struct PerKey {
 pub struct Metrics {
     passthrough: AtomicU64,
     raw: AtomicU64,
+    propagated: AtomicU64,
     keys: Mutex<BTreeMap<String, PerKey>>,
 }
 
 impl Metrics {
     pub fn passthrough(&self) {
         self.passthrough.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Outbound requests that got the key added to their baggage.
+    pub fn propagated(&self) {
+        self.propagated.fetch_add(1, Ordering::Relaxed);
     }
     pub fn raw(&self) {
         self.raw.fetch_add(1, Ordering::Relaxed);
@@ -54,6 +59,8 @@ impl Metrics {
         let _ = writeln!(out, "preview_agent_passthrough_total {}", self.passthrough.load(Ordering::Relaxed));
         let _ = writeln!(out, "# TYPE preview_agent_raw_connections_total counter");
         let _ = writeln!(out, "preview_agent_raw_connections_total {}", self.raw.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# TYPE preview_agent_propagated_total counter");
+        let _ = writeln!(out, "preview_agent_propagated_total {}", self.propagated.load(Ordering::Relaxed));
         let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let _ = writeln!(out, "# TYPE preview_agent_requests_total counter");
         for (key, k) in &keys {

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use intercept::Backend;
+use intercept::{Backend, Direction};
 use metrics::Metrics;
 use proxy::Proxy;
 use routes::{Route, RouteTable, SharedRoutes};
@@ -42,12 +42,33 @@ pub enum AgentCommand {
     Worker(WorkerArgs),
     /// Remove every agent rule in this network namespace.
     Cleanup,
+    /// In a preview pod: add the environment key to the `baggage` of every
+    /// outgoing HTTP request, so downstream calls stay in the environment.
+    Outbound(OutboundArgs),
+}
+
+/// The group id of the outbound agent's sockets: its rules skip them.
+pub const AGENT_GID: u32 = 1337;
+
+#[derive(Args, Debug, Clone)]
+pub struct OutboundArgs {
+    /// The environment key to propagate.
+    #[arg(long, env = "PREVIEW_KEY")]
+    pub key: String,
+    /// Where outgoing connections are redirected (REDIRECT in OUTPUT lands on loopback).
+    #[arg(long, env = "PREVIEW_AGENT_OUTBOUND_LISTEN", default_value = "127.0.0.1:15002")]
+    pub listen: SocketAddr,
+    /// Admin port (`/metrics`); bound once the rules are in, so a startup
+    /// probe on it tells the kubelet when the app may start.
+    #[arg(long, env = "PREVIEW_AGENT_ADMIN", default_value = "0.0.0.0:15092")]
+    pub admin: SocketAddr,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
-    /// Target ports to intercept.
-    #[arg(long, env = "PREVIEW_AGENT_PORTS", value_delimiter = ',', required = true)]
+    /// Target ports to intercept [default: the ports of the routes, kept in
+    /// step as routes change].
+    #[arg(long, env = "PREVIEW_AGENT_PORTS", value_delimiter = ',')]
     pub ports: Vec<u16>,
     /// Where intercepted connections are redirected.
     #[arg(long, env = "PREVIEW_AGENT_LISTEN", default_value = "0.0.0.0:15001")]
@@ -100,10 +121,11 @@ pub async fn guard(args: WorkerArgs) -> Result<i32, AgentError> {
     let chain = args.chain.clone().unwrap_or_else(intercept::chain_name);
     let exe = std::env::current_exe()?;
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("worker")
-        .arg("--ports")
-        .arg(args.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","))
-        .arg("--listen")
+    cmd.arg("worker");
+    if !args.ports.is_empty() {
+        cmd.arg("--ports").arg(args.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
+    }
+    cmd.arg("--listen")
         .arg(args.listen.to_string())
         .arg("--admin")
         .arg(args.admin.to_string())
@@ -171,16 +193,23 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::default());
     let proxy = Proxy::new(routes.clone(), metrics.clone());
 
+    let mut ports = wanted_ports(&args.ports, &routes.get());
+    if ports.is_empty() {
+        return Err(AgentError::Routes {
+            path: source.name(),
+            message: "no ports: give --ports or routes with ports".into(),
+        });
+    }
     let backend = Backend::detect()?;
     let stale = backend.remove_all()?;
     if !stale.is_empty() {
         tracing::warn!(?stale, "removed rules left by a dead agent");
     }
-    backend.install(&chain, &args.ports, args.listen.port())?;
-    for p in &args.ports {
+    backend.install(&chain, &Direction::Inbound(ports.clone()), args.listen.port())?;
+    for p in &ports {
         intercept::flush_conntrack(*p);
     }
-    tracing::info!(%chain, ports = ?args.ports, listen = %args.listen, "intercepting");
+    tracing::info!(%chain, ?ports, listen = %args.listen, "intercepting");
 
     tokio::spawn(serve_admin(admin, routes.clone(), metrics.clone()));
     tokio::spawn(async move {
@@ -229,11 +258,88 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
                 if routes.get().is_empty() {
                     break "no routes left";
                 }
+                let want = wanted_ports(&args.ports, &routes.get());
+                if want != ports {
+                    match backend.update(&chain, &Direction::Inbound(want.clone()), args.listen.port()) {
+                        Ok(()) => {
+                            for p in want.iter().filter(|p| !ports.contains(p)) {
+                                intercept::flush_conntrack(*p);
+                            }
+                            tracing::info!(ports = ?want, "intercepted ports changed");
+                            ports = want;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "changing the intercepted ports failed; keeping the old ones"),
+                    }
+                }
             }
         }
     };
     backend.remove(&chain)?;
     tracing::info!(%chain, why, "rules removed; exiting");
+    Ok(())
+}
+
+/// The ports to intercept: the flag's, or every port the routes name.
+fn wanted_ports(flag: &[u16], table: &RouteTable) -> Vec<u16> {
+    if !flag.is_empty() {
+        return flag.to_vec();
+    }
+    let mut ports: Vec<u16> = table.routes.iter().flat_map(|r| r.route.ports.iter().copied()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Outbound mode (preview pods): redirects every outgoing TCP connection
+/// to a proxy that adds the key to HTTP requests and passes the rest on
+/// unchanged, until SIGTERM.
+pub async fn outbound(args: OutboundArgs) -> Result<(), AgentError> {
+    crate::config::validate_key(&args.key)
+        .map_err(|e| AgentError::Routes { path: "--key".into(), message: e.message })?;
+    // Our own sockets carry this gid, so the rules let them out untouched.
+    // SAFETY: setgid(2) has no memory effects; it fails without CAP_SETGID.
+    if unsafe { libc::setgid(AGENT_GID) } != 0 {
+        return Err(AgentError::Io(std::io::Error::last_os_error()));
+    }
+    let listener =
+        TcpListener::bind(args.listen).await.map_err(|source| AgentError::Bind { addr: args.listen, source })?;
+    let chain = intercept::chain_name();
+    let backend = Backend::detect()?;
+    let stale = backend.remove_all()?;
+    if !stale.is_empty() {
+        tracing::warn!(?stale, "removed rules left by a dead agent");
+    }
+    backend.install(&chain, &Direction::Outbound { agent_gid: AGENT_GID }, args.listen.port())?;
+    let metrics = Arc::new(Metrics::default());
+    let admin = match TcpListener::bind(args.admin).await {
+        Ok(a) => a,
+        Err(source) => {
+            backend.remove(&chain)?;
+            return Err(AgentError::Bind { addr: args.admin, source });
+        }
+    };
+    tracing::info!(%chain, key = %args.key, "propagating the key on outgoing HTTP");
+    tokio::spawn(serve_admin(admin, Arc::default(), metrics.clone()));
+    let proxy = Proxy::propagating(metrics, args.key);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            match intercept::original_dst(&stream) {
+                Ok(dst) => {
+                    tokio::spawn(proxy.clone().serve(stream, dst));
+                }
+                Err(e) => tracing::debug!(error = %e, "not a redirected connection; dropping it"),
+            }
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    backend.remove(&chain)?;
+    tracing::info!(%chain, "rules removed; exiting");
     Ok(())
 }
 

@@ -51,6 +51,9 @@ pub struct Proxy {
     h1: Client<HttpConnector, ProxyBody>,
     h2: Client<HttpConnector, ProxyBody>,
     mirror: mpsc::Sender<MirrorJob>,
+    /// Outbound mode (preview pods): every request goes to where it was
+    /// sent, carrying this key in `baggage`; there are no routes.
+    propagate: Option<String>,
 }
 
 fn connector() -> HttpConnector {
@@ -71,10 +74,19 @@ fn full(b: impl Into<Bytes>) -> ProxyBody {
 impl Proxy {
     /// Must be called inside a tokio runtime: it starts the mirror sender.
     pub fn new(routes: Arc<SharedRoutes>, metrics: Arc<Metrics>) -> Arc<Proxy> {
+        Self::build(routes, metrics, None)
+    }
+
+    /// The outbound proxy of a preview pod: adds the key to every HTTP request.
+    pub fn propagating(metrics: Arc<Metrics>, key: String) -> Arc<Proxy> {
+        Self::build(Arc::default(), metrics, Some(key))
+    }
+
+    fn build(routes: Arc<SharedRoutes>, metrics: Arc<Metrics>, propagate: Option<String>) -> Arc<Proxy> {
         let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector());
         let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector());
         let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
-        let proxy = Arc::new(Proxy { routes, metrics, h1, h2, mirror: tx });
+        let proxy = Arc::new(Proxy { routes, metrics, h1, h2, mirror: tx, propagate });
         tokio::spawn(mirror_sender(proxy.h1.clone(), proxy.h2.clone(), proxy.metrics.clone(), rx));
         proxy
     }
@@ -120,6 +132,16 @@ impl Proxy {
         port: u16,
         conn: Option<Arc<AppConn>>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        if let Some(key) = &self.propagate {
+            let mut req = req;
+            if crate::filter::inject_baggage(req.headers_mut(), key) {
+                self.metrics.propagated();
+            }
+            return Ok(match conn {
+                Some(conn) if !req.headers().contains_key(UPGRADE) => conn.send(req, app).await,
+                _ => self.forward(req, app, None).await,
+            });
+        }
         let table = self.routes.get();
         let Some(route) = table.find(port, &req) else {
             self.metrics.passthrough();

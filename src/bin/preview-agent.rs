@@ -9,6 +9,7 @@ async fn main() {
     let result = match cli.command {
         AgentCommand::Run(args) => preview::agent::guard(args).await.map(|code| std::process::exit(code)),
         AgentCommand::Worker(args) => preview::agent::worker(args).await,
+        AgentCommand::Outbound(args) => preview::agent::outbound(args).await,
         AgentCommand::Cleanup => preview::agent::cleanup().map(|chains| {
             println!(
                 "removed {} chain(s){}{}",
