@@ -30,6 +30,13 @@ cluster-status:
 build:
 	cargo build --release --bins
 
+# The agent runs iptables (nft backend; it dlopens its match and target
+# extensions) and conntrack, taken from the Debian packages on this machine.
+XT := /usr/lib/x86_64-linux-gnu/xtables
+AGENT_TOOLS := /usr/sbin/xtables-nft-multi=/usr/bin/iptables-nft \
+  /usr/sbin/xtables-nft-multi=/usr/bin/iptables-nft-restore /usr/sbin/conntrack=/usr/bin/conntrack \
+  $(foreach x,standard tcp REDIRECT owner mark comment,$(XT)/libxt_$(x).so)
+
 # Images from local files, imported into the cluster's containerd.
 images: build cluster-up
 	@mkdir -p $(IMAGES)
@@ -38,8 +45,10 @@ images: build cluster-up
 	    --env ECHO_VERSION=$$v $(RELEASE)/preview-echo=/usr/local/bin/preview-echo >/dev/null; done
 	deploy/local/image.sh build $(IMAGES)/previewd.tar preview.local/previewd:dev /usr/local/bin/previewd \
 	  $(RELEASE)/previewd=/usr/local/bin/previewd $(RELEASE)/preview=/usr/local/bin/preview >/dev/null
+	deploy/local/image.sh build $(IMAGES)/agent.tar preview.local/agent:dev /usr/local/bin/preview-agent \
+	  $(RELEASE)/preview-agent=/usr/local/bin/preview-agent $(AGENT_TOOLS) >/dev/null
 	CONTAINERD_ADDRESS=/run/preview-cluster/containerd/containerd.sock deploy/local/image.sh import \
-	  $(IMAGES)/echo-v1.tar $(IMAGES)/echo-v2.tar $(IMAGES)/previewd.tar
+	  $(IMAGES)/echo-v1.tar $(IMAGES)/echo-v2.tar $(IMAGES)/previewd.tar $(IMAGES)/agent.tar
 
 test-unit:
 	cargo test --lib --bins

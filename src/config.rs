@@ -55,7 +55,7 @@ pub enum Target {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkloadKind {
     Deployment,
@@ -218,6 +218,10 @@ pub struct PodConfig {
     pub image: Option<String>,
     pub ttl: Option<Ttl>,
     pub replicas: u32,
+    /// Put the key in `PREVIEW_KEY` and in the `baggage` of the pod's
+    /// outgoing HTTP requests (`feature.preview.propagate_key`, default on).
+    #[serde(default = "yes")]
+    pub propagate_key: bool,
     /// Known mirrord fields that previewd accepts but does not act on.
     pub warnings: Vec<String>,
 }
@@ -296,6 +300,7 @@ pub fn interpret(mut doc: Value, key: &str) -> Result<PodConfig> {
         image: None,
         ttl: None,
         replicas: 1,
+        propagate_key: true,
         warnings: Vec::new(),
     };
 
@@ -580,7 +585,13 @@ fn parse_env(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> Resu
 
 fn parse_preview(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> Result<()> {
     let obj = as_object("feature.preview", v)?;
-    check_fields(obj, "feature.preview", &["image", "ttl_mins", "ttl_secs", "replicas"], MIRRORD_PREVIEW, warnings)?;
+    check_fields(
+        obj,
+        "feature.preview",
+        &["image", "ttl_mins", "ttl_secs", "replicas", "propagate_key"],
+        MIRRORD_PREVIEW,
+        warnings,
+    )?;
     cfg.image = opt_string(obj, "feature.preview.image")?;
     if obj.contains_key("ttl_mins") && obj.contains_key("ttl_secs") {
         return Err(ConfigError::new("feature.preview.ttl_secs", "set either ttl_mins or ttl_secs, not both"));
@@ -606,6 +617,16 @@ fn parse_preview(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> 
             }
         }
     }
+    match obj.get("propagate_key") {
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(b)) => cfg.propagate_key = *b,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "feature.preview.propagate_key",
+                format!("expected true or false, got {other}"),
+            ));
+        }
+    }
     match obj.get("replicas") {
         None | Some(Value::Null) => {}
         Some(v) => {
@@ -618,6 +639,10 @@ fn parse_preview(v: &Value, cfg: &mut PodConfig, warnings: &mut Vec<String>) -> 
         }
     }
     Ok(())
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// More than this many copies of one preview pod is almost certainly a typo.

@@ -10,9 +10,12 @@ use ::kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams,
 use ::kube::{Client, ResourceExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EnvVar, Namespace, Pod, PodReadinessGate, PodSpec, PodTemplateSpec,
+    Capabilities, ConfigMap, Container, EnvVar, EphemeralContainer, Namespace, Pod, PodReadinessGate, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, TCPSocketAction,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::config::{Target, WorkloadKind};
 use crate::store::EnvRecord;
@@ -76,11 +79,47 @@ pub struct Cluster {
     pub pull_policy: Option<String>,
     /// This previewd's instance name; it only sees objects labelled with it.
     pub instance: String,
+    /// The preview-agent image; without it no agent is attached or added.
+    pub agent_image: Option<String>,
 }
 
 impl Cluster {
-    pub fn new(client: Client, pull_policy: Option<String>, instance: String) -> Self {
-        Cluster { client, pull_policy, instance }
+    pub fn new(client: Client, pull_policy: Option<String>, instance: String, agent_image: Option<String>) -> Self {
+        Cluster { client, pull_policy, instance, agent_image }
+    }
+
+    /// The label selector of a target's pods, without preview pods (they
+    /// carry the target's labels too). `None` if the target is gone.
+    pub async fn target_selector(
+        &self,
+        ns: &str,
+        kind: WorkloadKind,
+        name: &str,
+    ) -> Result<Option<(String, String)>, KubeError> {
+        let c = self.client.clone();
+        let what = format!("get {}/{name}", kind.as_str());
+        let sel = match kind {
+            WorkloadKind::Deployment => Api::<Deployment>::namespaced(c, ns)
+                .get_opt(name)
+                .await
+                .map_err(KubeError::api(what))?
+                .and_then(|d| d.spec)
+                .map(|s| s.selector),
+            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(c, ns)
+                .get_opt(name)
+                .await
+                .map_err(KubeError::api(what))?
+                .and_then(|d| d.spec)
+                .map(|s| s.selector),
+            WorkloadKind::ReplicaSet => Api::<ReplicaSet>::namespaced(c, ns)
+                .get_opt(name)
+                .await
+                .map_err(KubeError::api(what))?
+                .and_then(|d| d.spec)
+                .map(|s| s.selector),
+            WorkloadKind::Pod => return Ok(Some((format!("!{LABEL_KEY}"), format!("metadata.name={name}")))),
+        };
+        Ok(sel.map(|s| (label_selector(&s), String::new())))
     }
 
     /// Label selector for everything this instance manages, plus `extra`.
@@ -330,6 +369,22 @@ impl std::fmt::Display for ManagedObject {
     }
 }
 
+/// A LabelSelector as a list-call selector string, excluding preview pods.
+pub fn label_selector(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
+    let mut parts: Vec<String> = s.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    for e in s.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.push(format!("!{LABEL_KEY}"));
+    parts.join(",")
+}
+
 pub fn owner_name(key: &str) -> String {
     format!("preview-env-{key}")
 }
@@ -354,6 +409,8 @@ pub struct PodPlan<'a> {
     pub pull_policy: Option<&'a str>,
     pub propagate_key: bool,
     pub instance: &'a str,
+    /// The agent image, for the outbound sidecar that propagates the key.
+    pub agent_image: Option<&'a str>,
 }
 
 /// Builds the preview pod (without a name): the target's template with the
@@ -396,6 +453,14 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
             env.push(EnvVar { name: name.into(), value: Some(value.into()), value_from: None });
         }
     }
+    if plan.propagate_key
+        && let Some(image) = plan.agent_image
+    {
+        // A native sidecar: it starts, and its rules are in, before the app.
+        spec.init_containers
+            .get_or_insert_with(Vec::new)
+            .insert(0, outbound_sidecar(image, plan.key, plan.pull_policy));
+    }
     let gates = spec.readiness_gates.get_or_insert_with(Vec::new);
     if !gates.iter().any(|g| g.condition_type == READINESS_GATE) {
         gates.push(PodReadinessGate { condition_type: READINESS_GATE.into() });
@@ -404,6 +469,76 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
         metadata: ObjectMeta { labels: Some(labels_), annotations: Some(annotations), ..Default::default() },
         spec: Some(spec),
         status: None,
+    }
+}
+
+/// Name of the outbound sidecar in preview pods.
+pub const SIDECAR: &str = "preview-agent";
+/// Ephemeral containers we add to target pods: agents and their cleanups.
+pub const AGENT_PREFIX: &str = "preview-agent-";
+pub const CLEANUP_PREFIX: &str = "preview-cleanup-";
+
+/// Root with NET_ADMIN (nat rules, conntrack) and SETGID (the outbound
+/// agent's marker group); nothing else is added.
+fn agent_security() -> SecurityContext {
+    SecurityContext {
+        capabilities: Some(Capabilities { add: Some(vec!["NET_ADMIN".into(), "SETGID".into()]), drop: None }),
+        run_as_user: Some(0),
+        run_as_non_root: Some(false),
+        ..Default::default()
+    }
+}
+
+fn outbound_sidecar(image: &str, key: &str, pull_policy: Option<&str>) -> Container {
+    Container {
+        name: SIDECAR.into(),
+        image: Some(image.into()),
+        image_pull_policy: pull_policy.map(str::to_string),
+        args: Some(vec!["outbound".into()]),
+        env: Some(vec![
+            EnvVar { name: KEY_ENV.into(), value: Some(key.into()), value_from: None },
+            EnvVar { name: "RUST_LOG".into(), value: Some("info".into()), value_from: None },
+        ]),
+        restart_policy: Some("Always".into()),
+        security_context: Some(agent_security()),
+        // The admin port opens once the rules are in; the app waits for it.
+        startup_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(15092), host: None }),
+            period_seconds: Some(1),
+            failure_threshold: Some(60),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("10m".into())),
+                ("memory".into(), Quantity("16Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), Quantity("128Mi".into()))])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An ephemeral container that runs the agent (`run`, routes from
+/// `server`) or its `cleanup` in a target pod.
+pub fn agent_container(
+    name: &str,
+    image: &str,
+    args: Vec<String>,
+    pod: &str,
+    ns: &str,
+    pull: Option<&str>,
+) -> EphemeralContainer {
+    let env = |n: &str, v: &str| EnvVar { name: n.into(), value: Some(v.into()), value_from: None };
+    EphemeralContainer {
+        name: name.into(),
+        image: Some(image.into()),
+        image_pull_policy: pull.map(str::to_string),
+        args: Some(args),
+        env: Some(vec![env("POD_NAME", pod), env("POD_NAMESPACE", ns), env("RUST_LOG", "info")]),
+        security_context: Some(agent_security()),
+        ..Default::default()
     }
 }
 
@@ -557,6 +692,7 @@ mod tests {
             pull_policy: Some("Never"),
             propagate_key: true,
             instance: "i1",
+            agent_image: Some("agent:dev"),
         });
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.service_account_name.as_deref(), Some("orders-sa"));
@@ -571,6 +707,10 @@ mod tests {
         assert_eq!(env, vec![("A".into(), "new".into()), ("B".into(), "b".into()), (KEY_ENV.into(), "k1".into())]);
         assert_eq!(spec.containers[1].image.as_deref(), Some("side:v1"));
         assert_eq!(spec.readiness_gates.as_ref().unwrap()[0].condition_type, READINESS_GATE);
+        // The outbound sidecar comes first, as a native sidecar with the key.
+        let side = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!((side.name.as_str(), side.restart_policy.as_deref()), (SIDECAR, Some("Always")));
+        assert_eq!(side.env.as_ref().unwrap()[0].value.as_deref(), Some("k1"));
         let l = pod.metadata.labels.as_ref().unwrap();
         assert_eq!(l.get("app").map(String::as_str), Some("orders"));
         assert_eq!(l.get(LABEL_KEY).map(String::as_str), Some("k1"));

@@ -329,8 +329,9 @@ impl Manager {
                 image: &image,
                 env: &cfg.env,
                 pull_policy: self.cluster.pull_policy.as_deref(),
-                propagate_key: true,
+                propagate_key: cfg.propagate_key,
                 instance: &self.cluster.instance,
+                agent_image: self.cluster.agent_image.as_deref(),
             });
             // A Pod always serialises.
             let template = serde_json::to_value(&pod).expect("pod serialises");
@@ -726,6 +727,21 @@ impl Manager {
                     destination: ip,
                     expires_at_ms: env.rec.expires_at_ms,
                 });
+            }
+        }
+        out
+    }
+
+    /// Every workload that an environment (settled or being set up)
+    /// previews, with its namespace.
+    pub fn targets(&self) -> std::collections::BTreeSet<(String, WorkloadKind, String)> {
+        let view = self.view();
+        let mut out = std::collections::BTreeSet::new();
+        for env in view.envs.values() {
+            for p in &env.rec.pods {
+                if let Target::Workload { kind, name, .. } = &p.target {
+                    out.insert((env.rec.namespace.clone(), *kind, name.clone()));
+                }
             }
         }
         out

@@ -57,6 +57,14 @@ pub struct ServerArgs {
     /// Instance name: several previewds can share a cluster, each seeing only its own objects.
     #[arg(long, env = "PREVIEW_INSTANCE", default_value = "default")]
     pub instance: String,
+    /// The preview-agent image. Without it previewd creates preview pods but
+    /// attaches no agents, so no staging traffic reaches them.
+    #[arg(long, env = "PREVIEW_AGENT_IMAGE")]
+    pub agent_image: Option<String>,
+    /// The URL agents in pods use to reach this previewd's gRPC API
+    /// [default: http://<--listen> when that is not a loopback or wildcard address].
+    #[arg(long, env = "PREVIEW_AGENT_SERVER")]
+    pub agent_server: Option<String>,
     /// Test hook: stop at this point of Start and wait to be killed.
     #[arg(long, env = "PREVIEW_PAUSE_AT", hide = true)]
     pub pause_at: Option<String>,
@@ -97,6 +105,28 @@ impl ServerArgs {
         })
     }
 
+    /// Where agents reach previewd (listening on `bound`), when agents are
+    /// attached at all.
+    pub fn agent_server(&self, bound: SocketAddr) -> Result<Option<String>, ServerError> {
+        if self.agent_image.is_none() {
+            return Ok(None);
+        }
+        if let Some(s) = &self.agent_server {
+            return Ok(Some(s.clone()));
+        }
+        let ip = bound.ip();
+        if ip.is_loopback() || ip.is_unspecified() {
+            return Err(ServerError::Flag {
+                flag: "--agent-server",
+                message: format!(
+                    "required with --agent-image when --listen is {}: the URL agents in pods use to reach previewd",
+                    bound
+                ),
+            });
+        }
+        Ok(Some(format!("http://{bound}")))
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(|| {
             let base = std::env::var_os("XDG_DATA_HOME")
@@ -126,13 +156,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let settings = args.settings()?;
+    let bound = listener.local_addr().map_err(|e| ServerError::Flag { flag: "--listen", message: e.to_string() })?;
+    let agent_server = args.agent_server(bound)?;
     let reap_every = duration_flag("--reap-interval", &args.reap_interval)?;
     crate::config::validate_dns_label("--instance", &args.instance, 63)
         .map_err(|e| ServerError::Flag { flag: "--instance", message: e.message })?;
     let store = Store::open(&args.data_dir()).await?;
     let manager = Manager::new(
         store,
-        Cluster::new(client.clone(), args.image_pull_policy.clone(), args.instance.clone()),
+        Cluster::new(client.clone(), args.image_pull_policy.clone(), args.instance.clone(), args.agent_image.clone()),
         settings,
     );
 
@@ -149,6 +181,16 @@ pub async fn serve(
     let selector = manager.cluster().selector(&format!("{LABEL_ROLE}={ROLE_POD}"));
     let watch = tokio::spawn(watch_pods(manager.clone(), client, selector));
     let reaper = tokio::spawn(reap(manager.clone(), reap_every));
+    let attacher = match (&args.agent_image, agent_server) {
+        (Some(image), Some(server)) => {
+            tracing::info!(%image, %server, "attaching agents to previewed targets");
+            Some(tokio::spawn(crate::attach::run(manager.clone(), image.clone(), server)))
+        }
+        _ => {
+            tracing::warn!("no --agent-image: preview pods are created but get no traffic from their targets");
+            None
+        }
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PreviewServiceServer<Api>>().await;
@@ -166,7 +208,7 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    tracing::info!(addr = %listener.local_addr().map_err(|e| ServerError::Flag { flag: "--listen", message: e.to_string() })?, "previewd serving");
+    tracing::info!(addr = %bound, "previewd serving");
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -177,6 +219,9 @@ pub async fn serve(
         .await;
     watch.abort();
     reaper.abort();
+    if let Some(a) = attacher {
+        a.abort();
+    }
     Ok(result?)
 }
 

@@ -246,7 +246,7 @@ impl Previewd {
         Self::start_full(ns, data, instance, listen, |_| {}).await
     }
 
-    async fn start_full(
+    pub async fn start_full(
         ns: &TestNs,
         data: std::path::PathBuf,
         instance: String,
@@ -263,8 +263,18 @@ impl Previewd {
         let handle = tokio::spawn(preview::server::serve(args, client, listener, async move {
             let _ = rx.await;
         }));
-        let p = Previewd { addr, data, instance, shutdown: Some(tx), handle: Some(handle) };
+        let mut p = Previewd { addr, data, instance, shutdown: Some(tx), handle: Some(handle) };
         // Ready when it answers a Status call (recovery runs before serving).
+        for _ in 0..120 {
+            if p.handle.as_ref().is_some_and(|h| h.is_finished()) {
+                let h = p.handle.take().context("handle")?;
+                bail!("previewd ended before serving: {:?}", h.await?);
+            }
+            if preview::cli::connect(&p.addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         eventually("previewd to serve", Duration::from_secs(30), || {
             let addr = p.addr.clone();
             async move {

@@ -1,0 +1,312 @@
+//! Attaching `preview-agent` to the pods of every target an environment
+//! previews, as ephemeral containers, so staging pods are never restarted.
+//!
+//! One task per target watches the target's pods. For each running pod it
+//! looks at our newest ephemeral container and decides (in [`next_action`]):
+//! attach an agent when routes exist and none is live; after an agent died
+//! abnormally, run `preview-agent cleanup` first; otherwise nothing. An agent
+//! serves every environment on its target and exits by itself when previewd
+//! sends it an empty route set.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::kube::api::{Api, Patch, PatchParams};
+use ::kube::runtime::{WatchStreamExt, watcher};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use crate::config::WorkloadKind;
+use crate::kube::{AGENT_PREFIX, CLEANUP_PREFIX, agent_container};
+use crate::manager::{Manager, Selector};
+
+/// A workload in a namespace.
+pub type TargetRef = (String, WorkloadKind, String);
+
+/// Ephemeral containers cannot be removed; past this many of ours in one
+/// pod we stop adding more, so the pod spec cannot grow without end.
+pub const MAX_CONTAINERS: usize = 20;
+/// After this many agents in a row failed in one pod (say its port is
+/// taken), no new one is attached there; the failures are in their logs.
+pub const MAX_FAILURES: usize = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    None,
+    Attach(String),
+    Cleanup(String),
+}
+
+/// What to do next for one target pod. `want_agent`: routes exist for it.
+pub fn next_action(pod: &Pod, want_agent: bool) -> Action {
+    let status = pod.status.clone().unwrap_or_default();
+    if pod.metadata.deletion_timestamp.is_some()
+        || status.phase.as_deref() != Some("Running")
+        || status.pod_ip.as_deref().unwrap_or("").is_empty()
+    {
+        return Action::None;
+    }
+    let spec = pod.spec.as_ref().map(|s| s.ephemeral_containers.clone().unwrap_or_default()).unwrap_or_default();
+    let ours: Vec<(u32, &str)> = spec
+        .iter()
+        .filter_map(|c| {
+            let n = c.name.strip_prefix(AGENT_PREFIX).or_else(|| c.name.strip_prefix(CLEANUP_PREFIX))?;
+            Some((n.parse().ok()?, c.name.as_str()))
+        })
+        .collect();
+    let next_index = ours.iter().map(|(n, _)| n + 1).max().unwrap_or(1);
+    let name = |prefix: &str| {
+        let mut i = next_index;
+        // Someone else's container could hold the name; skip past it.
+        while spec.iter().any(|c| c.name == format!("{prefix}{i}")) {
+            i += 1;
+        }
+        format!("{prefix}{i}")
+    };
+    if ours.len() >= MAX_CONTAINERS {
+        return Action::None;
+    }
+    let Some((_, latest)) = ours.iter().max_by_key(|(n, _)| *n) else {
+        return if want_agent { Action::Attach(name(AGENT_PREFIX)) } else { Action::None };
+    };
+    let state =
+        status.ephemeral_container_statuses.iter().flatten().find(|s| s.name == *latest).and_then(|s| s.state.clone());
+    // Not started yet, waiting or running: it is live (or about to be).
+    let Some(done) = state.and_then(|s| s.terminated) else { return Action::None };
+    if latest.starts_with(AGENT_PREFIX) && done.exit_code != 0 {
+        // An agent killed hard can leave its rules behind: clean up first.
+        return Action::Cleanup(name(CLEANUP_PREFIX));
+    }
+    if want_agent && failures_in_a_row(&ours, &status) < MAX_FAILURES {
+        Action::Attach(name(AGENT_PREFIX))
+    } else {
+        Action::None
+    }
+}
+
+/// How many of the newest agents, counting back, ended with an error.
+fn failures_in_a_row(ours: &[(u32, &str)], status: &k8s_openapi::api::core::v1::PodStatus) -> usize {
+    let mut agents: Vec<&(u32, &str)> = ours.iter().filter(|(_, n)| n.starts_with(AGENT_PREFIX)).collect();
+    agents.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+    let exit = |name: &str| {
+        status
+            .ephemeral_container_statuses
+            .iter()
+            .flatten()
+            .find(|s| s.name == name)
+            .and_then(|s| s.state.as_ref().and_then(|st| st.terminated.as_ref()).map(|t| t.exit_code))
+    };
+    // Killed by a signal (SIGKILL: 137) is not the agent failing to start.
+    agents.iter().take_while(|(_, n)| exit(n).is_some_and(|c| c != 0 && c < 128)).count()
+}
+
+/// Runs the per-target tasks for as long as previewd runs.
+pub async fn run(manager: Arc<Manager>, image: String, server: String) {
+    let mut tasks: HashMap<TargetRef, JoinHandle<()>> = HashMap::new();
+    let (_, mut events) = manager.subscribe(&Selector::default());
+    loop {
+        tasks.retain(|_, t| !t.is_finished());
+        for t in manager.targets() {
+            if !tasks.contains_key(&t) {
+                let task = tokio::spawn(watch_target(manager.clone(), t.clone(), image.clone(), server.clone()));
+                tasks.insert(t, task);
+            }
+        }
+        match events.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Watches one target's pods and keeps an agent on each while the target is
+/// previewed; ends when no environment previews it any more.
+async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, server: String) {
+    let (ns, kind, name) = &target;
+    let cluster = manager.cluster().clone();
+    let selector = loop {
+        match cluster.target_selector(ns, *kind, name).await {
+            Ok(Some(s)) => break s,
+            Ok(None) => {
+                tracing::warn!(namespace = %ns, target = %format!("{}/{name}", kind.as_str()), "target gone; no agents attached");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the target's selector; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if !manager.targets().contains(&target) {
+            return;
+        }
+    };
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let mut cfg = watcher::Config::default().labels(&selector.0);
+    if !selector.1.is_empty() {
+        cfg = cfg.fields(&selector.1);
+    }
+    let mut pods_events = watcher(api.clone(), cfg).default_backoff().boxed();
+    let (_, mut events) = manager.subscribe(&Selector::default());
+    let mut pods: BTreeMap<String, Pod> = BTreeMap::new();
+    // A slow tick as well: a failed patch is retried without waiting for an event.
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tracing::info!(namespace = %ns, target = %format!("{}/{name}", kind.as_str()), "watching target pods");
+    loop {
+        let only: Option<String> = tokio::select! {
+            ev = pods_events.next() => match ev {
+                Some(Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p))) => {
+                    let n = p.metadata.name.clone().unwrap_or_default();
+                    pods.insert(n.clone(), p);
+                    Some(n)
+                }
+                Some(Ok(watcher::Event::Delete(p))) => {
+                    pods.remove(p.metadata.name.as_deref().unwrap_or_default());
+                    continue;
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "target pod watch; retrying");
+                    continue;
+                }
+                None => return,
+            },
+            ev = events.recv() => match ev {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => None,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tick.tick() => None,
+        };
+        let want = !manager.routes_for(ns, *kind, name).is_empty();
+        let names: Vec<String> = match only {
+            Some(n) => vec![n],
+            None => pods.keys().cloned().collect(),
+        };
+        for pod_name in names {
+            let Some(pod) = pods.get(&pod_name) else { continue };
+            let (container, args) = match next_action(pod, want) {
+                Action::None => continue,
+                Action::Attach(c) => (c, vec!["run".to_string(), "--server".to_string(), server.clone()]),
+                Action::Cleanup(c) => (c, vec!["cleanup".to_string()]),
+            };
+            let ec = agent_container(&container, &image, args, &pod_name, ns, cluster.pull_policy.as_deref());
+            let patch = serde_json::json!({"spec": {"ephemeralContainers": [ec]}});
+            match api.patch_ephemeral_containers(&pod_name, &PatchParams::default(), &Patch::Strategic(patch)).await {
+                Ok(p) => {
+                    tracing::info!(pod = %pod_name, namespace = %ns, %container, "added");
+                    // The answer already has the container: no second patch on the next event.
+                    pods.insert(pod_name, p);
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %pod_name, %container, error = %e, "adding an ephemeral container failed")
+                }
+            }
+        }
+        if !want && !manager.targets().contains(&target) {
+            // Agents got an empty route set and exit by themselves.
+            tracing::info!(namespace = %ns, target = %format!("{}/{name}", kind.as_str()), "no longer previewed");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus, EphemeralContainer, PodSpec,
+        PodStatus,
+    };
+
+    fn pod(containers: &[(&str, Option<i32>)]) -> Pod {
+        Pod {
+            spec: Some(PodSpec {
+                ephemeral_containers: Some(
+                    containers
+                        .iter()
+                        .map(|(n, _)| EphemeralContainer { name: n.to_string(), ..Default::default() })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some("198.18.0.9".into()),
+                ephemeral_container_statuses: Some(
+                    containers
+                        .iter()
+                        .map(|(n, exit)| ContainerStatus {
+                            name: n.to_string(),
+                            state: Some(match exit {
+                                None => ContainerState {
+                                    running: Some(ContainerStateRunning::default()),
+                                    ..Default::default()
+                                },
+                                Some(code) => ContainerState {
+                                    terminated: Some(ContainerStateTerminated {
+                                        exit_code: *code,
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                },
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_agent_lifecycle() {
+        use Action::*;
+        assert_eq!(next_action(&pod(&[]), true), Attach("preview-agent-1".into()));
+        assert_eq!(next_action(&pod(&[]), false), None);
+        // A live agent is reused.
+        assert_eq!(next_action(&pod(&[("preview-agent-1", Option::None)]), true), None);
+        // A clean exit (no routes left) and routes again: a fresh agent.
+        assert_eq!(next_action(&pod(&[("preview-agent-1", Some(0))]), true), Attach("preview-agent-2".into()));
+        assert_eq!(next_action(&pod(&[("preview-agent-1", Some(0))]), false), None);
+        // Killed: cleanup first, whether or not routes remain, then a new agent.
+        assert_eq!(next_action(&pod(&[("preview-agent-1", Some(137))]), false), Cleanup("preview-cleanup-2".into()));
+        let cleaning = pod(&[("preview-agent-1", Some(137)), ("preview-cleanup-2", Option::None)]);
+        assert_eq!(next_action(&cleaning, true), None);
+        let cleaned = pod(&[("preview-agent-1", Some(137)), ("preview-cleanup-2", Some(0))]);
+        assert_eq!(next_action(&cleaned, true), Attach("preview-agent-3".into()));
+        // Other people's debug containers are left alone and never reused.
+        let debug = pod(&[("debugger", Option::None), ("preview-agent-1", Some(0))]);
+        assert_eq!(next_action(&debug, true), Attach("preview-agent-2".into()));
+        // Agents that keep failing (exit 1: say the port is taken) stop being added.
+        let failing = pod(&[
+            ("preview-agent-1", Some(1)),
+            ("preview-cleanup-2", Some(0)),
+            ("preview-agent-3", Some(1)),
+            ("preview-cleanup-4", Some(0)),
+            ("preview-agent-5", Some(1)),
+            ("preview-cleanup-6", Some(0)),
+        ]);
+        assert_eq!(next_action(&failing, true), None);
+        // Killed ones (137) do not count: they are re-attached.
+        let killed = pod(&[
+            ("preview-agent-1", Some(137)),
+            ("preview-cleanup-2", Some(0)),
+            ("preview-agent-3", Some(137)),
+            ("preview-cleanup-4", Some(0)),
+            ("preview-agent-5", Some(137)),
+            ("preview-cleanup-6", Some(0)),
+        ]);
+        assert_eq!(next_action(&killed, true), Attach("preview-agent-7".into()));
+        // Not running: nothing.
+        let mut pending = pod(&[]);
+        pending.status.as_mut().unwrap().phase = Some("Pending".into());
+        assert_eq!(next_action(&pending, true), None);
+        // The cap.
+        let many: Vec<(String, Option<i32>)> =
+            (1..=MAX_CONTAINERS).map(|i| (format!("preview-agent-{i}"), Some(0))).collect();
+        let many: Vec<(&str, Option<i32>)> = many.iter().map(|(n, c)| (n.as_str(), *c)).collect();
+        assert_eq!(next_action(&pod(&many), true), None);
+    }
+}
