@@ -392,6 +392,10 @@ async fn scale_up_gets_agents_and_grpc_is_routed_per_call() -> Result<()> {
         {"name": "app", "ports": [{"containerPort": 8080, "name": "http"}, {"containerPort": 9090, "name": "grpc"}]}
     ]}}}});
     ns.api::<Deployment>().patch("orders", &PatchParams::default(), &Patch::Strategic(patch)).await?;
+    let patch = serde_json::json!({"spec": {"ports": [
+        {"port": 8080, "targetPort": 8080, "name": "http"}, {"port": 9090, "targetPort": 9090, "name": "grpc"}
+    ]}});
+    ns.api::<Service>().patch("orders", &PatchParams::default(), &Patch::Merge(patch)).await?;
     ready_pods(&ns, "app=orders", 1).await?;
     let d = previewd(&ns).await?;
     let mut c = d.client().await?;

@@ -166,6 +166,9 @@ node_net() {
     iptables -w -A "$EGRESS_CHAIN" -j REJECT
   fi
   iptables -w -C FORWARD -s "$POD_SUBNET" -j "$EGRESS_CHAIN" 2>/dev/null || iptables -w -I FORWARD -s "$POD_SUBNET" -j "$EGRESS_CHAIN"
+  # A ClusterIP port that no Service has is not DNATed: without this route it
+  # would take the default route off the machine. Through lo it goes nowhere.
+  ip route replace "$SERVICE_CIDR" dev lo src "$NODE_IP"
 }
 
 etcd_up() {
@@ -429,6 +432,7 @@ down() {
   iptables -w -D FORWARD -s "$POD_SUBNET" -j "$EGRESS_CHAIN" 2>/dev/null || true
   iptables -w -F "$EGRESS_CHAIN" 2>/dev/null || true
   iptables -w -X "$EGRESS_CHAIN" 2>/dev/null || true
+  ip route del "$SERVICE_CIDR" dev lo 2>/dev/null || true
   ip addr del "$NODE_IP/32" dev lo 2>/dev/null || true
   log "down"
 }

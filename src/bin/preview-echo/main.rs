@@ -130,24 +130,34 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
         "protocol": proto, "baggage": baggage, "body_bytes": body_len,
     });
     if let Some(url) = &app.downstream {
-        let mut b = Request::get(url.as_str());
-        if !app.drop_baggage {
-            for v in &baggage {
-                b = b.header("baggage", v.as_str());
-            }
-        }
-        let down = match b.body(Full::new(Bytes::new())) {
-            Ok(r) => match app.client.request(r).await {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                    serde_json::from_slice(&body).unwrap_or_else(
-                        |_| serde_json::json!({"status": status, "raw": String::from_utf8_lossy(&body)}),
-                    )
+        let request = || {
+            let mut b = Request::get(url.as_str());
+            if !app.drop_baggage {
+                for v in &baggage {
+                    b = b.header("baggage", v.as_str());
                 }
-                Err(e) => serde_json::json!({"error": e.to_string()}),
-            },
-            Err(e) => serde_json::json!({"error": e.to_string()}),
+            }
+            b.body(Full::new(Bytes::new()))
+        };
+        // A GET is idempotent: like Go's and browsers' clients, retry once
+        // when a pooled connection turns out to be dead (reset by a peer).
+        let mut sent = match request() {
+            Ok(r) => app.client.request(r).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if sent.is_err()
+            && let Ok(r) = request()
+        {
+            sent = app.client.request(r).await.map_err(|e| e.to_string());
+        }
+        let down = match sent {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                serde_json::from_slice(&body)
+                    .unwrap_or_else(|_| serde_json::json!({"status": status, "raw": String::from_utf8_lossy(&body)}))
+            }
+            Err(e) => serde_json::json!({"error": e}),
         };
         answer["downstream"] = down;
     }
