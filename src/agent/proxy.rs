@@ -259,17 +259,10 @@ impl AppConn {
             error_response(grpc, StatusCode::BAD_GATEWAY, &format!("upstream {app} is unreachable: {e}"))
         };
         let mut slot = self.0.lock().await;
-        if slot.as_ref().is_none_or(|s| s.is_closed()) {
-            let stream = match TcpStream::connect(app).await {
-                Ok(s) => s,
-                Err(e) => return fail(&e),
-            };
-            let _ = stream.set_nodelay(true);
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok((send, conn)) => {
-                    tokio::spawn(conn);
-                    *slot = Some(send);
-                }
+        let reused = slot.as_ref().is_some_and(|s| !s.is_closed());
+        if !reused {
+            match connect_h1(app).await {
+                Ok(send) => *slot = Some(send),
                 Err(e) => return fail(&e),
             }
         }
@@ -278,14 +271,57 @@ impl AppConn {
             *slot = None;
             return fail(&e);
         }
+        // A kept-alive connection may have been reset under us (say, its
+        // conntrack entry was flushed when an agent attached downstream).
+        // Like Envoy, replay a bodiless idempotent request once on a fresh one.
+        let replay = (reused && replayable(&req)).then(|| {
+            let mut r = Request::new(empty());
+            *r.method_mut() = req.method().clone();
+            *r.uri_mut() = req.uri().clone();
+            *r.version_mut() = req.version();
+            *r.headers_mut() = req.headers().clone();
+            r
+        });
         let (parts, body) = req.into_parts();
         let sent = send.send_request(Request::from_parts(parts, body.boxed()));
+        drop(slot);
+        let err = match sent.await {
+            Ok(resp) => return resp.map(|b| b.boxed()),
+            Err(e) => e,
+        };
+        let Some(again) = replay else { return fail(&err) };
+        let mut slot = self.0.lock().await;
+        let mut send = match connect_h1(app).await {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
+        };
+        let sent = send.send_request(again);
+        *slot = Some(send);
         drop(slot);
         match sent.await {
             Ok(resp) => resp.map(|b| b.boxed()),
             Err(e) => fail(&e),
         }
     }
+}
+
+async fn connect_h1(app: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<ProxyBody>, String> {
+    let stream = TcpStream::connect(app).await.map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// Safe to send twice: an idempotent method and no body.
+fn replayable<B>(req: &Request<B>) -> bool {
+    use http::Method;
+    let idempotent =
+        matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT);
+    let bodiless = !is_chunked(req)
+        && req.headers().get(CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
+        && !req.headers().contains_key(UPGRADE);
+    idempotent && bodiless
 }
 
 fn is_chunked<B>(req: &Request<B>) -> bool {
