@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: fuzz lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent
+.PHONY: fuzz lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -70,6 +70,10 @@ bench-core: images
 
 demo: images        ## the main job: a preview of orders on the local cluster
 	deploy/demo/demo.sh
+
+# From `preview start` to the first keyed request answered by the preview.
+bench-start: images
+	cargo test --release --test e2e bench_start -- --ignored --nocapture --test-threads 1
 
 bench-agent: deps   ## agent vs direct vs nginx, in network namespaces (no cluster needed)
 	cargo test --release --test bench_agent -- --ignored --nocapture --test-threads 1

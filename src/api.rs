@@ -159,13 +159,13 @@ impl proto::agent_service_server::AgentService for AgentApi {
             let mut last = None;
             loop {
                 let routes = manager.routes_for(&hello.namespace, kind, &name);
-                // An empty set tells the agent to leave; while an environment
-                // still previews this target (a preview pod being replaced
-                // has no IP yet), keep the last routes instead.
-                let leaving = routes.is_empty()
-                    && last.is_some()
-                    && manager.targets().contains(&(hello.namespace.clone(), kind, name.clone()));
-                if !leaving && last.as_ref() != Some(&routes) {
+                // An empty set tells the agent to leave. While an environment
+                // still previews this target (its preview pod has no IP yet,
+                // or is being replaced), send nothing: the agent waits, or
+                // keeps its last routes.
+                let wait =
+                    routes.is_empty() && manager.targets().contains(&(hello.namespace.clone(), kind, name.clone()));
+                if !wait && last.as_ref() != Some(&routes) {
                     let set =
                         proto::RouteSet { routes: routes.iter().map(crate::agent::routes::wire::to_proto).collect() };
                     if tx.send(Ok(set)).await.is_err() {

@@ -110,10 +110,8 @@ pub async fn run(manager: Arc<Manager>, image: String, server: String) {
     loop {
         tasks.retain(|_, t| !t.is_finished());
         for t in manager.targets() {
-            if !tasks.contains_key(&t) {
-                let task = tokio::spawn(watch_target(manager.clone(), t.clone(), image.clone(), server.clone()));
-                tasks.insert(t, task);
-            }
+            let (m, i, s) = (manager.clone(), image.clone(), server.clone());
+            tasks.entry(t.clone()).or_insert_with(|| tokio::spawn(watch_target(m, t, i, s)));
         }
         match events.recv().await {
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}

@@ -10,12 +10,11 @@ use ::kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams,
 use ::kube::{Client, ResourceExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, EnvVar, EphemeralContainer, Namespace, Pod, PodReadinessGate, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, TCPSocketAction,
+    Capabilities, ConfigMap, Container, EnvVar, EphemeralContainer, ExecAction, Lifecycle, LifecycleHandler, Namespace,
+    Pod, PodReadinessGate, PodSpec, PodTemplateSpec, ResourceRequirements, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::config::{Target, WorkloadKind};
 use crate::store::EnvRecord;
@@ -501,11 +500,14 @@ fn outbound_sidecar(image: &str, key: &str, pull_policy: Option<&str>) -> Contai
         ]),
         restart_policy: Some("Always".into()),
         security_context: Some(agent_security()),
-        // The admin port opens once the rules are in; the app waits for it.
-        startup_probe: Some(Probe {
-            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(15092), host: None }),
-            period_seconds: Some(1),
-            failure_threshold: Some(60),
+        // The admin port opens once the rules are in. The kubelet starts the
+        // app only after this hook returns (a startup probe would cost up to
+        // its 1 s period).
+        lifecycle: Some(Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction { command: Some(vec!["/usr/local/bin/preview-agent".into(), "ready".into()]) }),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         resources: Some(ResourceRequirements {

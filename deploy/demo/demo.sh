@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job, on the local cluster: deploy `orders` v1, run previewd (with
-# its embedded redb store) and start a preview of orders with a v2 image.
+# The main job, on the local cluster: deploy frontend → orders → payments
+# (v1), run previewd (with its embedded redb store) and start a preview of
+# orders with a v2 image; then show a request without the key (all v1) and
+# one with it (orders answered by v2), and the status table.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE="${PREVIEW_CACHE:-/var/cache/preview-env}"
@@ -8,23 +10,49 @@ BIN="${CARGO_TARGET_DIR:-$CACHE/target}/release"
 export KUBECONFIG="${KUBECONFIG:-/var/lib/preview-cluster/admin.kubeconfig}"
 KUBECTL="$CACHE/k8s-v1.34.4/bin/kubectl"
 DATA="${PREVIEW_DEMO_DATA:-/var/lib/preview-demo}"
-PORT=7443
-export PREVIEW_SERVER="http://127.0.0.1:$PORT"
+# On the node address: agents in pods reach previewd there.
+ADDR=198.18.255.254:7443
+export PREVIEW_SERVER="http://$ADDR"
 
 "$KUBECTL" apply -f "$HERE/demo.yaml" >/dev/null
-"$KUBECTL" -n demo rollout status deploy/orders --timeout=90s >/dev/null
+for d in frontend orders payments; do "$KUBECTL" -n demo rollout status "deploy/$d" --timeout=90s >/dev/null; done
 
 if ! "$BIN/preview" status >/dev/null 2>&1; then
   mkdir -p "$DATA"
-  setsid "$BIN/previewd" --listen "127.0.0.1:$PORT" --data-dir "$DATA" --default-namespace demo \
-    --image-pull-policy Never --instance demo >>"$DATA/previewd.log" 2>&1 < /dev/null &
+  # A previewd this demo started earlier (by pid) that does not answer here.
+  if [ -f "$DATA/previewd.pid" ] && kill -0 "$(cat "$DATA/previewd.pid")" 2>/dev/null; then
+    kill "$(cat "$DATA/previewd.pid")"; sleep 1
+  fi
+  setsid "$BIN/previewd" --listen "$ADDR" --data-dir "$DATA" --default-namespace demo \
+    --image-pull-policy Never --instance demo --agent-image preview.local/agent:dev \
+    >>"$DATA/previewd.log" 2>&1 < /dev/null &
   echo $! > "$DATA/previewd.pid"
   for _ in $(seq 1 60); do "$BIN/preview" status >/dev/null 2>&1 && break; sleep 0.5; done
   echo "previewd running (pid $(cat "$DATA/previewd.pid"), store $DATA/previewd.redb, log $DATA/previewd.log)"
 fi
 
+FRONTEND="http://$("$KUBECTL" -n demo get svc frontend -o jsonpath='{.spec.clusterIP}'):8080/"
+# frontend v1 → orders v2 → payments v1, from the nested answers.
+chain() {
+  python3 -c 'import json,sys
+v=json.load(sys.stdin); out=[]
+for name in ("frontend","orders","payments"):
+    out.append("%s %s (%s)" % (name, v.get("version", "?"), v.get("pod", "?"))); v = v.get("downstream") or {}
+print("  " + " -> ".join(out))'
+}
+
 echo "\$ preview start -f deploy/demo/orders-preview.yaml --image preview.local/echo:v2 --key demo"
 "$BIN/preview" start -f "$HERE/orders-preview.yaml" --image preview.local/echo:v2 --key demo --ttl 2h
+# The agent is attached to the orders pod within seconds.
+for _ in $(seq 1 120); do
+  "$BIN/preview-echo" get -H "baggage: preview-key=demo" "$FRONTEND" 2>/dev/null | grep -q '"version":"v2"' && break
+  sleep 0.5
+done
+echo
+echo "GET $FRONTEND without the key:"
+"$BIN/preview-echo" get "$FRONTEND" | chain
+echo "GET $FRONTEND with 'baggage: preview-key=demo':"
+"$BIN/preview-echo" get -H "baggage: preview-key=demo" "$FRONTEND" | chain
 echo
 echo "\$ preview status"
 "$BIN/preview" status

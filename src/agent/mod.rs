@@ -42,6 +42,16 @@ pub enum AgentCommand {
     Worker(WorkerArgs),
     /// Remove every agent rule in this network namespace.
     Cleanup,
+    /// Wait until a local agent's admin port answers (the outbound sidecar's
+    /// postStart hook: the app starts only once the rules are in).
+    #[command(hide = true)]
+    Ready {
+        #[arg(long, default_value = "127.0.0.1:15092")]
+        admin: SocketAddr,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// In a preview pod: add the environment key to the `baggage` of every
     /// outgoing HTTP request, so downstream calls stay in the environment.
     Outbound(OutboundArgs),
@@ -343,6 +353,18 @@ pub async fn outbound(args: OutboundArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Polls `admin` until it accepts a connection.
+pub async fn ready(admin: SocketAddr, timeout: Duration) -> Result<(), AgentError> {
+    let end = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::net::TcpStream::connect(admin).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() > end => return Err(AgentError::Bind { addr: admin, source: e }),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// Where routes come from: a JSON file (re-read when it changes) or
 /// previewd's stream (reconnected in the background; while previewd is
 /// unreachable the last routes stay, until they expire).
@@ -376,6 +398,8 @@ impl RouteSource {
             .await
             .map_err(|_| AgentError::Routes { path: server.clone().into(), message: "no answer within 15 s".into() })?
             .map_err(|message| AgentError::Routes { path: server.clone().into(), message })?;
+        // previewd may attach us before the preview pod has an address; the
+        // first set comes when it has one (nothing is intercepted until then).
         let first = next_set(&mut stream)
             .await
             .map_err(|message| AgentError::Routes { path: server.clone().into(), message })?;

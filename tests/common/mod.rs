@@ -3,6 +3,7 @@
 //! an in-process previewd.
 #![allow(dead_code)]
 
+pub mod e2e;
 pub mod netns;
 
 use std::collections::BTreeMap;

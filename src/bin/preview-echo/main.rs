@@ -104,12 +104,15 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
         return Ok(resp);
     }
     let path = req.uri().path();
-    // /stats: how many requests this instance answered (not counting /stats).
+    // /stats: how many requests this instance answered, not counting /stats
+    // or the kubelet's /healthz probes.
     if path == "/stats" {
         let body = serde_json::json!({"version": app.version, "served": app.served.load(Ordering::Relaxed)});
         return Ok(Response::new(Full::new(Bytes::from(body.to_string() + "\n"))));
     }
-    app.served.fetch_add(1, Ordering::Relaxed);
+    if path != "/healthz" {
+        app.served.fetch_add(1, Ordering::Relaxed);
+    }
     // /bytes/N: a large download.
     if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
         let mut resp = Response::new(Full::new(Bytes::from(vec![b'x'; n.min(64 << 20)])));

@@ -1,0 +1,173 @@
+//! Issue 5's chaos tests, in a test binary of their own so that they run
+//! after the other cluster tests, on a quieter machine: the gaps they
+//! measure are what they report.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use common::e2e::*;
+use common::{TestNs, echo_app, eventually, ready_pods, start_req};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+
+/// Host processes of our agent in `pod` (found by the POD_NAME we gave it).
+fn agent_pids(pod: &str) -> Result<Vec<i32>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let Ok(pid) = e?.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let has = |hay: &[u8], needle: &[u8]| hay.split(|b| *b == 0).any(|w| w == needle);
+        let is_agent = cmd.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"preview-agent"));
+        if is_agent && has(&env, format!("POD_NAME={pod}").as_bytes()) && !has(&cmd, b"cleanup") {
+            out.push(pid);
+        }
+    }
+    Ok(out)
+}
+
+/// Sequential unkeyed requests until `stop`; returns (sent, failed, longest
+/// gap between two answered requests).
+async fn steady(ip: String, stop: tokio::sync::watch::Receiver<bool>) -> (u32, u32, Duration) {
+    let (mut sent, mut failed, mut gap) = (0, 0, Duration::ZERO);
+    let mut last_ok = Instant::now();
+    // Bounded: at most 3000 requests and 90 s.
+    let end = Instant::now() + Duration::from_secs(90);
+    while !*stop.borrow() && sent < 3000 && Instant::now() < end {
+        sent += 1;
+        match tokio::time::timeout(Duration::from_secs(1), call(&ip, None)).await {
+            Ok(Ok(c)) if c[0] == "v1" => {
+                gap = gap.max(last_ok.elapsed());
+                last_ok = Instant::now();
+            }
+            _ => failed += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (sent, failed, gap.max(last_ok.elapsed()))
+}
+
+#[tokio::test]
+async fn chaos_sigkill_of_the_agent_recovers_and_is_reattached() -> Result<()> {
+    let ns = TestNs::new("e2e-kill").await?;
+    echo_app(&ns, "orders", "v1", 1, &[]).await?;
+    ready_pods(&ns, "app=orders", 1).await?;
+    let d = previewd(&ns).await?;
+    let mut c = d.client().await?;
+    c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, "chaos")).await?;
+    let ip = cluster_ip(&ns, "orders").await?;
+    let keyed = |ip: String| async move { call(&ip, Some("chaos")).await.ok().map(|c| c[0].clone()) };
+    eventually("routing", Duration::from_secs(60), || async {
+        Ok((keyed(ip.clone()).await.as_deref() == Some("v2")).then_some(()))
+    })
+    .await?;
+    let pod = target_pods(&ns, "orders").await?.remove(0);
+    let pod_name = pod.metadata.name.clone().context("name")?;
+    let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).context("ip")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(steady(ip.clone(), stop_rx));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pids = agent_pids(&pod_name)?;
+    ensure!(pids.len() == 2, "guard and worker, got {pids:?}");
+    for pid in &pids {
+        // SAFETY: SIGKILL to the agent processes previewd started in our test pod.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let killed = Instant::now();
+    // Right after the kill the rules are orphaned; previewd cleans them up.
+    eventually("a cleanup container", Duration::from_secs(30), || async {
+        let p = ns.api::<Pod>().get(&pod_name).await?;
+        Ok(agents(&p).iter().any(|(n, _, exit)| n.starts_with("preview-cleanup-") && *exit == Some(0)).then_some(()))
+    })
+    .await?;
+    eventually("keyed routing again", Duration::from_secs(60), || async {
+        Ok((keyed(ip.clone()).await.as_deref() == Some("v2")).then_some(()))
+    })
+    .await?;
+    let rerouted = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = stop_tx.send(true);
+    let (sent, failed, gap) = load.await?;
+    eprintln!(
+        "chaos: {sent} unkeyed requests, {failed} failed, longest gap {gap:?}; keyed routed again {rerouted:?} after the kill"
+    );
+    ensure!(gap < Duration::from_secs(5), "unkeyed requests stopped for {gap:?}");
+    // One live agent again, one chain, and the killed one's leftovers are gone.
+    let p = ns.api::<Pod>().get(&pod_name).await?;
+    ensure!(agents(&p).iter().filter(|(_, running, _)| *running).count() == 1, "{:?}", agents(&p));
+    ensure!(chains_in_pod(&pod_ip)? == 1);
+    d.stop().await
+}
+
+#[tokio::test]
+async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
+    let ns = TestNs::new("e2e-pdkill").await?;
+    echo_app(&ns, "orders", "v1", 1, &[]).await?;
+    ready_pods(&ns, "app=orders", 1).await?;
+    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
+    let data = tempfile::tempdir()?;
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_previewd"))
+            .args(["--listen", &format!("198.18.255.254:{port}"), "--agent-image", AGENT_IMAGE])
+            .args(["--image-pull-policy", "Never", "--instance", &ns.name, "--default-namespace", &ns.name])
+            .arg("--data-dir")
+            .arg(data.path())
+            .env("KUBECONFIG", common::kubeconfig_path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(data.path().join("previewd.log"))?)
+            .spawn()
+            .context("starting previewd")
+    };
+    let addr = format!("http://198.18.255.254:{port}");
+    let connect = || async {
+        eventually("previewd", Duration::from_secs(30), || async { Ok(preview::cli::connect(&addr).await.ok()) }).await
+    };
+    let mut pd = spawn()?;
+    let mut c = connect().await?;
+    c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, "pd1")).await?;
+    let ip = cluster_ip(&ns, "orders").await?;
+    until(&ip, Some("pd1"), &["v2"], Duration::from_secs(60)).await?;
+    pd.kill()?; // SIGKILL
+    pd.wait()?;
+    // The agent keeps its last routes while previewd is away.
+    for _ in 0..5 {
+        ensure!(call(&ip, Some("pd1")).await? == chain(&["v2"]));
+        ensure!(call(&ip, None).await? == chain(&["v1"]));
+    }
+    let mut pd = spawn()?;
+    let result = async {
+        let mut c = connect().await?;
+        let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
+        let envs = snap.context("snapshot")?.environments;
+        ensure!(envs.len() == 1 && envs[0].key == "pd1", "{envs:?}");
+        // The agent's stream is back: a new environment on the target reaches it.
+        c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, "pd2")).await?;
+        until(&ip, Some("pd2"), &["v2"], Duration::from_secs(60)).await?;
+        ensure!(call(&ip, Some("pd1")).await? == chain(&["v2"]));
+        // One agent for all of it: none was re-attached.
+        ensure!(agents(&target_pods(&ns, "orders").await?[0]).len() == 1);
+        c.clean(preview::proto::CleanRequest {
+            selector: Some(preview::proto::clean_request::Selector::Glob("pd*".into())),
+        })
+        .await?;
+        all_agents_gone(&ns, "orders").await?;
+        // Nothing orphaned: no preview pod or owner object is left.
+        let left = ns.api::<Pod>().list(&ListParams::default().labels("preview.dev/key")).await?;
+        ensure!(left.items.iter().all(|p| p.metadata.deletion_timestamp.is_some()), "{} pods left", left.items.len());
+        let cms = ns
+            .api::<k8s_openapi::api::core::v1::ConfigMap>()
+            .list(&ListParams::default().labels("preview.dev/key"))
+            .await?;
+        ensure!(cms.items.is_empty(), "{} owner objects left", cms.items.len());
+        Ok(())
+    }
+    .await;
+    let _ = pd.kill();
+    let _ = pd.wait();
+    if result.is_err() {
+        eprintln!("{}", std::fs::read_to_string(data.path().join("previewd.log")).unwrap_or_default());
+    }
+    result
+}
