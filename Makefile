@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: fuzz lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start
+.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -50,6 +50,26 @@ images: build cluster-up
 	CONTAINERD_ADDRESS=/run/preview-cluster/containerd/containerd.sock deploy/local/image.sh import \
 	  $(IMAGES)/echo-v1.tar $(IMAGES)/echo-v2.tar $(IMAGES)/previewd.tar $(IMAGES)/agent.tar
 
+tools:              ## pinned generators, grpcurl and the Python test venv (cached)
+	clients/tools.sh
+
+# One target regenerates everything made from proto/: the Go and Python
+# clients (checked in) and the Rust code (build.rs, at every build).
+generate: tools
+	clients/generate.sh
+	cargo build --quiet --lib
+
+# CI: the checked-in clients must equal a fresh generation.
+generate-check: tools
+	clients/generate.sh --check
+
+# previewd in the local cluster from deploy/previewd (fresh store).
+install-previewd: images
+	deploy/local/previewd.sh install
+
+uninstall-previewd:
+	deploy/local/previewd.sh uninstall
+
 test-unit:
 	cargo test --lib --bins
 
@@ -61,7 +81,7 @@ lint:               ## formatting and clippy, warnings are errors
 
 # The whole suite: unit tests, cluster tests (parallel, one namespace each),
 # then the cluster's own down/up lifecycle checks.
-test: lint images
+test: lint generate-check images
 	cargo test --no-fail-fast -- --test-threads 4
 	deploy/local/test-lifecycle.sh
 

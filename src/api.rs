@@ -55,6 +55,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::StatusEvent, Status>>
 impl PreviewService for Api {
     async fn start(&self, req: Request<proto::StartRequest>) -> Result<Response<proto::StartResponse>, Status> {
         let resp = self.manager.start(req.into_inner()).await?;
+        self.manager.metrics().started();
         tracing::info!(key = %resp.key, "start");
         Ok(Response::new(resp))
     }
@@ -119,6 +120,7 @@ impl PreviewService for Api {
             }
         };
         let removed = self.manager.clean(sel).await?;
+        self.manager.metrics().cleaned(removed.len());
         Ok(Response::new(proto::CleanResponse { removed }))
     }
 }

@@ -9,6 +9,7 @@
 //! - [`config`]: the user's mirrord-shaped config file.
 //! - [`filter`]: which requests belong to an environment.
 //! - [`server`]: previewd's flags and main loop.
+//! - [`metrics`]: previewd's Prometheus metrics and the gRPC edge layer.
 //! - [`cli`]: the `preview` command.
 
 pub mod agent;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod filter;
 pub mod kube;
 pub mod manager;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -96,6 +96,7 @@ pub struct Manager {
     view: Mutex<View>,
     events: broadcast::Sender<Event>,
     key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Arc<crate::metrics::ServerMetrics>,
 }
 
 pub fn now_ms() -> i64 {
@@ -157,11 +158,28 @@ impl Manager {
             view: Mutex::new(View::default()),
             events,
             key_locks: Mutex::new(HashMap::new()),
+            metrics: Arc::default(),
         })
     }
 
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::ServerMetrics> {
+        &self.metrics
+    }
+
+    /// The `/metrics` page: counters plus gauges read from the view.
+    pub fn render_metrics(&self) -> String {
+        let gauges = {
+            let view = self.view();
+            crate::metrics::Gauges {
+                environments: view.envs.len(),
+                pods: view.envs.values().map(|e| e.pods.len()).sum(),
+            }
+        };
+        self.metrics.render(gauges)
     }
 
     fn view(&self) -> std::sync::MutexGuard<'_, View> {

@@ -65,6 +65,9 @@ pub struct ServerArgs {
     /// [default: http://<--listen> when that is not a loopback or wildcard address].
     #[arg(long, env = "PREVIEW_AGENT_SERVER")]
     pub agent_server: Option<String>,
+    /// Address for Prometheus `/metrics` (plain HTTP); off when not given.
+    #[arg(long, env = "PREVIEW_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Test hook: stop at this point of Start and wait to be killed.
     #[arg(long, env = "PREVIEW_PAUSE_AT", hide = true)]
     pub pause_at: Option<String>,
@@ -178,6 +181,19 @@ pub async fn serve(
         "recovered"
     );
 
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServerError::Flag { flag: "--metrics-listen", message: format!("{addr}: {e}") })?;
+            let m = manager.clone();
+            Some(tokio::spawn(crate::telemetry::serve_text(listener, move |path| match path {
+                "/metrics" => m.render_metrics(),
+                _ => "ok\n".to_string(),
+            })))
+        }
+        None => None,
+    };
     let selector = manager.cluster().selector(&format!("{LABEL_ROLE}={ROLE_POD}"));
     let watch = tokio::spawn(watch_pods(manager.clone(), client, selector));
     let reaper = tokio::spawn(reap(manager.clone(), reap_every));
@@ -210,6 +226,7 @@ pub async fn serve(
     };
     tracing::info!(addr = %bound, "previewd serving");
     let result = tonic::transport::Server::builder()
+        .layer(crate::metrics::EdgeLayer(manager.metrics().clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -219,8 +236,8 @@ pub async fn serve(
         .await;
     watch.abort();
     reaper.abort();
-    if let Some(a) = attacher {
-        a.abort();
+    for task in [attacher, metrics].into_iter().flatten() {
+        task.abort();
     }
     Ok(result?)
 }
@@ -258,7 +275,10 @@ async fn reap(manager: Arc<Manager>, every: Duration) {
         tick.tick().await;
         match manager.reap().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(expired = n, "reaped environments"),
+            Ok(n) => {
+                manager.metrics().reaped(n);
+                tracing::info!(expired = n, "reaped environments")
+            }
             Err(e) => tracing::warn!(error = %e, "reaping failed; will retry"),
         }
     }

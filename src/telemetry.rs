@@ -11,3 +11,25 @@ pub fn init() {
     // A second init (tests start several servers in one process) is harmless.
     let _ = if std::io::stderr().is_terminal() { builder.try_init() } else { builder.json().try_init() };
 }
+
+/// Serves plain-text pages over HTTP/1 (admin ports: `/metrics` and friends);
+/// `page` maps a path to its body.
+pub async fn serve_text<F>(listener: tokio::net::TcpListener, page: F)
+where
+    F: Fn(&str) -> String + Clone + Send + Sync + 'static,
+{
+    use http_body_util::Full;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let page = page.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let body = page(req.uri().path());
+                async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(bytes::Bytes::from(body)))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

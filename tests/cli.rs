@@ -60,7 +60,10 @@ async fn start_status_clean_and_exit_codes() -> Result<()> {
     let (code, _, _) = tokio::task::spawn_blocking(move || preview(&s, &["status", "-o", "xml"])).await??;
     ensure!(code == 2, "usage error exit {code}");
     let (code, _, err) = tokio::task::spawn_blocking(|| preview("http://127.0.0.1:9", &["status"])).await??;
-    ensure!(code == 1 && err.contains("cannot reach previewd at http://127.0.0.1:9"), "{code} {err}");
+    ensure!(
+        code == 1 && err.contains("cannot reach previewd through http://127.0.0.1:9") && err.lines().count() == 1,
+        "{code} {err}"
+    );
 
     let s = server.clone();
     let (code, out, _) = tokio::task::spawn_blocking(move || preview(&s, &["clean", "--key", "cli1"])).await??;
@@ -69,4 +72,44 @@ async fn start_status_clean_and_exit_codes() -> Result<()> {
     let (_, out, _) = tokio::task::spawn_blocking(move || preview(&s, &["clean", "--key", "cli1"])).await??;
     ensure!(out.contains("nothing to clean"), "{out}");
     d.stop().await
+}
+
+/// A server that is not this version (here: a health service claiming
+/// 0.0.1): the CLI warns, names both versions, and goes on.
+#[tokio::test]
+async fn version_mismatch_warns() -> Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = format!("http://{}", listener.local_addr()?);
+    let (_health, service) = tonic_health::server::health_reporter();
+    let old = tower::util::MapResponseLayer::new(|mut r: http::Response<_>| {
+        r.headers_mut().insert("preview-version", http::HeaderValue::from_static("0.0.1"));
+        r
+    });
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(old)
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let a = addr.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || preview(&a, &["version"])).await??;
+    ensure!(code == 0, "{code} {err}");
+    ensure!(out == format!("client: {}\nserver: 0.0.1\n", env!("CARGO_PKG_VERSION")), "{out}");
+    // Any other command warns first (and then fails here: no PreviewService).
+    let (code, _, err) = tokio::task::spawn_blocking(move || preview(&addr, &["status"])).await??;
+    let want = format!("warning: preview {} talks to previewd 0.0.1", env!("CARGO_PKG_VERSION"));
+    ensure!(code == 1 && err.starts_with(&want), "{code} {err}");
+    server.abort();
+    Ok(())
+}
+
+#[test]
+fn completion_scripts() -> Result<()> {
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef preview"), ("fish", "complete -c preview")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_preview")).args(["completion", shell]).output()?;
+        let script = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success() && script.contains(marker), "{shell}: {script}");
+        ensure!(script.contains("add-pod") && script.contains("previewd-namespace"), "{shell} lacks subcommands/flags");
+    }
+    Ok(())
 }

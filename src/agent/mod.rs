@@ -485,22 +485,10 @@ async fn follow(
 }
 
 async fn serve_admin(listener: TcpListener, routes: Arc<SharedRoutes>, metrics: Arc<Metrics>) {
-    use http_body_util::Full;
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let (routes, metrics) = (routes.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let body = match req.uri().path() {
-                    "/metrics" => metrics.render(),
-                    "/routes" => serde_json::to_string(&routes.get().live(i64::MIN)).unwrap_or_default(),
-                    _ => "ok\n".to_string(),
-                };
-                async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(bytes::Bytes::from(body)))) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    crate::telemetry::serve_text(listener, move |path| match path {
+        "/metrics" => metrics.render(),
+        "/routes" => serde_json::to_string(&routes.get().live(i64::MIN)).unwrap_or_default(),
+        _ => "ok\n".to_string(),
+    })
+    .await
 }

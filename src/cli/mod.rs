@@ -2,14 +2,17 @@
 //!
 //! Exit codes: 0 ok, 1 failure, 2 usage (clap's own).
 
+mod connect;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
+
+pub use connect::{Connection, Kube, PREVIEWD_LABEL};
 
 use crate::config::Ttl;
 use crate::proto::preview_service_client::PreviewServiceClient;
@@ -18,9 +21,19 @@ use crate::proto::{self, clean_request};
 #[derive(Parser, Debug)]
 #[command(name = "preview", version, about = "Preview environments: run changed services against staging traffic")]
 pub struct Cli {
-    /// previewd's gRPC address.
-    #[arg(long, global = true, env = "PREVIEW_SERVER", default_value = "http://127.0.0.1:7443")]
-    pub server: String,
+    /// previewd's gRPC URL. Without it, previewd is found in the cluster of
+    /// the current kubeconfig context and reached by a port-forward.
+    #[arg(long, global = true, env = "PREVIEW_SERVER")]
+    pub server: Option<String>,
+    /// Namespace of the in-cluster previewd.
+    #[arg(long, global = true, env = "PREVIEW_PREVIEWD_NAMESPACE", default_value = "preview-system")]
+    pub previewd_namespace: String,
+    /// kubeconfig context [default: the current context].
+    #[arg(long, global = true, env = "PREVIEW_CONTEXT")]
+    pub context: Option<String>,
+    /// kubeconfig file [default: $KUBECONFIG, else ~/.kube/config].
+    #[arg(long, global = true, env = "PREVIEW_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -35,6 +48,13 @@ pub enum Command {
     Status(StatusArgs),
     /// Remove environments and everything created for them.
     Clean(CleanArgs),
+    /// Print the client's and the server's versions.
+    Version(VersionArgs),
+    /// Print a shell completion script, e.g. `source <(preview completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -96,14 +116,28 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
-#[group(required = true, multiple = false)]
 pub struct CleanArgs {
+    #[command(flatten)]
+    pub selector: CleanSelector,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct CleanSelector {
     #[arg(long)]
     pub key: Option<String>,
     #[arg(long)]
     pub glob: Option<String>,
     #[arg(long)]
     pub all_expired: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VersionArgs {
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,8 +150,8 @@ pub enum Output {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("cannot reach previewd at {server}: {source} (set --server or PREVIEW_SERVER)")]
-    Connect { server: String, source: tonic::transport::Error },
+    #[error("cannot reach previewd through {via}: {why}")]
+    Unreachable { via: String, why: String },
     #[error("{0}")]
     Rpc(String),
     #[error("{0}")]
@@ -133,7 +167,26 @@ impl From<tonic::Status> for CliError {
 }
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let mut client = connect(&cli.server).await?;
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "preview", &mut std::io::stdout());
+        return Ok(());
+    }
+    let kube = Kube { namespace: cli.previewd_namespace, context: cli.context, kubeconfig: cli.kubeconfig };
+    let conn = connect::connect(cli.server.as_deref(), &kube).await;
+    if let Command::Version(a) = cli.command {
+        return version(conn, a.output);
+    }
+    let conn = conn?;
+    let client_version = crate::metrics::VERSION;
+    match conn.server_version.as_deref() {
+        Some(v) if v == client_version => {}
+        v => eprintln!(
+            "warning: preview {client_version} talks to previewd {} ({}); upgrade the older one",
+            v.unwrap_or("of unknown version"),
+            conn.via
+        ),
+    }
+    let mut client = client(conn.channel);
     match cli.command {
         Command::Start(a) => start(&mut client, a).await,
         Command::AddPod(a) => {
@@ -147,33 +200,68 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Status(a) => status(&mut client, a).await,
         Command::Clean(a) => {
-            let selector = match (a.key, a.glob, a.all_expired) {
+            let selector = match (a.selector.key, a.selector.glob, a.selector.all_expired) {
                 (Some(k), _, _) => clean_request::Selector::Key(k),
                 (_, Some(g), _) => clean_request::Selector::Glob(g),
                 _ => clean_request::Selector::AllExpired(true),
             };
             let resp = client.clean(proto::CleanRequest { selector: Some(selector) }).await?.into_inner();
-            if resp.removed.is_empty() {
-                println!("nothing to clean");
-            }
-            for r in resp.removed {
-                println!("cleaned {} ({} objects)", r.key, r.objects.len());
+            let doc = json!({"removed": resp.removed.iter().map(|r| json!({"key": r.key, "objects": r.objects})).collect::<Vec<_>>()});
+            match a.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default()),
+                Output::Yaml => print!("{}", serde_yaml::to_string(&doc).unwrap_or_default()),
+                Output::Table | Output::Wide => {
+                    if resp.removed.is_empty() {
+                        println!("nothing to clean");
+                    }
+                    for r in resp.removed {
+                        println!("cleaned {} ({} objects)", r.key, r.objects.len());
+                        if a.output == Output::Wide {
+                            r.objects.iter().for_each(|o| println!("  {o}"));
+                        }
+                    }
+                }
             }
             Ok(())
         }
+        Command::Version(_) | Command::Completion { .. } => unreachable!("handled above"),
     }
 }
 
+/// The client version always; the server's, or why it is unknown.
+fn version(conn: Result<Connection, CliError>, output: Output) -> Result<(), CliError> {
+    let client_version = crate::metrics::VERSION;
+    let (server, via, err) = match &conn {
+        Ok(c) => (c.server_version.clone(), Some(c.via.clone()), None),
+        Err(e) => (None, None, Some(e.to_string())),
+    };
+    let doc = json!({"client": client_version, "server": server, "via": via});
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default()),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&doc).unwrap_or_default()),
+        Output::Table | Output::Wide => {
+            println!("client: {client_version}");
+            if let Some(s) = &server {
+                println!("server: {s}");
+            }
+        }
+    }
+    match conn {
+        Ok(c) if c.server_version.is_none() => {
+            Err(CliError::Failed(format!("previewd ({}) sent no version: it is older than 0.1", c.via)))
+        }
+        Ok(_) => Ok(()),
+        Err(_) => Err(CliError::Failed(err.unwrap_or_default())),
+    }
+}
+
+fn client(channel: Channel) -> PreviewServiceClient<Channel> {
+    PreviewServiceClient::new(channel)
+}
+
+/// A client for previewd at a URL (for tools and tests).
 pub async fn connect(server: &str) -> Result<PreviewServiceClient<Channel>, CliError> {
-    let endpoint = Channel::from_shared(server.to_string())
-        .map_err(|e| CliError::Usage(format!("--server {server:?} is not a URL: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        // Snapshots of many environments are large: a 64 KiB HTTP/2 window
-        // would cost several round trips each.
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20));
-    let channel = endpoint.connect().await.map_err(|source| CliError::Connect { server: server.into(), source })?;
-    Ok(PreviewServiceClient::new(channel))
+    Ok(client(connect::connect(Some(server), &Kube::default()).await?.channel))
 }
 
 fn pod_request(a: &PodArgs) -> Result<proto::PodRequest, CliError> {
@@ -202,7 +290,9 @@ async fn start(client: &mut PreviewServiceClient<Channel>, a: StartArgs) -> Resu
         ttl: a.ttl.unwrap_or_default(),
     };
     let resp = client.start(req).await?.into_inner();
-    println!("key: {}", resp.key);
+    if matches!(a.output, Output::Table | Output::Wide) {
+        println!("key: {}", resp.key);
+    }
     for w in &resp.warnings {
         eprintln!("warning: {w}");
     }
@@ -267,11 +357,16 @@ async fn status(client: &mut PreviewServiceClient<Channel>, a: StatusArgs) -> Re
     let req = proto::StatusRequest { key, namespace: a.namespace.unwrap_or_default(), watch: a.watch };
     let mut stream = client.status(req).await?.into_inner();
     let mut envs: Vec<proto::Environment> = Vec::new();
+    let tty = std::io::stdout().is_terminal();
     while let Some(ev) = stream.next().await {
         let ev = ev?;
-        if a.watch && matches!(a.output, Output::Json | Output::Yaml) {
-            // One JSON document per event, for machines.
+        if a.watch && (a.output == Output::Json || (!tty && a.output != Output::Yaml)) {
+            // One JSON document per line and event, for machines and pipes.
             println!("{}", event_json(&ev));
+            continue;
+        }
+        if a.watch && a.output == Output::Yaml {
+            print!("---\n{}", serde_yaml::to_string(&event_json(&ev)).unwrap_or_default());
             continue;
         }
         if ev.kind == proto::EventKind::Snapshot as i32 {
@@ -285,7 +380,7 @@ async fn status(client: &mut PreviewServiceClient<Channel>, a: StatusArgs) -> Re
             }
             envs.sort_by(|a, b| a.key.cmp(&b.key));
         }
-        if a.watch && std::io::stdout().is_terminal() {
+        if a.watch && tty {
             print!("\x1b[2J\x1b[H");
         }
         print_envs(&envs, a.output);
@@ -302,12 +397,20 @@ fn print_envs(envs: &[proto::Environment], output: Output) {
         Output::Yaml => {
             print!("{}", serde_yaml::to_string(&envs.iter().map(env_json).collect::<Vec<_>>()).unwrap_or_default())
         }
-        Output::Table | Output::Wide => print!("{}", table(envs, output == Output::Wide, crate::manager::now_ms())),
+        Output::Table | Output::Wide => {
+            print!("{}", table(envs, output == Output::Wide, colour(), crate::manager::now_ms()))
+        }
     }
 }
 
-/// One row per pod: KEY, POD, TARGET, NAMESPACE, IMAGE, STATUS.
-pub fn table(envs: &[proto::Environment], wide: bool, now_ms: i64) -> String {
+/// Colours only on a terminal, and never when NO_COLOR is set (no-color.org).
+fn colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// One row per pod: KEY, POD, TARGET, NAMESPACE, IMAGE, STATUS. With
+/// `colour`, STATUS is green when running, red on an error, yellow otherwise.
+pub fn table(envs: &[proto::Environment], wide: bool, colour: bool, now_ms: i64) -> String {
     let mut rows = vec![{
         let mut h = vec!["KEY", "POD", "TARGET", "NAMESPACE", "IMAGE", "STATUS"];
         if wide {
@@ -341,13 +444,29 @@ pub fn table(envs: &[proto::Environment], wide: bool, now_ms: i64) -> String {
     }
     let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
     let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+    for (n, r) in rows.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                let cell = format!("{c:<w$}");
+                // Escapes go around the padded cell so columns stay aligned.
+                match (colour && n > 0 && i == STATUS_COLUMN, c.as_str()) {
+                    (false, _) => cell,
+                    (true, s) if s.starts_with("running") => format!("\x1b[32m{cell}\x1b[0m"),
+                    (true, s) if s.contains(": ") => format!("\x1b[31m{cell}\x1b[0m"),
+                    (true, _) => format!("\x1b[33m{cell}\x1b[0m"),
+                }
+            })
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
     out
 }
+
+const STATUS_COLUMN: usize = 5;
 
 fn human(secs: u64) -> String {
     match secs {
@@ -414,10 +533,15 @@ mod tests {
             ],
             ..Default::default()
         };
-        let t = table(&[env], false, 3600 * 1000);
+        let t = table(std::slice::from_ref(&env), false, false, 3600 * 1000);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("KEY  POD"), "{t}");
         assert!(lines[1].contains("running (42m remaining)"), "{t}");
         assert!(lines[2].contains("errimageneverpull: image not present"), "{t}");
+        assert!(!t.contains('\x1b'), "{t}");
+        let c = table(&[env], false, true, 3600 * 1000);
+        assert!(c.contains("\x1b[32mrunning (42m remaining)"), "{c}");
+        assert!(c.contains("\x1b[31merrimageneverpull"), "{c}");
+        assert!(c.lines().next().is_some_and(|h| !h.contains('\x1b')), "the header stays plain: {c}");
     }
 }

@@ -1,0 +1,1 @@
+"""Generated from proto/preview/v1 by clients/generate.sh."""

@@ -1,0 +1,231 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_SNAPSHOT: _ClassVar[EventKind]
+    EVENT_KIND_ENV_ADDED: _ClassVar[EventKind]
+    EVENT_KIND_POD_CHANGED: _ClassVar[EventKind]
+    EVENT_KIND_TTL_EXTENDED: _ClassVar[EventKind]
+    EVENT_KIND_EXPIRED: _ClassVar[EventKind]
+    EVENT_KIND_CLEANED: _ClassVar[EventKind]
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_STEAL: _ClassVar[Mode]
+    MODE_MIRROR: _ClassVar[Mode]
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_SNAPSHOT: EventKind
+EVENT_KIND_ENV_ADDED: EventKind
+EVENT_KIND_POD_CHANGED: EventKind
+EVENT_KIND_TTL_EXTENDED: EventKind
+EVENT_KIND_EXPIRED: EventKind
+EVENT_KIND_CLEANED: EventKind
+MODE_UNSPECIFIED: Mode
+MODE_STEAL: Mode
+MODE_MIRROR: Mode
+
+class PodRequest(_message.Message):
+    __slots__ = ("config", "image", "target", "namespace", "name")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    config: str
+    image: str
+    target: str
+    namespace: str
+    name: str
+    def __init__(self, config: _Optional[str] = ..., image: _Optional[str] = ..., target: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class StartRequest(_message.Message):
+    __slots__ = ("pods", "key", "ttl")
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    pods: _containers.RepeatedCompositeFieldContainer[PodRequest]
+    key: str
+    ttl: str
+    def __init__(self, pods: _Optional[_Iterable[_Union[PodRequest, _Mapping]]] = ..., key: _Optional[str] = ..., ttl: _Optional[str] = ...) -> None: ...
+
+class StartResponse(_message.Message):
+    __slots__ = ("key", "environment", "warnings")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    environment: Environment
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., environment: _Optional[_Union[Environment, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddPodRequest(_message.Message):
+    __slots__ = ("key", "pod")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    pod: PodRequest
+    def __init__(self, key: _Optional[str] = ..., pod: _Optional[_Union[PodRequest, _Mapping]] = ...) -> None: ...
+
+class AddPodResponse(_message.Message):
+    __slots__ = ("environment", "warnings")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    environment: Environment
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, environment: _Optional[_Union[Environment, _Mapping]] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("key", "namespace", "watch")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    WATCH_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    namespace: str
+    watch: bool
+    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., watch: _Optional[bool] = ...) -> None: ...
+
+class StatusEvent(_message.Message):
+    __slots__ = ("kind", "sequence", "environments", "pod")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENTS_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    kind: EventKind
+    sequence: int
+    environments: _containers.RepeatedCompositeFieldContainer[Environment]
+    pod: Pod
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., sequence: _Optional[int] = ..., environments: _Optional[_Iterable[_Union[Environment, _Mapping]]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ...) -> None: ...
+
+class Environment(_message.Message):
+    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PODS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    namespace: str
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    mode: Mode
+    pods: _containers.RepeatedCompositeFieldContainer[Pod]
+    pending: bool
+    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ...) -> None: ...
+
+class Pod(_message.Message):
+    __slots__ = ("name", "target", "container", "image", "phase", "ready", "restarts", "node", "ip", "last_error", "reason", "group")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    target: str
+    container: str
+    image: str
+    phase: str
+    ready: bool
+    restarts: int
+    node: str
+    ip: str
+    last_error: str
+    reason: str
+    group: str
+    def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., container: _Optional[str] = ..., image: _Optional[str] = ..., phase: _Optional[str] = ..., ready: _Optional[bool] = ..., restarts: _Optional[int] = ..., node: _Optional[str] = ..., ip: _Optional[str] = ..., last_error: _Optional[str] = ..., reason: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
+
+class CleanRequest(_message.Message):
+    __slots__ = ("key", "glob", "all_expired")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    GLOB_FIELD_NUMBER: _ClassVar[int]
+    ALL_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    glob: str
+    all_expired: bool
+    def __init__(self, key: _Optional[str] = ..., glob: _Optional[str] = ..., all_expired: _Optional[bool] = ...) -> None: ...
+
+class CleanResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: _containers.RepeatedCompositeFieldContainer[CleanedEnvironment]
+    def __init__(self, removed: _Optional[_Iterable[_Union[CleanedEnvironment, _Mapping]]] = ...) -> None: ...
+
+class CleanedEnvironment(_message.Message):
+    __slots__ = ("key", "objects")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    objects: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., objects: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AgentHello(_message.Message):
+    __slots__ = ("namespace", "pod")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    pod: str
+    def __init__(self, namespace: _Optional[str] = ..., pod: _Optional[str] = ...) -> None: ...
+
+class RouteSet(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("key", "mode", "filter", "ports", "destination", "expires_at")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    mode: Mode
+    filter: Filter
+    ports: _containers.RepeatedScalarFieldContainer[int]
+    destination: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, key: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., ports: _Optional[_Iterable[int]] = ..., destination: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("header", "path", "method", "all_of", "any_of", "key")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ALL_OF_FIELD_NUMBER: _ClassVar[int]
+    ANY_OF_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    header: str
+    path: str
+    method: str
+    all_of: FilterList
+    any_of: FilterList
+    key: str
+    def __init__(self, header: _Optional[str] = ..., path: _Optional[str] = ..., method: _Optional[str] = ..., all_of: _Optional[_Union[FilterList, _Mapping]] = ..., any_of: _Optional[_Union[FilterList, _Mapping]] = ..., key: _Optional[str] = ...) -> None: ...
+
+class FilterList(_message.Message):
+    __slots__ = ("filters",)
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    filters: _containers.RepeatedCompositeFieldContainer[Filter]
+    def __init__(self, filters: _Optional[_Iterable[_Union[Filter, _Mapping]]] = ...) -> None: ...
