@@ -31,7 +31,7 @@ printf '"""Generated from proto/preview/v1 by clients/generate.sh."""\n' > "$out
 if [ "${1:-}" = --check ]; then
   status=0
   for d in go/previewv1 python/src/preview/v1; do
-    diff -ru "clients/$d" "$out/$d" || status=1
+    diff -ru -x __pycache__ "clients/$d" "$out/$d" || status=1
   done
   [ $status = 0 ] || { echo "generate: checked-in clients differ from proto/; run make generate and commit" >&2; exit 1; }
   echo "generate: clients match proto/"
