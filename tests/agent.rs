@@ -59,6 +59,14 @@ async fn wait_routed(key: &str, want: &str) -> Result<()> {
     bail!("key {key} never reached {want}")
 }
 
+/// Bounds one step of a test, so a hang says where it is.
+async fn step<T, E: Into<anyhow::Error>>(what: &str, f: impl std::future::Future<Output = Result<T, E>>) -> Result<T> {
+    match tokio::time::timeout(Duration::from_secs(20), f).await {
+        Ok(r) => r.map_err(|e| e.into().context(what.to_string())),
+        Err(_) => bail!("{what}: no answer within 20 s"),
+    }
+}
+
 fn version(v: &serde_json::Value) -> &str {
     v["version"].as_str().unwrap_or_default()
 }
@@ -149,9 +157,11 @@ fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
         route("gone", "steal", "198.18.101.9")
     ]))?;
     net.client(|| async {
-        wait_routed("alpha", "v2").await?;
+        step("alpha routed", wait_routed("alpha", "v2")).await?;
         let stream = tokio::net::TcpStream::connect((POD, 8080)).await?;
-        let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        let (mut h2, conn) =
+            step("h2 handshake", hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)))
+                .await?;
         tokio::spawn(conn);
         for i in 0..6 {
             let key = if i % 2 == 0 { Some("alpha") } else { None };
@@ -159,8 +169,9 @@ fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
             if let Some(k) = key {
                 b = b.header("baggage", format!("preview-key={k}"));
             }
-            let resp = h2.send_request(b.body(Full::new(Bytes::new()))?).await?;
-            let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+            let resp = step("h2 request", h2.send_request(b.body(Full::new(Bytes::new()))?)).await?;
+            let body = step("h2 body", resp.into_body().collect()).await?.to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
             ensure!(v["protocol"] == "HTTP/2.0", "{v}");
             ensure!(version(&v) == if key.is_some() { "v2" } else { "v1" }, "{v}");
         }
@@ -169,20 +180,17 @@ fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
             .header("content-type", "application/grpc")
             .header("x-preview-key", "gone")
             .body(Full::new(Bytes::new()))?;
-        let resp = h2.send_request(req).await?;
+        let resp = step("gRPC to a preview that is down", h2.send_request(req)).await?;
         ensure!(resp.headers().get("grpc-status").map(|v| v.as_bytes()) == Some(&b"14"[..]), "{:?}", resp.headers());
-        let mut s = h1_conn(8080).await?;
+        let mut s = step("h1 connect", h1_conn(8080)).await?;
         send_ready(&mut s).await?;
-        let resp = s
-            .send_request(
-                http::Request::get("/")
-                    .header("host", POD)
-                    .header("x-preview-key", "gone")
-                    .body(Full::new(Bytes::new()))?,
-            )
-            .await?;
+        let req = http::Request::get("/")
+            .header("host", POD)
+            .header("x-preview-key", "gone")
+            .body(Full::new(Bytes::new()))?;
+        let resp = step("HTTP/1 to a preview that is down", s.send_request(req)).await?;
         ensure!(resp.status() == 502, "{}", resp.status());
-        ensure!(version(&get(&mut s, "/", None).await?) == "v1");
+        ensure!(version(&step("h1 after the 502", get(&mut s, "/", None)).await?) == "v1");
         Ok(())
     })
 }
@@ -437,15 +445,20 @@ fn connections_open_before_the_rules_do_not_bypass_the_agent() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut old = old.ok_or_else(|| anyhow::anyhow!("app never came up"))?;
-        ensure!(version(&get(&mut old, "/", Some("alpha")).await?) == "v1");
+        ensure!(version(&step("direct request", get(&mut old, "/", Some("alpha"))).await?) == "v1");
         tx.send(())?;
         go_rx.recv_timeout(Duration::from_secs(30))?;
-        wait_routed("alpha", "v2").await?;
+        step("alpha routed", wait_routed("alpha", "v2")).await?;
         // conntrack was flushed: the old connection is reset (the client
         // reconnects through the agent); it never reaches the app around it.
-        match get(&mut old, "/", Some("alpha")).await {
+        match step("old connection", get(&mut old, "/", Some("alpha"))).await {
             Ok(v) => ensure!(version(&v) == "v2", "old connection bypassed the agent: {v}"),
-            Err(_) => ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v2"),
+            Err(e) if format!("{e:#}").contains("no answer") => return Err(e),
+            Err(_) => {
+                let v =
+                    step("new connection", async { get(&mut h1_conn(8080).await?, "/", Some("alpha")).await }).await?;
+                ensure!(version(&v) == "v2", "{v}")
+            }
         }
         Ok(())
     });
@@ -453,6 +466,48 @@ fn connections_open_before_the_rules_do_not_bypass_the_agent() -> Result<()> {
     net.agent()?;
     go_tx.send(())?;
     client.join().map_err(|_| anyhow::anyhow!("client panicked"))?
+}
+
+/// New connections made while the rules go in (handshakes in flight when
+/// conntrack is flushed) each end: answered, or reset so the client retries.
+/// None is left half-open, established on the client and unknown to the pod.
+#[test]
+fn connections_racing_the_rules_never_hang() -> Result<()> {
+    let mut net = Net::new()?;
+    net.servers()?;
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let client = net.client_thread(move || async move {
+        step("app up", wait_routed("alpha", "v1")).await?;
+        tx.send(())?;
+        let end = tokio::time::Instant::now() + Duration::from_millis(1500);
+        let loops = (0..8).map(|_| {
+            tokio::spawn(async move {
+                let (mut made, mut hung) = (0u32, 0u32);
+                while tokio::time::Instant::now() < end {
+                    made += 1;
+                    let one = async { get(&mut h1_conn(8080).await?, "/", None).await };
+                    if tokio::time::timeout(Duration::from_secs(10), one).await.is_err() {
+                        hung += 1;
+                    }
+                }
+                (made, hung)
+            })
+        });
+        let (mut made, mut hung) = (0, 0);
+        for l in loops.collect::<Vec<_>>() {
+            let (m, h) = l.await?;
+            made += m;
+            hung += h;
+        }
+        ensure!(made > 50, "only {made} connections made");
+        ensure!(hung == 0, "{hung} of {made} connections hung (no answer, no reset within 10 s)");
+        Ok(())
+    });
+    rx.recv_timeout(Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    net.agent()?;
+    client.join().map_err(|_| anyhow::anyhow!("client panicked"))?.map_err(|e| e.context(net.logs()))
 }
 
 /// Issue 5's key propagation: the outbound agent in the client namespace

@@ -174,12 +174,17 @@ impl Direction {
     }
 }
 
-/// Forgets conntrack state for connections to `port`, so connections made
-/// before the rules existed re-enter nat (and reach the agent) or reset.
+/// Forgets conntrack state for connections to `port` that go straight to the
+/// app, so connections made before the rules existed re-enter nat (and reach
+/// the agent) or reset. Connections already redirected to the agent (their
+/// replies come from its port, not `port`) keep their entries: without one
+/// the agent cannot read their original destination, and its reset would
+/// leave un-NATed and be ignored, leaving the client hanging.
 pub fn flush_conntrack(port: u16) {
+    let port = port.to_string();
     // Exit code 1 means "no entries"; a missing binary is logged only.
     match Command::new("conntrack")
-        .args(["-D", "-p", "tcp", "--orig-port-dst", &port.to_string()])
+        .args(["-D", "-p", "tcp", "--orig-port-dst", &port, "--reply-port-src", &port])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

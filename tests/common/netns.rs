@@ -141,7 +141,23 @@ impl Net {
         &self,
         f: impl FnOnce() -> Fut + Send + 'static,
     ) -> Result<T> {
-        self.client_thread(f).join().map_err(|_| anyhow::anyhow!("client thread panicked"))?
+        let r = self.client_thread(f).join().map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        r.map_err(|e| e.context(self.logs()))
+    }
+
+    /// The last lines of every process's log, for a failure's message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.procs.len() {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("{i}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            out.push_str(&format!("--- process {i} log (last 15 lines)\n"));
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Starts `f` on a thread inside the client namespace (with its own
