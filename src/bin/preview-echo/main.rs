@@ -68,10 +68,16 @@ struct App {
     downstream: Option<String>,
     drop_baggage: bool,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// For the retry: never pooled, so it cannot pick another dead connection.
+    fresh: Client<HttpConnector, Full<Bytes>>,
 }
 
 fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn unpooled_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http()
 }
 
 async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -142,8 +148,9 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
             }
             b.body(Full::new(Bytes::new()))
         };
-        // A GET is idempotent: like Go's and browsers' clients, retry once
-        // when a pooled connection turns out to be dead (reset by a peer).
+        // A GET is idempotent: like Go's and browsers' clients, retry once, on
+        // a new connection, when a pooled one turns out to be dead (reset by
+        // a peer; every pooled connection to a pod is, when an agent attaches).
         let mut sent = match request() {
             Ok(r) => app.client.request(r).await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -151,7 +158,7 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
         if sent.is_err()
             && let Ok(r) = request()
         {
-            sent = app.client.request(r).await.map_err(|e| e.to_string());
+            sent = app.fresh.request(r).await.map_err(|e| e.to_string());
         }
         let down = match sent {
             Ok(resp) => {
@@ -246,7 +253,11 @@ async fn main() -> anyhow::Result<()> {
             }
             let pod = std::env::var("HOSTNAME").unwrap_or_default();
             let served = Default::default();
-            serve(App { served, version, pod, downstream, drop_baggage, client: client() }, listen).await
+            serve(
+                App { served, version, pod, downstream, drop_baggage, client: client(), fresh: unpooled_client() },
+                listen,
+            )
+            .await
         }
         Cmd::Whoami => {
             // connect() on UDP only picks a route and source address.
