@@ -191,6 +191,24 @@ async fn installed_previewd_serves_every_client() -> Result<()> {
     let ev: serde_json::Value = serde_json::from_str(&first).with_context(|| first.clone())?;
     ensure!(ev["kind"] == "snapshot" && ev["environments"][0]["key"] == "cli-pf", "{first}");
 
+    // Staging traffic through an agent that this previewd attached: the agent
+    // reaches it by its Service name, and the role allows the ephemeral
+    // container patch.
+    common::e2e::demo_chain(&ns, false).await?;
+    let n = ns.name.clone();
+    tokio::task::spawn_blocking(move || {
+        ok(&mut cli(&["start", "--target", "deployment/orders", "--image", IMAGE, "-n", &n, "--key", "steal1"]))
+    })
+    .await??;
+    let front = common::e2e::cluster_ip(&ns, "frontend").await?;
+    eventually("keyed requests to reach orders v2", Duration::from_secs(60), || async {
+        Ok((common::e2e::call(&front, Some("steal1")).await.ok() == Some(common::e2e::chain(&["v1", "v2", "v1"])))
+            .then_some(()))
+    })
+    .await?;
+    ensure!(common::e2e::call(&front, None).await? == common::e2e::chain(&["v1", "v1", "v1"]), "unkeyed left staging");
+    ok(&mut cli(&["clean", "--key", "steal1"]))?;
+
     // State on the volume survives the pod: delete it, and the new pod still
     // knows cli-pf, and its preview pod was not touched.
     let preview_uid = |pods: Vec<Pod>| pods.into_iter().find_map(|p| p.metadata.uid);
