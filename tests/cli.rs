@@ -59,6 +59,8 @@ async fn start_status_clean_and_exit_codes() -> Result<()> {
     let s = server.clone();
     let (code, _, _) = tokio::task::spawn_blocking(move || preview(&s, &["status", "-o", "xml"])).await??;
     ensure!(code == 2, "usage error exit {code}");
+    let (code, _, err) = tokio::task::spawn_blocking(|| preview("previewd:7443", &["status"])).await??;
+    ensure!(code == 2 && err.contains("expected a URL like http://previewd:7443"), "{code} {err}");
     let (code, _, err) = tokio::task::spawn_blocking(|| preview("http://127.0.0.1:9", &["status"])).await??;
     ensure!(
         code == 1 && err.contains("cannot reach previewd through http://127.0.0.1:9") && err.lines().count() == 1,

@@ -50,8 +50,13 @@ pub async fn connect(server: Option<&str>, kube: &Kube) -> Result<Connection, Cl
 }
 
 fn endpoint(uri: &str) -> Result<Endpoint, CliError> {
+    let usage = || CliError::Usage(format!("--server {uri:?}: expected a URL like http://previewd:7443"));
+    let parsed: http::Uri = uri.parse().map_err(|_| usage())?;
+    if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
+        return Err(usage());
+    }
     Ok(Channel::from_shared(uri.to_string())
-        .map_err(|e| CliError::Usage(format!("--server {uri:?} is not a URL: {e}")))?
+        .map_err(|_| usage())?
         .connect_timeout(Duration::from_secs(5))
         // Snapshots of many environments are large: a 64 KiB HTTP/2 window
         // would cost several round trips each.
