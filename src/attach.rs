@@ -103,8 +103,10 @@ fn failures_in_a_row(ours: &[(u32, &str)], status: &k8s_openapi::api::core::v1::
     agents.iter().take_while(|(_, n)| exit(n).is_some_and(|c| c != 0 && c < 128)).count()
 }
 
-/// Runs the per-target tasks for as long as previewd runs.
-pub async fn run(manager: Arc<Manager>, image: String, server: String) {
+/// Runs the per-target tasks for as long as previewd runs, with the agent
+/// image the cluster was configured with (none: nothing to attach).
+pub async fn run(manager: Arc<Manager>, server: String) {
+    let Some(image) = manager.cluster().agent_image.clone() else { return };
     let mut tasks: HashMap<TargetRef, JoinHandle<()>> = HashMap::new();
     let (_, mut events) = manager.subscribe(&Selector::default());
     loop {

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
     Pod, PodReadinessGate, PodSpec, PodTemplateSpec, ResourceRequirements, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 
 use crate::config::{Target, WorkloadKind};
 use crate::store::EnvRecord;
@@ -95,29 +95,10 @@ impl Cluster {
         kind: WorkloadKind,
         name: &str,
     ) -> Result<Option<(String, String)>, KubeError> {
-        let c = self.client.clone();
-        let what = format!("get {}/{name}", kind.as_str());
-        let sel = match kind {
-            WorkloadKind::Deployment => Api::<Deployment>::namespaced(c, ns)
-                .get_opt(name)
-                .await
-                .map_err(KubeError::api(what))?
-                .and_then(|d| d.spec)
-                .map(|s| s.selector),
-            WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(c, ns)
-                .get_opt(name)
-                .await
-                .map_err(KubeError::api(what))?
-                .and_then(|d| d.spec)
-                .map(|s| s.selector),
-            WorkloadKind::ReplicaSet => Api::<ReplicaSet>::namespaced(c, ns)
-                .get_opt(name)
-                .await
-                .map_err(KubeError::api(what))?
-                .and_then(|d| d.spec)
-                .map(|s| s.selector),
-            WorkloadKind::Pod => return Ok(Some((format!("!{LABEL_KEY}"), format!("metadata.name={name}")))),
-        };
+        if kind == WorkloadKind::Pod {
+            return Ok(Some((format!("!{LABEL_KEY}"), format!("metadata.name={name}"))));
+        }
+        let sel = self.controller(ns, kind, name, format!("get {}/{name}", kind.as_str())).await?.map(|(_, s)| s);
         Ok(sel.map(|s| (label_selector(&s), String::new())))
     }
 
@@ -141,39 +122,57 @@ impl Cluster {
         }
     }
 
-    /// Reads the target's pod template and picks the container.
-    pub async fn resolve(&self, ns: &str, target: &Target) -> Result<Option<Resolved>, KubeError> {
-        let Target::Workload { kind, name, container, .. } = target else { return Ok(None) };
+    /// A controller's pod template and selector; `None` when it does not
+    /// exist (and for pods, which are not controllers).
+    async fn controller(
+        &self,
+        ns: &str,
+        kind: WorkloadKind,
+        name: &str,
+        what: String,
+    ) -> Result<Option<(Option<PodTemplateSpec>, LabelSelector)>, KubeError> {
         let c = self.client.clone();
-        let what = format!("get {target}");
-        let template = match kind {
+        Ok(match kind {
             WorkloadKind::Deployment => Api::<Deployment>::namespaced(c, ns)
                 .get_opt(name)
                 .await
                 .map_err(KubeError::api(what))?
-                .and_then(|d| d.spec.map(|s| s.template)),
+                .and_then(|d| d.spec)
+                .map(|s| (Some(s.template), s.selector)),
             WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(c, ns)
                 .get_opt(name)
                 .await
                 .map_err(KubeError::api(what))?
-                .and_then(|d| d.spec.map(|s| s.template)),
+                .and_then(|d| d.spec)
+                .map(|s| (Some(s.template), s.selector)),
             WorkloadKind::ReplicaSet => Api::<ReplicaSet>::namespaced(c, ns)
                 .get_opt(name)
                 .await
                 .map_err(KubeError::api(what))?
-                .and_then(|d| d.spec.and_then(|s| s.template)),
+                .and_then(|d| d.spec)
+                .map(|s| (s.template, s.selector)),
+            WorkloadKind::Pod => None,
+        })
+    }
+
+    /// Reads the target's pod template and picks the container.
+    pub async fn resolve(&self, ns: &str, target: &Target) -> Result<Option<Resolved>, KubeError> {
+        let Target::Workload { kind, name, container, .. } = target else { return Ok(None) };
+        let what = format!("get {target}");
+        let template = match kind {
             WorkloadKind::Pod => {
-                Api::<Pod>::namespaced(c, ns).get_opt(name).await.map_err(KubeError::api(what))?.map(|p| {
-                    PodTemplateSpec {
+                Api::<Pod>::namespaced(self.client.clone(), ns).get_opt(name).await.map_err(KubeError::api(what))?.map(
+                    |p| PodTemplateSpec {
                         metadata: Some(ObjectMeta {
                             labels: p.metadata.labels,
                             annotations: p.metadata.annotations,
                             ..Default::default()
                         }),
                         spec: p.spec,
-                    }
-                })
+                    },
+                )
             }
+            _ => self.controller(ns, *kind, name, what).await?.and_then(|(t, _)| t),
         };
         let template = template.ok_or_else(|| KubeError::TargetNotFound {
             target: Target::Workload { kind: *kind, name: name.clone(), container: None, namespace: None }.to_string(),
@@ -369,7 +368,7 @@ impl std::fmt::Display for ManagedObject {
 }
 
 /// A LabelSelector as a list-call selector string, excluding preview pods.
-pub fn label_selector(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
+pub fn label_selector(s: &LabelSelector) -> String {
     let mut parts: Vec<String> = s.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
     for e in s.match_expressions.iter().flatten() {
         let values = e.values.clone().unwrap_or_default().join(",");

@@ -197,12 +197,13 @@ pub async fn serve(
     let selector = manager.cluster().selector(&format!("{LABEL_ROLE}={ROLE_POD}"));
     let watch = tokio::spawn(watch_pods(manager.clone(), client, selector));
     let reaper = tokio::spawn(reap(manager.clone(), reap_every));
-    let attacher = match (&args.agent_image, agent_server) {
-        (Some(image), Some(server)) => {
-            tracing::info!(%image, %server, "attaching agents to previewed targets");
-            Some(tokio::spawn(crate::attach::run(manager.clone(), image.clone(), server)))
+    // agent_server is Some exactly when an agent image was given.
+    let attacher = match agent_server {
+        Some(server) => {
+            tracing::info!(image = ?args.agent_image, %server, "attaching agents to previewed targets");
+            Some(tokio::spawn(crate::attach::run(manager.clone(), server)))
         }
-        _ => {
+        None => {
             tracing::warn!("no --agent-image: preview pods are created but get no traffic from their targets");
             None
         }
