@@ -60,6 +60,34 @@ pub enum AgentCommand {
 /// The group id of the outbound agent's sockets: its rules skip them.
 pub const AGENT_GID: u32 = 1337;
 
+impl AgentCommand {
+    /// Threads for this command's runtime: the data plane's setting, else one.
+    pub fn threads(&self) -> usize {
+        match self {
+            AgentCommand::Worker(a) => a.threads.into(),
+            AgentCommand::Outbound(a) => a.threads.into(),
+            _ => 1,
+        }
+    }
+}
+
+/// The runtime of an agent process: one thread, or a work-stealing pool.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+}
+
+/// Runs a blocking rule command off the data-plane thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct OutboundArgs {
     /// The environment key to propagate.
@@ -72,6 +100,11 @@ pub struct OutboundArgs {
     /// probe on it tells the kubelet when the app may start.
     #[arg(long, env = "PREVIEW_AGENT_ADMIN", default_value = "0.0.0.0:15092")]
     pub admin: SocketAddr,
+    /// Data-plane threads. One (the default) serves every connection on a
+    /// single thread, as linkerd2-proxy does given one core: at a pod's
+    /// rates, waking a second thread costs more than it gives.
+    #[arg(long, env = "PREVIEW_AGENT_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -101,6 +134,11 @@ pub struct WorkerArgs {
     /// Chain name (chosen by the guard).
     #[arg(long, hide = true)]
     pub chain: Option<String>,
+    /// Data-plane threads. One (the default) serves every connection on a
+    /// single thread, as linkerd2-proxy does given one core: at a pod's
+    /// rates, waking a second thread costs more than it gives.
+    #[arg(long, env = "PREVIEW_AGENT_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +173,9 @@ pub async fn guard(args: WorkerArgs) -> Result<i32, AgentError> {
     if !args.ports.is_empty() {
         cmd.arg("--ports").arg(args.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
     }
-    cmd.arg("--listen")
+    cmd.arg("--threads")
+        .arg(args.threads.to_string())
+        .arg("--listen")
         .arg(args.listen.to_string())
         .arg("--admin")
         .arg(args.admin.to_string())
@@ -270,11 +310,11 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
                 }
                 let want = wanted_ports(&args.ports, &routes.get());
                 if want != ports {
-                    match backend.update(&chain, &Direction::Inbound(want.clone()), args.listen.port()) {
+                    let (b, c, w, to) = (backend.clone(), chain.clone(), want.clone(), args.listen.port());
+                    match blocking(move || b.update(&c, &Direction::Inbound(w), to)).await {
                         Ok(()) => {
-                            for p in want.iter().filter(|p| !ports.contains(p)) {
-                                intercept::flush_conntrack(*p);
-                            }
+                            let new: Vec<u16> = want.iter().copied().filter(|p| !ports.contains(p)).collect();
+                            blocking(move || new.into_iter().for_each(intercept::flush_conntrack)).await;
                             tracing::info!(ports = ?want, "intercepted ports changed");
                             ports = want;
                         }

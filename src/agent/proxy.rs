@@ -184,12 +184,15 @@ impl Proxy {
                         *copy.uri_mut() = parts.uri.clone();
                         *copy.version_mut() = parts.version;
                         *copy.headers_mut() = parts.headers.clone();
+                        let original = Request::from_parts(parts, full(bytes));
+                        let resp = self.send(original, app, None, None).await;
+                        // Queued once the original has its answer: the copy's
+                        // work never sits between the original and the app.
                         match self.mirror.try_send(MirrorJob { key: key.clone(), req: copy, to: preview }) {
                             Ok(()) => self.metrics.mirrored(&key),
                             Err(_) => self.metrics.mirror_dropped(&key),
                         }
-                        let original = Request::from_parts(parts, full(bytes));
-                        Ok(self.send(original, app, None, None).await)
+                        Ok(resp)
                     }
                 }
             }

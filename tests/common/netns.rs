@@ -1,6 +1,6 @@
 //! Network namespaces for data-plane tests and benchmarks:
 //!
-//!   client ns 198.18.100.1 ── 198.18.100.2 pod ns (app :8080, :9000, :9090 + agent)
+//!   client ns 198.18.100.1 ── 198.18.100.2 pod ns (app :8080, :8081, :9000, :9090 + agent)
 //!                                198.18.101.1 ── 198.18.101.2 preview ns (v2)
 //!                                             └─ 198.18.101.3          (v3)
 
@@ -66,7 +66,8 @@ impl Net {
         Ok(self.procs.len() - 1)
     }
 
-    /// App v1 on :8080 (+ raw echo on :9000) in the pod, v2 and v3 previews.
+    /// App v1 on :8080 and :8081 (+ raw echo on :9000, gRPC on :9090) in the
+    /// pod, v2 and v3 previews.
     pub fn servers(&mut self) -> Result<()> {
         let echo = env!("CARGO_BIN_EXE_preview-echo");
         let (p, v) = (self.ns("p"), self.ns("v"));
@@ -76,7 +77,8 @@ impl Net {
                 echo,
                 "serve",
                 "--listen",
-                "0.0.0.0:8080",
+                // :8081 is never intercepted: the benchmark's direct path.
+                "0.0.0.0:8080,0.0.0.0:8081",
                 "--version",
                 "v1",
                 "--tcp-echo",

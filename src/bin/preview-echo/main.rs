@@ -32,8 +32,9 @@ struct Cli {
 enum Cmd {
     /// Serve HTTP/1.1 and h2c.
     Serve {
-        #[arg(long, env = "ECHO_LISTEN", default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
+        /// Where to serve; several addresses, comma-separated, serve the same app.
+        #[arg(long, env = "ECHO_LISTEN", default_value = "0.0.0.0:8080", value_delimiter = ',')]
+        listen: Vec<SocketAddr>,
         /// The version string every answer carries.
         #[arg(long, env = "ECHO_VERSION", default_value = "v1")]
         version: String,
@@ -176,10 +177,19 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
     Ok(resp)
 }
 
-async fn serve(app: App, listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-    eprintln!("preview-echo {} listening on {listen}", app.version);
+async fn serve(app: App, listen: Vec<SocketAddr>) -> anyhow::Result<()> {
     let app = Arc::new(app);
+    let mut servers = tokio::task::JoinSet::new();
+    for addr in listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        eprintln!("preview-echo {} listening on {addr}", app.version);
+        servers.spawn(accept(app.clone(), listener));
+    }
+    // Each accept loop ends only on an error; the first one ends the app.
+    servers.join_next().await.context("no --listen address")??
+}
+
+async fn accept(app: Arc<App>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let app = app.clone();
