@@ -64,11 +64,20 @@ impl AgentCommand {
     /// Threads for this command's runtime: the data plane's setting, else one.
     pub fn threads(&self) -> usize {
         match self {
-            AgentCommand::Worker(a) => a.threads.into(),
-            AgentCommand::Outbound(a) => a.threads.into(),
+            AgentCommand::Worker(a) => a.runtime.threads.into(),
+            AgentCommand::Outbound(a) => a.runtime.threads.into(),
             _ => 1,
         }
     }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Data-plane threads. One (the default) serves every connection on a
+    /// single thread, as linkerd2-proxy does given one core: at a pod's
+    /// rates, waking a second thread costs more than it gives.
+    #[arg(long, env = "PREVIEW_AGENT_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
 }
 
 /// The runtime of an agent process: one thread, or a work-stealing pool.
@@ -100,11 +109,8 @@ pub struct OutboundArgs {
     /// probe on it tells the kubelet when the app may start.
     #[arg(long, env = "PREVIEW_AGENT_ADMIN", default_value = "0.0.0.0:15092")]
     pub admin: SocketAddr,
-    /// Data-plane threads. One (the default) serves every connection on a
-    /// single thread, as linkerd2-proxy does given one core: at a pod's
-    /// rates, waking a second thread costs more than it gives.
-    #[arg(long, env = "PREVIEW_AGENT_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub threads: u16,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -134,11 +140,8 @@ pub struct WorkerArgs {
     /// Chain name (chosen by the guard).
     #[arg(long, hide = true)]
     pub chain: Option<String>,
-    /// Data-plane threads. One (the default) serves every connection on a
-    /// single thread, as linkerd2-proxy does given one core: at a pod's
-    /// rates, waking a second thread costs more than it gives.
-    #[arg(long, env = "PREVIEW_AGENT_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub threads: u16,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,7 +177,7 @@ pub async fn guard(args: WorkerArgs) -> Result<i32, AgentError> {
         cmd.arg("--ports").arg(args.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
     }
     cmd.arg("--threads")
-        .arg(args.threads.to_string())
+        .arg(args.runtime.threads.to_string())
         .arg("--listen")
         .arg(args.listen.to_string())
         .arg("--admin")
@@ -531,4 +534,21 @@ async fn serve_admin(listener: TcpListener, routes: Arc<SharedRoutes>, metrics: 
         _ => "ok\n".to_string(),
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_default_to_one_and_zero_is_refused() {
+        let parse = |extra: &[&str]| {
+            let args = ["preview-agent", "worker", "--routes", "r.json"].iter().chain(extra).copied();
+            AgentCli::try_parse_from(args)
+        };
+        assert_eq!(parse(&[]).map(|c| c.command.threads()).ok(), Some(1));
+        assert_eq!(parse(&["--threads", "2"]).map(|c| c.command.threads()).ok(), Some(2));
+        let err = parse(&["--threads", "0"]).expect_err("0 threads is refused").to_string();
+        assert!(err.contains("--threads"), "{err}");
+    }
 }
