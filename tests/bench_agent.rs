@@ -108,7 +108,6 @@ async fn drive(
 
 /// One path under test: where to send, the process whose CPU it costs, and
 /// an optional key (mirror phases).
-#[derive(Clone)]
 struct Path {
     addr: SocketAddr,
     key: Option<&'static str>,

@@ -89,14 +89,6 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-/// Runs a blocking rule command off the data-plane thread.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct OutboundArgs {
     /// The environment key to propagate.
@@ -314,10 +306,17 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
                 let want = wanted_ports(&args.ports, &routes.get());
                 if want != ports {
                     let (b, c, w, to) = (backend.clone(), chain.clone(), want.clone(), args.listen.port());
-                    match blocking(move || b.update(&c, &Direction::Inbound(w), to)).await {
+                    let new: Vec<u16> = want.iter().copied().filter(|p| !ports.contains(p)).collect();
+                    // iptables and conntrack block: keep them off the data-plane thread.
+                    let changed = tokio::task::spawn_blocking(move || {
+                        b.update(&c, &Direction::Inbound(w), to)?;
+                        new.into_iter().for_each(intercept::flush_conntrack);
+                        Ok::<_, intercept::InterceptError>(())
+                    })
+                    .await
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                    match changed {
                         Ok(()) => {
-                            let new: Vec<u16> = want.iter().copied().filter(|p| !ports.contains(p)).collect();
-                            blocking(move || new.into_iter().for_each(intercept::flush_conntrack)).await;
                             tracing::info!(ports = ?want, "intercepted ports changed");
                             ports = want;
                         }
