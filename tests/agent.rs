@@ -93,28 +93,36 @@ fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
             eprintln!("http1 step 3: A key that is a prefix or extension of another does not match.");
             ensure!(version(&get(&mut s, "/", Some("alph")).await?) == "v1");
         }
-        // Large upload (chunked, streamed) and large download through steal.
-        eprintln!("http1 step 4: Large upload (chunked, streamed) and large download through steal.");
-        let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> =
-            (0..64).map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![b'a'; 128 * 1024])))).collect();
-        let body = http_body_util::StreamBody::new(futures::stream::iter(chunks));
-        let stream = tokio::net::TcpStream::connect((POD, 8080)).await?;
-        let (mut up, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::post("/upload").header("host", POD).header("x-preview-key", "alpha").body(body)?;
-        let resp = up.send_request(req).await?;
-        ensure!(resp.headers().get("transfer-encoding").is_none() || resp.status().is_success());
-        let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
-        ensure!(version(&v) == "v2" && v["body_bytes"] == 64 * 128 * 1024, "{v}");
-        let mut s = h1_conn(8080).await?;
-        send_ready(&mut s).await?;
-        let req = http::Request::get("/bytes/20000000")
-            .header("host", POD)
-            .header("x-preview-key", "beta")
-            .body(Full::new(Bytes::new()))?;
-        let resp = s.send_request(req).await?;
-        ensure!(resp.headers().get("x-version").map(|v| v.as_bytes()) == Some(&b"v3"[..]));
-        ensure!(resp.into_body().collect().await?.to_bytes().len() == 20_000_000);
+        // Large uploads (chunked, streamed) and large downloads, unkeyed (the
+        // byte-level fast path) and through steal (hyper).
+        eprintln!("http1 step 4: Large uploads (chunked, streamed) and large downloads, unkeyed and through steal.");
+        for (key, want) in [(None, "v1"), (Some("alpha"), "v2")] {
+            let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> =
+                (0..64).map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![b'a'; 128 * 1024])))).collect();
+            let body = http_body_util::StreamBody::new(futures::stream::iter(chunks));
+            let stream = tokio::net::TcpStream::connect((POD, 8080)).await?;
+            let (mut up, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut req = http::Request::post("/upload").header("host", POD);
+            if let Some(k) = key {
+                req = req.header("x-preview-key", k);
+            }
+            let resp = up.send_request(req.body(body)?).await?;
+            ensure!(resp.status().is_success(), "{resp:?}");
+            let v: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+            ensure!(version(&v) == want && v["body_bytes"] == 64 * 128 * 1024, "{v}");
+        }
+        for (key, want) in [(None, "v1"), (Some("beta"), "v3")] {
+            let mut s = h1_conn(8080).await?;
+            send_ready(&mut s).await?;
+            let mut req = http::Request::get("/bytes/20000000").header("host", POD);
+            if let Some(k) = key {
+                req = req.header("x-preview-key", k);
+            }
+            let resp = s.send_request(req.body(Full::new(Bytes::new()))?).await?;
+            ensure!(resp.headers().get("x-version").map(|v| v.as_bytes()) == Some(want.as_bytes()));
+            ensure!(resp.into_body().collect().await?.to_bytes().len() == 20_000_000);
+        }
 
         // Raw TCP (a line protocol) passes unchanged; garbage does not hurt others.
         eprintln!("http1 step 5: Raw TCP (a line protocol) passes unchanged; garbage does not hurt others.");

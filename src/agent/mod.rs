@@ -8,6 +8,7 @@
 //! worker). `cleanup` removes rules left when both were killed.
 
 pub mod detect;
+pub mod h1;
 pub mod intercept;
 pub mod metrics;
 pub mod proxy;

@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::detect::{H2_PREFACE, Protocol, detect};
+use super::h1::{CopyPool, Prefixed};
 use super::metrics::Metrics;
 use super::routes::SharedRoutes;
 use crate::config::Mode;
@@ -39,10 +40,17 @@ pub const MIRROR_QUEUE: usize = 1024;
 /// Copies in flight at once.
 const MIRROR_CONCURRENCY: usize = 64;
 
-struct MirrorJob {
-    key: String,
-    req: Request<ProxyBody>,
-    to: SocketAddr,
+pub(super) struct MirrorJob {
+    pub key: String,
+    pub copy: MirrorCopy,
+    pub to: SocketAddr,
+}
+
+pub(super) enum MirrorCopy {
+    /// From a connection hyper serves.
+    Request(Box<Request<ProxyBody>>),
+    /// From the fast path: the original's bytes, and whether it was a HEAD.
+    Raw { bytes: Bytes, head: bool },
 }
 
 pub struct Proxy {
@@ -50,7 +58,7 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     h1: Client<HttpConnector, ProxyBody>,
     h2: Client<HttpConnector, ProxyBody>,
-    mirror: mpsc::Sender<MirrorJob>,
+    pub(super) mirror: mpsc::Sender<MirrorJob>,
     /// Outbound mode (preview pods): every request goes to where it was
     /// sent, carrying this key in `baggage`; there are no routes.
     propagate: Option<String>,
@@ -106,6 +114,15 @@ impl Proxy {
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
             }
             Protocol::Http1 => {
+                // Inbound, requests that stay on staging take the byte-level
+                // fast path; hyper serves what it hands back.
+                let client = match self.propagate {
+                    None => match super::h1::serve(&self, client, app).await {
+                        Some(rest) => rest,
+                        None => return,
+                    },
+                    Some(_) => Prefixed::new(client),
+                };
                 let conn = Arc::new(AppConn::default());
                 let svc =
                     hyper::service::service_fn(move |req| self.clone().handle(req, app, port, Some(conn.clone())));
@@ -188,7 +205,9 @@ impl Proxy {
                         let resp = self.send(original, app, None, None).await;
                         // Queued once the original has its answer: the copy's
                         // work never sits between the original and the app.
-                        match self.mirror.try_send(MirrorJob { key: key.clone(), req: copy, to: preview }) {
+                        let job =
+                            MirrorJob { key: key.clone(), copy: MirrorCopy::Request(Box::new(copy)), to: preview };
+                        match self.mirror.try_send(job) {
                             Ok(()) => self.metrics.mirrored(&key),
                             Err(_) => self.metrics.mirror_dropped(&key),
                         }
@@ -385,10 +404,21 @@ async fn mirror_sender(
     mut rx: mpsc::Receiver<MirrorJob>,
 ) {
     let limit = Arc::new(Semaphore::new(MIRROR_CONCURRENCY));
-    while let Some(MirrorJob { key, mut req, to }) = rx.recv().await {
+    let pool = Arc::new(CopyPool::default());
+    while let Some(MirrorJob { key, copy, to }) = rx.recv().await {
         let Ok(permit) = limit.clone().acquire_owned().await else { return };
-        let (h1, h2, metrics) = (h1.clone(), h2.clone(), metrics.clone());
+        let (h1, h2, metrics, pool) = (h1.clone(), h2.clone(), metrics.clone(), pool.clone());
         tokio::spawn(async move {
+            let mut req = match copy {
+                MirrorCopy::Request(req) => *req,
+                MirrorCopy::Raw { bytes, head } => {
+                    if pool.send(to, &bytes, head).await.is_err() {
+                        metrics.mirror_failed(&key);
+                    }
+                    drop(permit);
+                    return;
+                }
+            };
             let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
             if let Ok(uri) = format!("http://{to}{pq}").parse() {
                 *req.uri_mut() = uri;
