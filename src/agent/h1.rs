@@ -475,11 +475,24 @@ pub async fn serve(proxy: &Proxy, mut client: TcpStream, app: SocketAddr) -> Opt
                 Ok(_) => {}
             }
         };
+        if up.as_ref().is_some_and(|u| !u.usable()) {
+            up = None;
+        }
+        let reused = up.is_some();
+        let mut conn = match up.take() {
+            Some(u) => u,
+            // Hyper answers the 502 (and counts the request) when the app is down.
+            None => match Upstream::connect(app).await {
+                Ok(u) => u,
+                Err(_) => return Some(Prefixed { pre: cbuf.freeze(), io: client }),
+            },
+        };
         // A mirrored request is read whole first (like the hyper path), so
         // the copy is the bytes that went to the app.
         let mut copy = None;
-        if let Some((key, to)) = &head.mirror {
-            match head.body {
+        match &head.mirror {
+            None => proxy.metrics.passthrough(),
+            Some((key, to)) => match head.body {
                 Body::Length(n) if n <= MIRROR_MAX_BODY && !head.expect => {
                     let total = head.len + n as usize;
                     while cbuf.len() < total {
@@ -492,35 +505,18 @@ pub async fn serve(proxy: &Proxy, mut client: TcpStream, app: SocketAddr) -> Opt
                     copy = Some((key, *to, Bytes::copy_from_slice(&cbuf[..total])));
                 }
                 _ => proxy.metrics.mirror_dropped(key),
-            }
-        } else {
-            proxy.metrics.passthrough();
-        }
-
-        if up.as_ref().is_some_and(|u| !u.usable()) {
-            up = None;
-        }
-        let reused = up.is_some();
-        let mut conn = match up.take() {
-            Some(u) => u,
-            // Hyper answers the 502 when the app is down.
-            None => match Upstream::connect(app).await {
-                Ok(u) => u,
-                Err(_) => return Some(Prefixed { pre: cbuf.freeze(), io: client }),
             },
-        };
+        }
         let mut started = false;
+        // Saturating: a content-length near u64::MAX is simply never whole.
         let whole = match head.body {
-            Body::Length(n) => cbuf.len() >= head.len + n as usize,
-            _ => false,
-        };
-        let result = if whole {
+            Body::Length(n) => Some(head.len.saturating_add(usize::try_from(n).unwrap_or(usize::MAX))),
+            _ => None,
+        }
+        .filter(|total| cbuf.len() >= *total);
+        let result = if let Some(total) = whole {
             // The whole request is in hand: one write, then the answer. The
             // bytes stay in `cbuf` until it is answered, for one replay.
-            let total = match head.body {
-                Body::Length(n) => head.len + n as usize,
-                _ => head.len,
-            };
             let mut r = exchange_whole(&mut conn, &cbuf[..total], &mut client, head.head, &mut started).await;
             if matches!(r, Err(Fail::App(_))) && reused && head.replayable && !started {
                 // A kept-alive connection may have been closed or reset
