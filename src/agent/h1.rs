@@ -475,6 +475,7 @@ pub async fn serve(proxy: &Proxy, mut client: TcpStream, app: SocketAddr) -> Opt
                 Ok(_) => {}
             }
         };
+        let _busy = proxy.inflight.enter();
         if up.as_ref().is_some_and(|u| !u.usable()) {
             up = None;
         }

@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 
 use super::detect::{H2_PREFACE, Protocol, detect};
 use super::h1::{CopyPool, Prefixed};
@@ -39,6 +40,49 @@ pub const MIRROR_MAX_BODY: u64 = 1 << 20;
 pub const MIRROR_QUEUE: usize = 1024;
 /// Copies in flight at once.
 const MIRROR_CONCURRENCY: usize = 64;
+/// How long queued copies wait for staging requests to finish first.
+pub const MIRROR_DEFER: Duration = Duration::from_millis(2);
+
+/// Staging requests in flight. Copies wait (at most [`MIRROR_DEFER`]) until
+/// none is, so neither a copy nor the preview's work on it competes for the
+/// CPU with an original: staging comes first.
+#[derive(Default)]
+pub struct InFlight {
+    n: AtomicUsize,
+    idle: Notify,
+}
+
+impl InFlight {
+    /// Counts one request until the guard is dropped.
+    pub fn enter(&self) -> Busy<'_> {
+        self.n.fetch_add(1, Ordering::AcqRel);
+        Busy(self)
+    }
+
+    /// Returns once nothing is in flight, or after `limit`.
+    pub async fn idle_within(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a drop to zero in between is not missed.
+            notified.as_mut().enable();
+            if self.n.load(Ordering::Acquire) == 0 || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+pub struct Busy<'a>(&'a InFlight);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
 
 pub(super) struct MirrorJob {
     pub key: String,
@@ -59,6 +103,7 @@ pub struct Proxy {
     h1: Client<HttpConnector, ProxyBody>,
     h2: Client<HttpConnector, ProxyBody>,
     pub(super) mirror: mpsc::Sender<MirrorJob>,
+    pub(super) inflight: Arc<InFlight>,
     /// Outbound mode (preview pods): every request goes to where it was
     /// sent, carrying this key in `baggage`; there are no routes.
     propagate: Option<String>,
@@ -94,8 +139,9 @@ impl Proxy {
         let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector());
         let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector());
         let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
-        let proxy = Arc::new(Proxy { routes, metrics, h1, h2, mirror: tx, propagate });
-        tokio::spawn(mirror_sender(proxy.h1.clone(), proxy.h2.clone(), proxy.metrics.clone(), rx));
+        let inflight = Arc::new(InFlight::default());
+        let proxy = Arc::new(Proxy { routes, metrics, h1, h2, mirror: tx, inflight: inflight.clone(), propagate });
+        tokio::spawn(mirror_sender(proxy.h1.clone(), proxy.h2.clone(), proxy.metrics.clone(), inflight, rx));
         proxy
     }
 
@@ -149,6 +195,7 @@ impl Proxy {
         port: u16,
         conn: Option<Arc<AppConn>>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let _busy = self.inflight.enter();
         if let Some(key) = &self.propagate {
             let mut req = req;
             if crate::filter::inject_baggage(req.headers_mut(), key) {
@@ -401,35 +448,72 @@ async fn mirror_sender(
     h1: Client<HttpConnector, ProxyBody>,
     h2: Client<HttpConnector, ProxyBody>,
     metrics: Arc<Metrics>,
+    inflight: Arc<InFlight>,
     mut rx: mpsc::Receiver<MirrorJob>,
 ) {
     let limit = Arc::new(Semaphore::new(MIRROR_CONCURRENCY));
     let pool = Arc::new(CopyPool::default());
-    while let Some(MirrorJob { key, copy, to }) = rx.recv().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else { return };
-        let (h1, h2, metrics, pool) = (h1.clone(), h2.clone(), metrics.clone(), pool.clone());
-        tokio::spawn(async move {
-            let mut req = match copy {
-                MirrorCopy::Request(req) => *req,
-                MirrorCopy::Raw { bytes, head } => {
-                    if pool.send(to, &bytes, head).await.is_err() {
-                        metrics.mirror_failed(&key);
+    while let Some(first) = rx.recv().await {
+        // Staging first; then everything queued goes, so copies never wait
+        // longer than MIRROR_DEFER behind a busy target.
+        inflight.idle_within(MIRROR_DEFER).await;
+        let mut next = Some(first);
+        while let Some(MirrorJob { key, copy, to }) = next.take().or_else(|| rx.try_recv().ok()) {
+            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            let (h1, h2, metrics, pool) = (h1.clone(), h2.clone(), metrics.clone(), pool.clone());
+            tokio::spawn(async move {
+                let mut req = match copy {
+                    MirrorCopy::Request(req) => *req,
+                    MirrorCopy::Raw { bytes, head } => {
+                        if pool.send(to, &bytes, head).await.is_err() {
+                            metrics.mirror_failed(&key);
+                        }
+                        drop(permit);
+                        return;
                     }
-                    drop(permit);
-                    return;
+                };
+                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+                if let Ok(uri) = format!("http://{to}{pq}").parse() {
+                    *req.uri_mut() = uri;
+                    let sent =
+                        if req.version() == Version::HTTP_2 { h2.request(req).await } else { h1.request(req).await };
+                    match sent {
+                        // The copy's answer is read and dropped.
+                        Ok(resp) => drop(resp.into_body().collect().await),
+                        Err(_) => metrics.mirror_failed(&key),
+                    }
                 }
-            };
-            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-            if let Ok(uri) = format!("http://{to}{pq}").parse() {
-                *req.uri_mut() = uri;
-                let sent = if req.version() == Version::HTTP_2 { h2.request(req).await } else { h1.request(req).await };
-                match sent {
-                    // The copy's answer is read and dropped.
-                    Ok(resp) => drop(resp.into_body().collect().await),
-                    Err(_) => metrics.mirror_failed(&key),
-                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn copies_wait_for_staging_but_not_for_long() {
+        let f = InFlight::default();
+        let t = tokio::time::Instant::now();
+        f.idle_within(Duration::from_secs(5)).await;
+        assert!(t.elapsed() < Duration::from_secs(1), "idle: no wait");
+        let busy = f.enter();
+        let t = tokio::time::Instant::now();
+        f.idle_within(Duration::from_millis(50)).await;
+        assert!(t.elapsed() >= Duration::from_millis(50), "busy: waits the limit");
+        let (done, wait) = tokio::join!(
+            async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                drop(busy);
+                tokio::time::Instant::now()
+            },
+            async {
+                f.idle_within(Duration::from_secs(5)).await;
+                tokio::time::Instant::now()
             }
-            drop(permit);
-        });
+        );
+        assert!(wait >= done && wait - done < Duration::from_secs(1), "returns when the last request ends");
     }
 }
