@@ -98,9 +98,11 @@ bench-start: images
 bench-agent: deps   ## agent vs direct vs nginx, in network namespaces (no cluster needed)
 	cargo test --release --test bench_agent -- --ignored --nocapture --test-threads 1
 
-# Coverage-guided fuzzing of protocol detection and filter matching (needs a
-# nightly toolchain and `cargo install cargo-fuzz`); bounded in time.
+# Coverage-guided fuzzing of protocol detection, filter matching and the
+# agent's HTTP/1 fast-path parsers (needs a nightly toolchain and
+# `cargo install cargo-fuzz`); bounded in time.
 FUZZ_SECONDS ?= 60
 fuzz:
 	cd fuzz && CARGO_TARGET_DIR=$(PREVIEW_CACHE)/fuzz-target cargo +nightly fuzz run detect -- -max_total_time=$(FUZZ_SECONDS)
 	cd fuzz && CARGO_TARGET_DIR=$(PREVIEW_CACHE)/fuzz-target cargo +nightly fuzz run filter -- -max_total_time=$(FUZZ_SECONDS)
+	cd fuzz && CARGO_TARGET_DIR=$(PREVIEW_CACHE)/fuzz-target cargo +nightly fuzz run h1 -- -max_total_time=$(FUZZ_SECONDS)

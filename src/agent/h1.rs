@@ -101,7 +101,8 @@ fn chunked(state: &mut Chunked, buf: &[u8]) -> Result<(usize, bool), BadFraming>
                 *state = Chunked::Size;
             }
             Chunked::Size | Chunked::Trailer => {
-                let Some(eol) = rest.iter().position(|b| *b == b'\n') else {
+                // Bounded scan: a longer line is refused however it arrives.
+                let Some(eol) = rest.iter().take(MAX_LINE + 1).position(|b| *b == b'\n') else {
                     if rest.len() > MAX_LINE {
                         return Err(BadFraming("chunk line too long"));
                     }
@@ -670,19 +671,26 @@ mod tests {
         assert_eq!(feed(Body::Eof, b"abc", 1), Ok((3, false)));
     }
 
-    /// Fuzz-style: random bytes never panic, and never consume more than given.
+    /// Fuzz-style: random bytes never panic, never consume more than given,
+    /// and give the same answer however they are split.
     #[test]
-    fn random_chunked_input_never_panics() {
+    fn random_chunked_input_is_split_invariant() {
         let mut next = crate::xorshift(0x9E37_79B9_7F4A_7C15);
         let alphabet = b"0123456789abcdefXZ;\r\n \t";
         for _ in 0..20_000 {
             let len = (next() % 64) as usize;
             let msg: Vec<u8> = (0..len).map(|_| alphabet[(next() as usize) % alphabet.len()]).collect();
+            let whole = feed(Body::Chunked(Chunked::Size), &msg, msg.len());
             let step = 1 + (next() % 8) as usize;
-            if let Ok((n, _)) = feed(Body::Chunked(Chunked::Size), &msg, step) {
+            assert_eq!(feed(Body::Chunked(Chunked::Size), &msg, step), whole, "{msg:?} in steps of {step}");
+            if let Ok((n, _)) = whole {
                 assert!(n <= msg.len());
             }
         }
+        // A long (trailer) line is refused whether or not its end has arrived.
+        let long = [b"0\r\nx: ".to_vec(), vec![b'a'; MAX_LINE], b"\r\n\r\n".to_vec()].concat();
+        assert!(feed(Body::Chunked(Chunked::Size), &long, long.len()).is_err());
+        assert!(feed(Body::Chunked(Chunked::Size), &long, 100).is_err());
     }
 
     fn table(routes: serde_json::Value) -> RouteTable {
