@@ -7,7 +7,7 @@
 //! module copying bytes without parsing HTTP, shows what one user-space hop
 //! costs on this machine at all.
 //!
-//! The machine's noise drifts over seconds, so the three paths are measured
+//! The machine's noise drifts over seconds, so the paths are measured
 //! in interleaved rounds (order rotating) rather than one after the other.
 //! Bounded: every round runs a fixed time against addresses in our namespaces.
 

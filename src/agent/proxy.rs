@@ -1,6 +1,8 @@
 //! The data plane: one task per intercepted connection. It detects the
 //! protocol, then routes HTTP/1 requests, HTTP/2 streams (gRPC included) one
-//! by one; anything else is spliced to the app unchanged.
+//! by one; anything else is spliced to the app unchanged. HTTP/1 starts on
+//! the byte-level fast path (`h1.rs`); hyper serves what that hands back,
+//! and all of HTTP/2.
 //!
 //! Staging must not notice: unmatched requests go to the app as they came,
 //! a preview that is down fails only the keyed request (502 / gRPC
@@ -47,20 +49,20 @@ pub const MIRROR_DEFER: Duration = Duration::from_millis(2);
 /// none is, so neither a copy nor the preview's work on it competes for the
 /// CPU with an original: staging comes first.
 #[derive(Default)]
-pub struct InFlight {
+pub(super) struct InFlight {
     n: AtomicUsize,
     idle: Notify,
 }
 
 impl InFlight {
     /// Counts one request until the guard is dropped.
-    pub fn enter(&self) -> Busy<'_> {
+    pub(super) fn enter(&self) -> Busy<'_> {
         self.n.fetch_add(1, Ordering::AcqRel);
         Busy(self)
     }
 
     /// Returns once nothing is in flight, or after `limit`.
-    pub async fn idle_within(&self, limit: Duration) {
+    pub(super) async fn idle_within(&self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.idle.notified();
@@ -74,7 +76,7 @@ impl InFlight {
     }
 }
 
-pub struct Busy<'a>(&'a InFlight);
+pub(super) struct Busy<'a>(&'a InFlight);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
