@@ -289,3 +289,52 @@ async fn mirror_copies_are_the_original_bytes_and_steal_hands_over_to_hyper() ->
     ensure!(app_hits.load(Ordering::SeqCst) == before + 2);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_silent_past_detection_is_still_routed_and_server_first_protocols_get_their_greeting() -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    drop(listener);
+    let (app_addr, _) = serve_app(format!("127.0.0.1:{port}").parse()?, "app").await?;
+    serve_app(format!("127.0.0.2:{port}").parse()?, "preview").await?;
+    let routes = serde_json::json!([{"key": "s", "mode": "steal", "filter": {"key": "s"}, "destination": "127.0.0.2"}]);
+    let (agent_addr, _) = agent(app_addr, routes).await?;
+    // A client that writes only after the detection timeout (a busy node)
+    // is HTTP all the same: keyed requests on it are routed.
+    let s = TcpStream::connect(agent_addr).await?;
+    tokio::time::sleep(preview::agent::proxy::DETECT_TIMEOUT * 3).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/late").header("x-preview-key", "s").body(full(""))?;
+    let (_, body) = call(&mut send, req).await?;
+    ensure!(body == "preview GET /late 0", "{body:?}");
+    let (_, body) = call(&mut send, get("/late")?).await?;
+    ensure!(body == "app GET /late 0", "{body:?}");
+
+    // An app that speaks first (SMTP-like): its greeting reaches the silent client.
+    let greeter = TcpListener::bind("127.0.0.1:0").await?;
+    let greeter_addr = greeter.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = greeter.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                if s.write_all(b"220 hello\r\n").await.is_err() {
+                    return;
+                }
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (agent_addr, metrics) = agent(greeter_addr, serde_json::json!([])).await?;
+    let mut raw = TcpStream::connect(agent_addr).await?;
+    let greeting = read_n(&mut raw, 11).await?;
+    ensure!(greeting == "220 hello\r\n", "{greeting:?}");
+    raw.write_all(b"EHLO x\r\n").await?;
+    ensure!(read_n(&mut raw, 8).await? == "EHLO x\r\n");
+    ensure!(metrics.render().contains("preview_agent_raw_connections_total 1\n"), "{}", metrics.render());
+    Ok(())
+}

@@ -34,7 +34,8 @@ use crate::config::Mode;
 
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
-/// How long a silent client may wait before we treat it as raw TCP.
+/// How long a client may stay silent before the app is connected too: then
+/// whichever speaks first decides (an app greeting: raw TCP).
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(200);
 /// Mirror only bodies with a known length up to this size.
 pub const MIRROR_MAX_BODY: u64 = 1 << 20;
@@ -150,12 +151,31 @@ impl Proxy {
     /// Serves one intercepted connection whose original destination is `app`.
     pub async fn serve(self: Arc<Self>, client: TcpStream, app: SocketAddr) {
         let _ = client.set_nodelay(true);
-        let proto = sniff(&client).await;
+        let (proto, opened) = match sniff(&client).await {
+            Some(p) => (p, None),
+            // Silent: a server-first protocol waiting for the app's greeting,
+            // or an HTTP client on a busy node that has not written yet (taking
+            // it for raw TCP would bypass routing for the connection's life).
+            // Whoever speaks first decides.
+            None => {
+                let Ok(up) = TcpStream::connect(app).await else { return };
+                tokio::select! {
+                    _ = up.readable() => (Protocol::Raw, Some(up)),
+                    _ = client.readable() => (sniff(&client).await.unwrap_or(Protocol::Raw), Some(up)),
+                }
+            }
+        };
         let port = app.port();
         match proto {
             Protocol::Raw => {
                 self.metrics.raw();
-                let Ok(mut up) = TcpStream::connect(app).await else { return };
+                let mut up = match opened {
+                    Some(up) => up,
+                    None => match TcpStream::connect(app).await {
+                        Ok(up) => up,
+                        Err(_) => return,
+                    },
+                };
                 let _ = up.set_nodelay(true);
                 let mut client = client;
                 // Errors end the connection, as a direct one would end.
@@ -423,25 +443,28 @@ fn error_response(grpc: bool, status: StatusCode, msg: &str) -> Response<ProxyBo
     resp
 }
 
-/// Peeks until the protocol is known, the client is silent for
-/// [`DETECT_TIMEOUT`], or it closes.
-async fn sniff(stream: &TcpStream) -> Protocol {
+/// Peeks until the protocol is known. `None` when the client has sent
+/// nothing within [`DETECT_TIMEOUT`]; a close, or a partial request line
+/// that stalls that long, is raw.
+async fn sniff(stream: &TcpStream) -> Option<Protocol> {
     let mut buf = [0u8; H2_PREFACE.len()];
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     loop {
+        // Peek returns at once while bytes are waiting, so only silence times out here.
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
-            Ok(Err(_)) | Err(_) => return Protocol::Raw,
+            Ok(Err(_)) => return Some(Protocol::Raw),
+            Err(_) => return None,
         };
         if n == 0 {
-            return Protocol::Raw;
+            return Some(Protocol::Raw);
         }
         if let Some(p) = detect(&buf[..n]) {
-            return p;
+            return Some(p);
         }
         // A partial request line: wait for more bytes.
         if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(1))).await.is_err() {
-            return Protocol::Raw;
+            return Some(Protocol::Raw);
         }
     }
 }
