@@ -66,6 +66,17 @@ async fn serve_app(addr: SocketAddr, name: &'static str) -> Result<(SocketAddr, 
     Ok((addr, hits))
 }
 
+/// The app on 127.0.0.1 and the preview on 127.0.0.2, at the same port (a
+/// route's destination is an address; the port is the request's own).
+async fn app_and_preview() -> Result<(SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    drop(listener);
+    let (app_addr, app_hits) = serve_app(format!("127.0.0.1:{port}").parse()?, "app").await?;
+    let (_, preview_hits) = serve_app(format!("127.0.0.2:{port}").parse()?, "preview").await?;
+    Ok((app_addr, app_hits, preview_hits))
+}
+
 /// The proxy on loopback, sending everything it accepts to `app`.
 async fn agent(app: SocketAddr, routes: serde_json::Value) -> Result<(SocketAddr, Arc<Metrics>)> {
     let shared = Arc::new(SharedRoutes::default());
@@ -250,11 +261,7 @@ async fn close_delimited_answers_closed_app_connections_and_a_down_app() -> Resu
 
 #[tokio::test]
 async fn mirror_copies_are_the_original_bytes_and_steal_hands_over_to_hyper() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    drop(listener);
-    let (app_addr, app_hits) = serve_app(format!("127.0.0.1:{port}").parse()?, "app").await?;
-    let (_, preview_hits) = serve_app(format!("127.0.0.2:{port}").parse()?, "preview").await?;
+    let (app_addr, app_hits, preview_hits) = app_and_preview().await?;
     let (agent_addr, metrics) = agent(
         app_addr,
         serde_json::json!([
@@ -292,11 +299,7 @@ async fn mirror_copies_are_the_original_bytes_and_steal_hands_over_to_hyper() ->
 
 #[tokio::test]
 async fn a_client_silent_past_detection_is_still_routed_and_server_first_protocols_get_their_greeting() -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    drop(listener);
-    let (app_addr, _) = serve_app(format!("127.0.0.1:{port}").parse()?, "app").await?;
-    serve_app(format!("127.0.0.2:{port}").parse()?, "preview").await?;
+    let (app_addr, _, _) = app_and_preview().await?;
     let routes = serde_json::json!([{"key": "s", "mode": "steal", "filter": {"key": "s"}, "destination": "127.0.0.2"}]);
     let (agent_addr, _) = agent(app_addr, routes).await?;
     // A client that writes only after the detection timeout (a busy node)

@@ -18,7 +18,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::proxy::{MIRROR_MAX_BODY, MirrorCopy, MirrorJob, Proxy};
+use super::proxy::{MIRROR_MAX_BODY, MirrorCopy, Proxy, idempotent};
 use super::routes::RouteTable;
 use crate::config::Mode;
 use crate::filter::RequestView;
@@ -229,13 +229,12 @@ pub fn decide(buf: &[u8], table: &RouteTable, port: u16) -> Decision {
         Some(r) if r.mode == Mode::Mirror => Some((r.key.clone(), SocketAddr::new(r.destination, port))),
         Some(_) => return Decision::HandOff,
     };
-    let idempotent = matches!(method, "GET" | "HEAD" | "OPTIONS" | "DELETE" | "PUT");
     Decision::Relay(RequestHead {
         len,
         body,
         close,
         head: method == "HEAD",
-        replayable: idempotent && body == Body::Length(0),
+        replayable: idempotent(method) && body == Body::Length(0),
         expect,
         mirror,
     })
@@ -540,11 +539,7 @@ pub async fn serve(proxy: &Proxy, mut client: TcpStream, app: SocketAddr) -> Opt
             Ok(close) => {
                 if let Some((key, to, bytes)) = copy {
                     // Queued once the original has its answer.
-                    let job = MirrorJob { key: key.clone(), copy: MirrorCopy::Raw { bytes, head: head.head }, to };
-                    match proxy.mirror.try_send(job) {
-                        Ok(()) => proxy.metrics.mirrored(key),
-                        Err(_) => proxy.metrics.mirror_dropped(key),
-                    }
+                    proxy.queue_copy(key, MirrorCopy::Raw { bytes, head: head.head }, to);
                 }
                 if close || head.close {
                     return None;

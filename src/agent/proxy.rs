@@ -87,10 +87,10 @@ impl Drop for Busy<'_> {
     }
 }
 
-pub(super) struct MirrorJob {
-    pub key: String,
-    pub copy: MirrorCopy,
-    pub to: SocketAddr,
+struct MirrorJob {
+    key: String,
+    copy: MirrorCopy,
+    to: SocketAddr,
 }
 
 pub(super) enum MirrorCopy {
@@ -105,7 +105,7 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     h1: Client<HttpConnector, ProxyBody>,
     h2: Client<HttpConnector, ProxyBody>,
-    pub(super) mirror: mpsc::Sender<MirrorJob>,
+    mirror: mpsc::Sender<MirrorJob>,
     pub(super) inflight: Arc<InFlight>,
     /// Outbound mode (preview pods): every request goes to where it was
     /// sent, carrying this key in `baggage`; there are no routes.
@@ -146,6 +146,14 @@ impl Proxy {
         let proxy = Arc::new(Proxy { routes, metrics, h1, h2, mirror: tx, inflight: inflight.clone(), propagate });
         tokio::spawn(mirror_sender(proxy.h1.clone(), proxy.h2.clone(), proxy.metrics.clone(), inflight, rx));
         proxy
+    }
+
+    /// Queues a mirror copy for `to`; a full queue drops it. Either way it is counted.
+    pub(super) fn queue_copy(&self, key: &str, copy: MirrorCopy, to: SocketAddr) {
+        match self.mirror.try_send(MirrorJob { key: key.to_string(), copy, to }) {
+            Ok(()) => self.metrics.mirrored(key),
+            Err(_) => self.metrics.mirror_dropped(key),
+        }
     }
 
     /// Serves one intercepted connection whose original destination is `app`.
@@ -274,12 +282,7 @@ impl Proxy {
                         let resp = self.send(original, app, None, None).await;
                         // Queued once the original has its answer: the copy's
                         // work never sits between the original and the app.
-                        let job =
-                            MirrorJob { key: key.clone(), copy: MirrorCopy::Request(Box::new(copy)), to: preview };
-                        match self.mirror.try_send(job) {
-                            Ok(()) => self.metrics.mirrored(&key),
-                            Err(_) => self.metrics.mirror_dropped(&key),
-                        }
+                        self.queue_copy(&key, MirrorCopy::Request(Box::new(copy)), preview);
                         Ok(resp)
                     }
                 }
@@ -406,13 +409,15 @@ async fn connect_h1(app: SocketAddr) -> Result<hyper::client::conn::http1::SendR
 
 /// Safe to send twice: an idempotent method and no body.
 fn replayable<B>(req: &Request<B>) -> bool {
-    use http::Method;
-    let idempotent =
-        matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::PUT);
     let bodiless = !is_chunked(req)
         && req.headers().get(CONTENT_LENGTH).is_none_or(|v| v.as_bytes() == b"0")
         && !req.headers().contains_key(UPGRADE);
-    idempotent && bodiless
+    idempotent(req.method().as_str()) && bodiless
+}
+
+/// Methods that are safe to send twice (RFC 9110 §9.2.2).
+pub(super) fn idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "DELETE" | "PUT")
 }
 
 fn is_chunked<B>(req: &Request<B>) -> bool {
