@@ -224,7 +224,7 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let listener =
         TcpListener::bind(args.listen).await.map_err(|source| AgentError::Bind { addr: args.listen, source })?;
     let admin = TcpListener::bind(args.admin).await.map_err(|source| AgentError::Bind { addr: args.admin, source })?;
-    let now = crate::manager::now_ms();
+    let now = crate::previewd::manager::now_ms();
     let mut source = RouteSource::new(&args).await?;
     let first = source.initial.take().unwrap_or_default();
     let initial = RouteTable::compile(first).map_err(|message| AgentError::Routes { path: source.name(), message })?;
@@ -285,7 +285,7 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
                 if guard_pid.is_some_and(|p| p != std::os::unix::process::parent_id()) {
                     break "guard died";
                 }
-                let now = crate::manager::now_ms();
+                let now = crate::previewd::manager::now_ms();
                 let current = routes.get();
                 // New routes if the source has some; either way, drop expired ones.
                 let next: Vec<Route> = match source.poll() {

@@ -1,6 +1,6 @@
 //! previewd: the preview environments server.
 use clap::Parser;
-use preview::server::{ServerArgs, run};
+use preview::previewd::server::{ServerArgs, run};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -201,12 +201,12 @@ pub struct Previewd {
     pub data: std::path::PathBuf,
     pub instance: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: Option<tokio::task::JoinHandle<std::result::Result<(), preview::server::ServerError>>>,
+    handle: Option<tokio::task::JoinHandle<std::result::Result<(), preview::previewd::server::ServerError>>>,
 }
 
-pub fn server_args(ns: &str, data: &std::path::Path, instance: &str) -> preview::server::ServerArgs {
+pub fn server_args(ns: &str, data: &std::path::Path, instance: &str) -> preview::previewd::server::ServerArgs {
     use clap::Parser;
-    preview::server::ServerArgs::parse_from([
+    preview::previewd::server::ServerArgs::parse_from([
         "previewd",
         "--data-dir",
         data.to_str().unwrap_or_default(),
@@ -233,7 +233,7 @@ impl Previewd {
         ns: &TestNs,
         data: std::path::PathBuf,
         instance: String,
-        tweak: impl FnOnce(&mut preview::server::ServerArgs),
+        tweak: impl FnOnce(&mut preview::previewd::server::ServerArgs),
     ) -> Result<Previewd> {
         Self::start_full(ns, data, instance, "127.0.0.1:0", tweak).await
     }
@@ -252,7 +252,7 @@ impl Previewd {
         data: std::path::PathBuf,
         instance: String,
         listen: &str,
-        tweak: impl FnOnce(&mut preview::server::ServerArgs),
+        tweak: impl FnOnce(&mut preview::previewd::server::ServerArgs),
     ) -> Result<Previewd> {
         preview::telemetry::init();
         let mut args = server_args(&ns.name, &data, &instance);
@@ -261,7 +261,7 @@ impl Previewd {
         let addr = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let client = client().await?;
-        let handle = tokio::spawn(preview::server::serve(args, client, listener, async move {
+        let handle = tokio::spawn(preview::previewd::server::serve(args, client, listener, async move {
             let _ = rx.await;
         }));
         let mut p = Previewd { addr, data, instance, shutdown: Some(tx), handle: Some(handle) };

@@ -20,8 +20,8 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::config::WorkloadKind;
-use crate::kube::{AGENT_PREFIX, CLEANUP_PREFIX, agent_container};
-use crate::manager::{Manager, Selector};
+use crate::previewd::cluster::{AGENT_PREFIX, CLEANUP_PREFIX, agent_container};
+use crate::previewd::manager::{Manager, Selector};
 
 /// A workload in a namespace.
 pub type TargetRef = (String, WorkloadKind, String);

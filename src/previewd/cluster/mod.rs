@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 
 use crate::config::{Target, WorkloadKind};
-use crate::store::EnvRecord;
+use crate::previewd::store::EnvRecord;
 
 pub const LABEL_KEY: &str = "preview.dev/key";
 pub const LABEL_ROLE: &str = "preview.dev/role";

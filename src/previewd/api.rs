@@ -9,8 +9,8 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::kube::KubeError;
-use crate::manager::{CleanSelector, Error, Manager, Selector};
+use crate::previewd::cluster::KubeError;
+use crate::previewd::manager::{CleanSelector, Error, Manager, Selector};
 use crate::proto::preview_service_server::PreviewService;
 use crate::proto::{self, clean_request};
 

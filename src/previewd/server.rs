@@ -15,13 +15,13 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::api::{AgentApi, Api};
+use crate::previewd::api::{AgentApi, Api};
 use crate::config::Ttl;
-use crate::kube::{Cluster, LABEL_ROLE, ROLE_POD};
-use crate::manager::{Manager, Settings};
+use crate::previewd::cluster::{Cluster, LABEL_ROLE, ROLE_POD};
+use crate::previewd::manager::{Manager, Settings};
 use crate::proto::agent_service_server::AgentServiceServer;
 use crate::proto::preview_service_server::PreviewServiceServer;
-use crate::store::{Store, StoreError};
+use crate::previewd::store::{Store, StoreError};
 
 /// previewd's flags; each can also be set by a `PREVIEW_*` environment variable.
 #[derive(clap::Parser, Debug, Clone)]
@@ -82,7 +82,7 @@ pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("recovering state from the store and cluster: {0}")]
-    Recover(#[from] crate::manager::Error),
+    Recover(#[from] crate::previewd::manager::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
@@ -201,7 +201,7 @@ pub async fn serve(
     let attacher = match agent_server {
         Some(server) => {
             tracing::info!(image = ?args.agent_image, %server, "attaching agents to previewed targets");
-            Some(tokio::spawn(crate::attach::run(manager.clone(), server)))
+            Some(tokio::spawn(crate::previewd::attach::run(manager.clone(), server)))
         }
         None => {
             tracing::warn!("no --agent-image: preview pods are created but get no traffic from their targets");
@@ -227,7 +227,7 @@ pub async fn serve(
     };
     tracing::info!(addr = %bound, "previewd serving");
     let result = tonic::transport::Server::builder()
-        .layer(crate::metrics::EdgeLayer(manager.metrics().clone()))
+        .layer(crate::previewd::metrics::EdgeLayer(manager.metrics().clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

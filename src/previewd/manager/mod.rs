@@ -15,9 +15,9 @@ use tokio::sync::broadcast;
 
 use crate::config::{self, ConfigError, Mode, PodConfig, Target, Ttl, WorkloadKind};
 use crate::filter::FilterSpec;
-use crate::kube::{self as cluster, Cluster, KubeError, PodPlan, PodState};
+use crate::previewd::cluster::{self as cluster, Cluster, KubeError, PodPlan, PodState};
 use crate::proto;
-use crate::store::{EnvRecord, PodRecord, Store, StoreError};
+use crate::previewd::store::{EnvRecord, PodRecord, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -96,7 +96,7 @@ pub struct Manager {
     view: Mutex<View>,
     events: broadcast::Sender<Event>,
     key_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    metrics: Arc<crate::metrics::ServerMetrics>,
+    metrics: Arc<crate::previewd::metrics::ServerMetrics>,
 }
 
 pub fn now_ms() -> i64 {
@@ -166,7 +166,7 @@ impl Manager {
         &self.cluster
     }
 
-    pub fn metrics(&self) -> &Arc<crate::metrics::ServerMetrics> {
+    pub fn metrics(&self) -> &Arc<crate::previewd::metrics::ServerMetrics> {
         &self.metrics
     }
 
@@ -174,7 +174,7 @@ impl Manager {
     pub fn render_metrics(&self) -> String {
         let gauges = {
             let view = self.view();
-            crate::metrics::Gauges {
+            crate::previewd::metrics::Gauges {
                 environments: view.envs.len(),
                 pods: view.envs.values().map(|e| e.pods.len()).sum(),
             }
