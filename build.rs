@@ -1,9 +1,14 @@
 //! Generates the gRPC code from proto/ and a descriptor set for reflection.
+//!
+//! protox (a pure-Rust protobuf compiler, as tonic's own codegen uses) parses
+//! the files, so building needs no system protoc.
+use prost::Message;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("preview_descriptor.bin"))
-        .compile_protos(&["proto/preview/v1/preview.proto", "proto/echo/v1/echo.proto"], &["proto"])?;
+    let fds = protox::compile(["preview/v1/preview.proto", "echo/v1/echo.proto"], ["proto"])?;
+    std::fs::write(out.join("preview_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().compile_fds(fds)?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -18,7 +18,8 @@ fi
 
 # Go: messages and the gRPC client/server, at the go_package path.
 rm -rf "$out/go/previewv1"
-protoc -I proto --go_out="$out/go" --go_opt=module=$GO_MODULE \
+# protoc is the one bundled with the pinned grpcio-tools: no system protoc.
+"$TOOLS/py/bin/python" -m grpc_tools.protoc -I proto --go_out="$out/go" --go_opt=module=$GO_MODULE \
   --go-grpc_out="$out/go" --go-grpc_opt=module=$GO_MODULE $PROTO
 
 # Python: messages, type stubs and the gRPC stubs, importable as preview.v1.

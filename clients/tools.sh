@@ -35,4 +35,3 @@ if [ ! -x "$PY/bin/python" ] || ! "$PY/bin/python" -c 'import grpc_tools, pytest
   "$PY/bin/pip" install -q "grpcio-tools==$GRPCIO_TOOLS" "pytest==$PYTEST"
 fi
 ln -sfn "$PY" "$TOOLS/py"
-command -v protoc >/dev/null || { echo "tools: protoc missing (apt install protobuf-compiler)" >&2; exit 1; }

@@ -2,7 +2,7 @@
 # Installs what the project needs on a fresh Debian machine (also used by CI).
 set -euo pipefail
 PKGS=(containerd runc containernetworking-plugins iptables conntrack etcd-server iproute2
-      openssl curl gcc libc6-dev make protobuf-compiler libprotobuf-dev nginx-light
+      openssl curl gcc libc6-dev make nginx-light
       libnginx-mod-stream) # nginx: the agent benchmark's peer; its stream module is the byte-copy floor
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
