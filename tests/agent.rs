@@ -252,7 +252,7 @@ async fn stats_v2() -> Result<u64> {
 fn routes_added_later_apply_to_open_connections_and_exit_removes_rules() -> Result<()> {
     let mut net = Net::new()?;
     net.servers()?;
-    let soon = preview::previewd::manager::now_ms() + 60_000;
+    let soon = preview::model::now_ms() + 60_000;
     let mut first = route("alpha", "steal", "198.18.101.2");
     first["expires_at_ms"] = serde_json::json!(soon);
     net.set_routes(serde_json::json!([first.clone()]))?;

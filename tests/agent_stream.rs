@@ -21,7 +21,7 @@ struct HostLink {
 
 impl HostLink {
     fn new() -> Result<HostLink> {
-        let id = &preview::config::generate_key()[..6];
+        let id = &preview::model::Key::generate()[..6];
         let ns = format!("ps{id}");
         let (host, inner) = (format!("ps{id}h"), format!("ps{id}n"));
         for args in [

@@ -72,7 +72,7 @@ async fn start_clones_the_target_and_leaves_it_untouched() -> Result<()> {
 
     let resp = c.start(start_req(ORDERS, "preview.local/echo:v2", "")).await?.into_inner();
     let key = resp.key.clone();
-    ensure!(key.len() == 13 && preview::config::validate_key(&key).is_ok(), "generated key {key}");
+    ensure!(key.len() == 13 && preview::model::Key::parse("key", &key).is_ok(), "generated key {key}");
 
     // The preview pod: the target's spec with the new image and env overrides.
     let pods = preview_pods(&ns, &key).await?;

@@ -8,13 +8,14 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use preview::agent::h1::{BadFraming, Body, Chunked, Decision, decide, response_head};
-use preview::agent::routes::{Route, RouteTable};
-use preview::config::Mode;
+use preview::agent::routes::RouteTable;
+use preview::model::Route;
+use preview::model::{Key, Mode};
 use preview::filter::FilterSpec;
 
 static TABLE: LazyLock<RouteTable> = LazyLock::new(|| {
     let route = |key: &str, mode, filter| Route {
-        key: key.into(),
+        key: Key::parse("key", key).expect("a valid test key"),
         mode,
         filter,
         ports: vec![],

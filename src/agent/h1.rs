@@ -18,10 +18,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::proxy::{MIRROR_MAX_BODY, MirrorCopy, Proxy, idempotent};
 use super::routes::RouteTable;
-use crate::config::Mode;
+use super::state::{MIRROR_MAX_BODY, MirrorCopy, Proxy, idempotent};
 use crate::filter::RequestView;
+use crate::model::Mode;
 
 /// Longer heads go to hyper, which answers 431 (its limit in `proxy.rs`).
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -226,7 +226,7 @@ pub fn decide(buf: &[u8], table: &RouteTable, port: u16) -> Decision {
     };
     let mirror = match table.find(port, &View(&req)) {
         None => None,
-        Some(r) if r.mode == Mode::Mirror => Some((r.key.clone(), SocketAddr::new(r.destination, port))),
+        Some(r) if r.mode == Mode::Mirror => Some((r.key.to_string(), SocketAddr::new(r.destination, port))),
         Some(_) => return Decision::HandOff,
     };
     Decision::Relay(RequestHead {

@@ -196,7 +196,7 @@ pub fn flush_conntrack(port: u16) {
 
 /// A fresh chain name: the prefix and 6 random characters (≤ 28 in all).
 pub fn chain_name() -> String {
-    format!("{CHAIN_PREFIX}{}", &crate::config::generate_key()[..6]).to_uppercase()
+    format!("{CHAIN_PREFIX}{}", &crate::model::Key::generate()[..6]).to_uppercase()
 }
 
 /// The address a redirected connection was originally sent to.

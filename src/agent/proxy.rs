@@ -11,120 +11,35 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, UPGRADE};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use super::detect::{H2_PREFACE, Protocol, detect};
-use super::h1::{CopyPool, Prefixed};
+use super::h1::Prefixed;
 use super::metrics::Metrics;
+use super::mirror::mirror_sender;
 use super::routes::SharedRoutes;
-use crate::config::Mode;
-
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub use super::state::Proxy;
+use super::state::{InFlight, MIRROR_MAX_BODY, MIRROR_QUEUE, MirrorCopy, ProxyBody, empty, full, idempotent};
+use crate::model::{Key, Mode};
 
 /// How long a client may stay silent before the app is connected too: then
 /// whichever speaks first decides (an app greeting: raw TCP).
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(200);
-/// Mirror only bodies with a known length up to this size.
-pub const MIRROR_MAX_BODY: u64 = 1 << 20;
-/// Copies waiting to be sent; more are dropped and counted.
-pub const MIRROR_QUEUE: usize = 1024;
-/// Copies in flight at once.
-const MIRROR_CONCURRENCY: usize = 64;
-/// How long queued copies wait for staging requests to finish first.
-pub const MIRROR_DEFER: Duration = Duration::from_millis(2);
-
-/// Staging requests in flight. Copies wait (at most [`MIRROR_DEFER`]) until
-/// none is, so neither a copy nor the preview's work on it competes for the
-/// CPU with an original: staging comes first.
-#[derive(Default)]
-pub(super) struct InFlight {
-    n: AtomicUsize,
-    idle: Notify,
-}
-
-impl InFlight {
-    /// Counts one request until the guard is dropped.
-    pub(super) fn enter(&self) -> Busy<'_> {
-        self.n.fetch_add(1, Ordering::AcqRel);
-        Busy(self)
-    }
-
-    /// Returns once nothing is in flight, or after `limit`.
-    pub(super) async fn idle_within(&self, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a drop to zero in between is not missed.
-            notified.as_mut().enable();
-            if self.n.load(Ordering::Acquire) == 0 || tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-pub(super) struct Busy<'a>(&'a InFlight);
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
-struct MirrorJob {
-    key: String,
-    copy: MirrorCopy,
-    to: SocketAddr,
-}
-
-pub(super) enum MirrorCopy {
-    /// From a connection hyper serves.
-    Request(Box<Request<ProxyBody>>),
-    /// From the fast path: the original's bytes, and whether it was a HEAD.
-    Raw { bytes: Bytes, head: bool },
-}
-
-pub struct Proxy {
-    pub routes: Arc<SharedRoutes>,
-    pub metrics: Arc<Metrics>,
-    h1: Client<HttpConnector, ProxyBody>,
-    h2: Client<HttpConnector, ProxyBody>,
-    mirror: mpsc::Sender<MirrorJob>,
-    pub(super) inflight: Arc<InFlight>,
-    /// Outbound mode (preview pods): every request goes to where it was
-    /// sent, carrying this key in `baggage`; there are no routes.
-    propagate: Option<String>,
-}
-
 fn connector() -> HttpConnector {
     let mut c = HttpConnector::new();
     c.set_nodelay(true);
     c.set_connect_timeout(Some(Duration::from_secs(3)));
     c
-}
-
-fn empty() -> ProxyBody {
-    Empty::new().map_err(|never| match never {}).boxed()
-}
-
-fn full(b: impl Into<Bytes>) -> ProxyBody {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
 impl Proxy {
@@ -134,11 +49,11 @@ impl Proxy {
     }
 
     /// The outbound proxy of a preview pod: adds the key to every HTTP request.
-    pub fn propagating(metrics: Arc<Metrics>, key: String) -> Arc<Proxy> {
+    pub fn propagating(metrics: Arc<Metrics>, key: Key) -> Arc<Proxy> {
         Self::build(Arc::default(), metrics, Some(key))
     }
 
-    fn build(routes: Arc<SharedRoutes>, metrics: Arc<Metrics>, propagate: Option<String>) -> Arc<Proxy> {
+    fn build(routes: Arc<SharedRoutes>, metrics: Arc<Metrics>, propagate: Option<Key>) -> Arc<Proxy> {
         let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector());
         let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector());
         let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
@@ -146,14 +61,6 @@ impl Proxy {
         let proxy = Arc::new(Proxy { routes, metrics, h1, h2, mirror: tx, inflight: inflight.clone(), propagate });
         tokio::spawn(mirror_sender(proxy.h1.clone(), proxy.h2.clone(), proxy.metrics.clone(), inflight, rx));
         proxy
-    }
-
-    /// Queues a mirror copy for `to`; a full queue drops it. Either way it is counted.
-    pub(super) fn queue_copy(&self, key: &str, copy: MirrorCopy, to: SocketAddr) {
-        match self.mirror.try_send(MirrorJob { key: key.to_string(), copy, to }) {
-            Ok(()) => self.metrics.mirrored(key),
-            Err(_) => self.metrics.mirror_dropped(key),
-        }
     }
 
     /// Serves one intercepted connection whose original destination is `app`.
@@ -415,11 +322,6 @@ fn replayable<B>(req: &Request<B>) -> bool {
     idempotent(req.method().as_str()) && bodiless
 }
 
-/// Methods that are safe to send twice (RFC 9110 §9.2.2).
-pub(super) fn idempotent(method: &str) -> bool {
-    matches!(method, "GET" | "HEAD" | "OPTIONS" | "DELETE" | "PUT")
-}
-
 fn is_chunked<B>(req: &Request<B>) -> bool {
     req.headers().get(http::header::TRANSFER_ENCODING).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"))
 }
@@ -471,79 +373,5 @@ async fn sniff(stream: &TcpStream) -> Option<Protocol> {
         if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(1))).await.is_err() {
             return Some(Protocol::Raw);
         }
-    }
-}
-
-async fn mirror_sender(
-    h1: Client<HttpConnector, ProxyBody>,
-    h2: Client<HttpConnector, ProxyBody>,
-    metrics: Arc<Metrics>,
-    inflight: Arc<InFlight>,
-    mut rx: mpsc::Receiver<MirrorJob>,
-) {
-    let limit = Arc::new(Semaphore::new(MIRROR_CONCURRENCY));
-    let pool = Arc::new(CopyPool::default());
-    while let Some(first) = rx.recv().await {
-        // Staging first; then everything queued goes, so copies never wait
-        // longer than MIRROR_DEFER behind a busy target.
-        inflight.idle_within(MIRROR_DEFER).await;
-        let mut next = Some(first);
-        while let Some(MirrorJob { key, copy, to }) = next.take().or_else(|| rx.try_recv().ok()) {
-            let Ok(permit) = limit.clone().acquire_owned().await else { return };
-            let (h1, h2, metrics, pool) = (h1.clone(), h2.clone(), metrics.clone(), pool.clone());
-            tokio::spawn(async move {
-                let mut req = match copy {
-                    MirrorCopy::Request(req) => *req,
-                    MirrorCopy::Raw { bytes, head } => {
-                        if pool.send(to, &bytes, head).await.is_err() {
-                            metrics.mirror_failed(&key);
-                        }
-                        drop(permit);
-                        return;
-                    }
-                };
-                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-                if let Ok(uri) = format!("http://{to}{pq}").parse() {
-                    *req.uri_mut() = uri;
-                    let sent =
-                        if req.version() == Version::HTTP_2 { h2.request(req).await } else { h1.request(req).await };
-                    match sent {
-                        // The copy's answer is read and dropped.
-                        Ok(resp) => drop(resp.into_body().collect().await),
-                        Err(_) => metrics.mirror_failed(&key),
-                    }
-                }
-                drop(permit);
-            });
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn copies_wait_for_staging_but_not_for_long() {
-        let f = InFlight::default();
-        let t = tokio::time::Instant::now();
-        f.idle_within(Duration::from_secs(5)).await;
-        assert!(t.elapsed() < Duration::from_secs(1), "idle: no wait");
-        let busy = f.enter();
-        let t = tokio::time::Instant::now();
-        f.idle_within(Duration::from_millis(50)).await;
-        assert!(t.elapsed() >= Duration::from_millis(50), "busy: waits the limit");
-        let (done, wait) = tokio::join!(
-            async {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                drop(busy);
-                tokio::time::Instant::now()
-            },
-            async {
-                f.idle_within(Duration::from_secs(5)).await;
-                tokio::time::Instant::now()
-            }
-        );
-        assert!(wait >= done && wait - done < Duration::from_secs(1), "returns when the last request ends");
     }
 }

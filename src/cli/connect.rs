@@ -12,7 +12,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use tonic::transport::{Channel, Endpoint};
 
 use super::CliError;
-use crate::previewd::metrics::VERSION_HEADER;
+use crate::model::VERSION_HEADER;
 
 /// The label the previewd Service and pods carry (deploy/previewd).
 pub const PREVIEWD_LABEL: &str = "app.kubernetes.io/name=previewd";

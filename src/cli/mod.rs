@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 pub use connect::{Connection, Kube, PREVIEWD_LABEL};
 
-use crate::config::Ttl;
+use crate::model::Ttl;
 use crate::proto::preview_service_client::PreviewServiceClient;
 use crate::proto::{self, clean_request};
 
@@ -177,7 +177,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         return version(conn, a.output);
     }
     let conn = conn?;
-    let client_version = crate::previewd::metrics::VERSION;
+    let client_version = crate::model::VERSION;
     match conn.server_version.as_deref() {
         Some(v) if v == client_version => {}
         v => eprintln!(
@@ -230,7 +230,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 
 /// The client version always; the server's, or why it is unknown.
 fn version(conn: Result<Connection, CliError>, output: Output) -> Result<(), CliError> {
-    let client_version = crate::previewd::metrics::VERSION;
+    let client_version = crate::model::VERSION;
     let (server, via, err) = match &conn {
         Ok(c) => (c.server_version.clone(), Some(c.via.clone()), None),
         Err(e) => (None, None, Some(e.to_string())),
@@ -398,7 +398,7 @@ fn print_envs(envs: &[proto::Environment], output: Output) {
             print!("{}", serde_yaml::to_string(&envs.iter().map(env_json).collect::<Vec<_>>()).unwrap_or_default())
         }
         Output::Table | Output::Wide => {
-            print!("{}", table(envs, output == Output::Wide, colour(), crate::previewd::manager::now_ms()))
+            print!("{}", table(envs, output == Output::Wide, colour(), crate::model::now_ms()))
         }
     }
 }

@@ -9,26 +9,29 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::model::Key;
 use crate::previewd::cluster::KubeError;
-use crate::previewd::manager::{CleanSelector, Error, Manager, Selector};
+use crate::previewd::manager::{AgentPlan, CleanSelector, Error, Manager, Selector};
 use crate::proto::preview_service_server::PreviewService;
 use crate::proto::{self, clean_request};
+use crate::wire;
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
+        let msg = e.to_string();
         match &e {
-            Error::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-            Error::NotFound { .. } => Status::not_found(e.to_string()),
-            Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-            Error::FailedPrecondition { .. } => Status::failed_precondition(e.to_string()),
-            Error::Kube(KubeError::Api { source: ::kube::Error::Api(s), .. }) if s.code == 403 => {
-                Status::permission_denied(e.to_string())
-            }
-            Error::Kube(KubeError::Api { source: ::kube::Error::Api(s), .. }) if s.code == 422 => {
-                Status::invalid_argument(e.to_string())
-            }
-            Error::Kube(_) => Status::unavailable(e.to_string()),
-            Error::Store(_) => Status::internal(e.to_string()),
+            Error::InvalidArgument(_) => Status::invalid_argument(msg),
+            Error::NotFound { .. } => Status::not_found(msg),
+            Error::AlreadyExists { .. } => Status::already_exists(msg),
+            Error::FailedPrecondition { .. } => Status::failed_precondition(msg),
+            Error::Cluster { source, .. } => match source {
+                KubeError::NamespaceNotFound(_) | KubeError::TargetNotFound { .. } => Status::not_found(msg),
+                KubeError::ContainerNotFound { .. } | KubeError::NoContainers { .. } => Status::invalid_argument(msg),
+                KubeError::Api { source: ::kube::Error::Api(s), .. } if s.code == 403 => Status::permission_denied(msg),
+                KubeError::Api { source: ::kube::Error::Api(s), .. } if s.code == 422 => Status::invalid_argument(msg),
+                KubeError::Api { .. } => Status::unavailable(msg),
+            },
+            Error::Store(_) => Status::internal(msg),
         }
     }
 }
@@ -54,14 +57,19 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::StatusEvent, Status>>
 #[tonic::async_trait]
 impl PreviewService for Api {
     async fn start(&self, req: Request<proto::StartRequest>) -> Result<Response<proto::StartResponse>, Status> {
-        let resp = self.manager.start(req.into_inner()).await?;
+        let started = self.manager.start(wire::start_request(req.into_inner())).await?;
         self.manager.metrics().started();
-        tracing::info!(key = %resp.key, "start");
-        Ok(Response::new(resp))
+        tracing::info!(key = %started.key, "start");
+        Ok(Response::new(wire::started(&started)))
     }
 
     async fn add_pod(&self, req: Request<proto::AddPodRequest>) -> Result<Response<proto::AddPodResponse>, Status> {
-        Ok(Response::new(self.manager.add_pod(req.into_inner()).await?))
+        let req = req.into_inner();
+        let started = self.manager.add_pod(&req.key, req.pod.map(wire::pod_request)).await?;
+        Ok(Response::new(proto::AddPodResponse {
+            environment: Some(wire::environment(&started.environment)),
+            warnings: started.warnings,
+        }))
     }
 
     type StatusStream = EventStream;
@@ -89,7 +97,7 @@ impl PreviewService for Api {
                     _ = stopping.changed() => break,
                 };
                 let ev = match next {
-                    Ok(ev) if Manager::event_matches(&sel, &ev) => (*ev).clone(),
+                    Ok(ev) if sel.matches_event(&ev) => (*ev).clone(),
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         // Fell behind: start over from a fresh snapshot.
@@ -110,7 +118,7 @@ impl PreviewService for Api {
 
     async fn clean(&self, req: Request<proto::CleanRequest>) -> Result<Response<proto::CleanResponse>, Status> {
         let sel = match req.into_inner().selector {
-            Some(clean_request::Selector::Key(k)) => CleanSelector::Key(k),
+            Some(clean_request::Selector::Key(k)) => CleanSelector::Key(Key::parse("key", &k).map_err(Error::from)?),
             Some(clean_request::Selector::Glob(g)) if !g.is_empty() => CleanSelector::Glob(g),
             Some(clean_request::Selector::AllExpired(true)) => CleanSelector::AllExpired,
             _ => {
@@ -121,7 +129,7 @@ impl PreviewService for Api {
         };
         let removed = self.manager.clean(sel).await?;
         self.manager.metrics().cleaned(removed.len());
-        Ok(Response::new(proto::CleanResponse { removed }))
+        Ok(Response::new(proto::CleanResponse { removed: removed.into_iter().map(wire::cleaned).collect() }))
     }
 }
 
@@ -158,18 +166,16 @@ impl proto::agent_service_server::AgentService for AgentApi {
         let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let (_, mut events) = manager.subscribe(&Selector::default());
+            let target = (hello.namespace.clone(), kind, name);
             let mut last = None;
             loop {
-                let routes = manager.routes_for(&hello.namespace, kind, &name);
-                // An empty set tells the agent to leave. While an environment
-                // still previews this target (its preview pod has no IP yet,
-                // or is being replaced), send nothing: the agent waits, or
-                // keeps its last routes.
-                let wait =
-                    routes.is_empty() && manager.targets().contains(&(hello.namespace.clone(), kind, name.clone()));
-                if !wait && last.as_ref() != Some(&routes) {
-                    let set =
-                        proto::RouteSet { routes: routes.iter().map(crate::agent::routes::wire::to_proto).collect() };
+                let routes = match manager.agent_plan(&target) {
+                    AgentPlan::Route(routes) => Some(routes),
+                    AgentPlan::Wait => None,
+                    AgentPlan::Leave => Some(Vec::new()), // an empty set: the agent leaves
+                };
+                if let Some(routes) = routes.filter(|r| last.as_ref() != Some(r)) {
+                    let set = proto::RouteSet { routes: routes.iter().map(wire::route_to_proto).collect() };
                     if tx.send(Ok(set)).await.is_err() {
                         break;
                     }

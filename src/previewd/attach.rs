@@ -19,12 +19,9 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use crate::config::WorkloadKind;
-use crate::previewd::cluster::{AGENT_PREFIX, CLEANUP_PREFIX, agent_container};
-use crate::previewd::manager::{Manager, Selector};
-
-/// A workload in a namespace.
-pub type TargetRef = (String, WorkloadKind, String);
+use crate::model::podspec::{AGENT_PREFIX, CLEANUP_PREFIX};
+use crate::previewd::cluster::pods::{agent_args, agent_container, cleanup_args};
+use crate::previewd::manager::{AgentPlan, Manager, Selector, TargetRef};
 
 /// Ephemeral containers cannot be removed; past this many of ours in one
 /// pod we stop adding more, so the pod spec cannot grow without end.
@@ -177,7 +174,8 @@ async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, s
             },
             _ = tick.tick() => None,
         };
-        let want = !manager.routes_for(ns, *kind, name).is_empty();
+        let plan = manager.agent_plan(&target);
+        let want = matches!(plan, AgentPlan::Route(_));
         let names: Vec<String> = match only {
             Some(n) => vec![n],
             None => pods.keys().cloned().collect(),
@@ -186,8 +184,8 @@ async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, s
             let Some(pod) = pods.get(&pod_name) else { continue };
             let (container, args) = match next_action(pod, want) {
                 Action::None => continue,
-                Action::Attach(c) => (c, vec!["run".to_string(), "--server".to_string(), server.clone()]),
-                Action::Cleanup(c) => (c, vec!["cleanup".to_string()]),
+                Action::Attach(c) => (c, agent_args(&server)),
+                Action::Cleanup(c) => (c, cleanup_args()),
             };
             let ec = agent_container(&container, &image, args, &pod_name, ns, cluster.pull_policy.as_deref());
             let patch = serde_json::json!({"spec": {"ephemeralContainers": [ec]}});
@@ -202,7 +200,7 @@ async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, s
                 }
             }
         }
-        if !want && !manager.targets().contains(&target) {
+        if plan == AgentPlan::Leave {
             // Agents got an empty route set and exit by themselves.
             tracing::info!(namespace = %ns, target = %format!("{}/{name}", kind.as_str()), "no longer previewed");
             return;

@@ -11,10 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-/// The response header that carries previewd's version; the CLI warns when
-/// it differs from its own.
-pub const VERSION_HEADER: &str = "preview-version";
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+use crate::model::{VERSION, VERSION_HEADER};
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];

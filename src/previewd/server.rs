@@ -8,20 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::kube::Client;
-use ::kube::api::Api as KubeApi;
-use ::kube::runtime::{WatchStreamExt, watcher};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::model::{Ttl, validate_dns_label};
 use crate::previewd::api::{AgentApi, Api};
-use crate::config::Ttl;
-use crate::previewd::cluster::{Cluster, LABEL_ROLE, ROLE_POD};
+use crate::previewd::cluster::Cluster;
 use crate::previewd::manager::{Manager, Settings};
+use crate::previewd::store::{Store, StoreError};
 use crate::proto::agent_service_server::AgentServiceServer;
 use crate::proto::preview_service_server::PreviewServiceServer;
-use crate::previewd::store::{Store, StoreError};
 
 /// previewd's flags; each can also be set by a `PREVIEW_*` environment variable.
 #[derive(clap::Parser, Debug, Clone)]
@@ -162,7 +159,7 @@ pub async fn serve(
     let bound = listener.local_addr().map_err(|e| ServerError::Flag { flag: "--listen", message: e.to_string() })?;
     let agent_server = args.agent_server(bound)?;
     let reap_every = duration_flag("--reap-interval", &args.reap_interval)?;
-    crate::config::validate_dns_label("--instance", &args.instance, 63)
+    validate_dns_label("--instance", &args.instance, 63)
         .map_err(|e| ServerError::Flag { flag: "--instance", message: e.message })?;
     let store = Store::open(&args.data_dir()).await?;
     let manager = Manager::new(
@@ -194,8 +191,9 @@ pub async fn serve(
         }
         None => None,
     };
-    let selector = manager.cluster().selector(&format!("{LABEL_ROLE}={ROLE_POD}"));
-    let watch = tokio::spawn(watch_pods(manager.clone(), client, selector));
+    let m = manager.clone();
+    let watch =
+        tokio::spawn(async move { m.cluster().watch_preview_pods(|p, deleted| m.observe_pod(p, deleted)).await });
     let reaper = tokio::spawn(reap(manager.clone(), reap_every));
     // agent_server is Some exactly when an agent image was given.
     let attacher = match agent_server {
@@ -251,21 +249,6 @@ fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Resul
         s.set_nodelay(true)?;
         Ok(s)
     })
-}
-
-/// Keeps the manager's view of preview pods current.
-async fn watch_pods(manager: Arc<Manager>, client: Client, selector: String) {
-    let api: KubeApi<Pod> = KubeApi::all(client);
-    let cfg = watcher::Config::default().labels(&selector);
-    let mut events = watcher(api, cfg).default_backoff().boxed();
-    while let Some(ev) = events.next().await {
-        match ev {
-            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => manager.observe_pod(&p, false),
-            Ok(watcher::Event::Delete(p)) => manager.observe_pod(&p, true),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
-        }
-    }
 }
 
 /// The TTL reaper: an interval task, well inside the 5-second promise.

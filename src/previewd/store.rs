@@ -8,10 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 
-use crate::config::{Mode, Target};
-use crate::filter::FilterSpec;
+use crate::model::EnvRecord;
 
 /// key → JSON-encoded [`EnvRecord`].
 const ENVS: TableDefinition<&str, &[u8]> = TableDefinition::new("environments_v1");
@@ -36,43 +34,6 @@ macro_rules! db_err {
     )*};
 }
 db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
-
-/// One environment as previewd remembers it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EnvRecord {
-    pub key: String,
-    pub namespace: String,
-    pub created_at_ms: i64,
-    /// `None` never expires.
-    pub expires_at_ms: Option<i64>,
-    pub mode: Mode,
-    /// Written before any object is created; cleared once all exist.
-    pub pending: bool,
-    pub pods: Vec<PodRecord>,
-}
-
-/// One preview pod group (one or more replicas) of an environment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PodRecord {
-    /// Name within the environment; unique per environment.
-    pub group: String,
-    pub target: Target,
-    pub container: String,
-    pub image: String,
-    pub mode: Mode,
-    pub filter: FilterSpec,
-    pub ports: Vec<u16>,
-    /// Kubernetes names of the replicas.
-    pub pod_names: Vec<String>,
-    /// The Pod object to create for each replica (name filled in per replica).
-    pub template: serde_json::Value,
-}
-
-impl EnvRecord {
-    pub fn expired_at(&self, now_ms: i64) -> bool {
-        self.expires_at_ms.is_some_and(|t| t <= now_ms)
-    }
-}
 
 #[derive(Clone)]
 pub struct Store {
@@ -168,10 +129,12 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::filter::FilterSpec;
+    use crate::model::{Key, Mode, PodRecord, Target};
 
     fn rec(key: &str) -> EnvRecord {
         EnvRecord {
-            key: key.into(),
+            key: Key::parse("key", key).unwrap(),
             namespace: "ns".into(),
             created_at_ms: 1,
             expires_at_ms: Some(10),

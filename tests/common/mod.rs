@@ -40,7 +40,7 @@ pub struct TestNs {
 impl TestNs {
     pub async fn new(prefix: &str) -> Result<TestNs> {
         let client = client().await?;
-        let name = format!("{prefix}-{}", preview::config::generate_key().get(..6).unwrap_or("x"));
+        let name = format!("{prefix}-{}", preview::model::Key::generate().get(..6).unwrap_or("x"));
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": {"preview-test": "true"}}
         }))?;

@@ -30,7 +30,7 @@ impl Net {
     }
 
     pub fn new() -> Result<Net> {
-        let id = preview::config::generate_key()[..6].to_string();
+        let id = preview::model::Key::generate()[..6].to_string();
         let net = Net { id, procs: Vec::new(), dir: tempfile::tempdir()? };
         let (c, p, v) = (net.ns("c"), net.ns("p"), net.ns("v"));
         for n in [&c, &p, &v] {

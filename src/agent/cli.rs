@@ -1,0 +1,136 @@
+//! preview-agent's command line: subcommands, flags and the runtime they ask for.
+//! Names that previewd writes into pod specs come from `model::podspec`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::podspec;
+
+#[derive(Parser, Debug)]
+#[command(name = "preview-agent", version, about = "Routes keyed staging traffic to preview pods")]
+pub struct AgentCli {
+    #[command(subcommand)]
+    pub command: AgentCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Start the worker under a guard that removes its rules when it ends.
+    #[command(name = podspec::CMD_RUN)]
+    Run(WorkerArgs),
+    /// The worker itself (started by `run`).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+    /// Remove every agent rule in this network namespace.
+    #[command(name = podspec::CMD_CLEANUP)]
+    Cleanup,
+    /// Wait until a local agent's admin port answers (the outbound sidecar's
+    /// postStart hook: the app starts only once the rules are in).
+    #[command(name = podspec::CMD_READY, hide = true)]
+    Ready {
+        #[arg(long, default_value = "127.0.0.1:15092")]
+        admin: SocketAddr,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// In a preview pod: add the environment key to the `baggage` of every
+    /// outgoing HTTP request, so downstream calls stay in the environment.
+    #[command(name = podspec::CMD_OUTBOUND)]
+    Outbound(OutboundArgs),
+}
+
+impl AgentCommand {
+    /// Threads for this command's runtime: the data plane's setting, else one.
+    pub fn threads(&self) -> usize {
+        match self {
+            AgentCommand::Worker(a) => a.runtime.threads.into(),
+            AgentCommand::Outbound(a) => a.runtime.threads.into(),
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Data-plane threads. One (the default) serves every connection on a
+    /// single thread, as linkerd2-proxy does given one core: at a pod's
+    /// rates, waking a second thread costs more than it gives.
+    #[arg(long, env = "PREVIEW_AGENT_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+}
+
+/// The runtime of an agent process: one thread, or a work-stealing pool.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OutboundArgs {
+    /// The environment key to propagate.
+    #[arg(long, env = podspec::ENV_KEY)]
+    pub key: String,
+    /// Where outgoing connections are redirected (REDIRECT in OUTPUT lands on loopback).
+    #[arg(long, env = "PREVIEW_AGENT_OUTBOUND_LISTEN", default_value = "127.0.0.1:15002")]
+    pub listen: SocketAddr,
+    /// Admin port (`/metrics`); bound once the rules are in, so a startup
+    /// probe on it tells the kubelet when the app may start.
+    #[arg(long, env = "PREVIEW_AGENT_ADMIN", default_value = "0.0.0.0:15092")]
+    pub admin: SocketAddr,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Target ports to intercept [default: the ports of the routes, kept in
+    /// step as routes change].
+    #[arg(long, env = "PREVIEW_AGENT_PORTS", value_delimiter = ',')]
+    pub ports: Vec<u16>,
+    /// Where intercepted connections are redirected.
+    #[arg(long, env = "PREVIEW_AGENT_LISTEN", default_value = "0.0.0.0:15001")]
+    pub listen: SocketAddr,
+    /// Admin port (`/metrics`, `/routes`); never intercepted.
+    #[arg(long, env = "PREVIEW_AGENT_ADMIN", default_value = "0.0.0.0:15090")]
+    pub admin: SocketAddr,
+    /// Routes as a JSON list, re-read when the file changes.
+    #[arg(long, env = "PREVIEW_AGENT_ROUTES", required_unless_present = "server", conflicts_with = "server")]
+    pub routes: Option<PathBuf>,
+    /// previewd's address: routes are streamed from it.
+    #[arg(long, env = "PREVIEW_AGENT_SERVER", requires_all = ["pod", "namespace"])]
+    pub server: Option<String>,
+    /// This pod's name (downward API), sent to previewd.
+    #[arg(long, env = podspec::ENV_POD_NAME)]
+    pub pod: Option<String>,
+    /// This pod's namespace (downward API), sent to previewd.
+    #[arg(long, env = podspec::ENV_POD_NAMESPACE)]
+    pub namespace: Option<String>,
+    /// Chain name (chosen by the guard).
+    #[arg(long, hide = true)]
+    pub chain: Option<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_default_to_one_and_zero_is_refused() {
+        let parse = |extra: &[&str]| {
+            let args = ["preview-agent", "worker", "--routes", "r.json"].iter().chain(extra).copied();
+            AgentCli::try_parse_from(args)
+        };
+        assert_eq!(parse(&[]).map(|c| c.command.threads()).ok(), Some(1));
+        assert_eq!(parse(&["--threads", "2"]).map(|c| c.command.threads()).ok(), Some(2));
+        let err = parse(&["--threads", "0"]).expect_err("0 threads is refused").to_string();
+        assert!(err.contains("--threads"), "{err}");
+    }
+}

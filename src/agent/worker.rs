@@ -1,0 +1,153 @@
+//! The worker: binds, installs the interception rules, routes every
+//! connection through the proxy, follows route changes (ports included),
+//! and removes its rules when it ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use super::cli::WorkerArgs;
+use super::error::AgentError;
+use super::intercept::{self, Backend, Direction};
+use super::metrics::Metrics;
+use super::proxy::Proxy;
+use super::routes::{RouteTable, SharedRoutes};
+use super::source::RouteSource;
+use crate::model::{Route, now_ms};
+
+/// The worker: listens, installs the rules, routes until SIGTERM or until no
+/// route is left, then removes the rules.
+pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
+    let chain = args.chain.clone().unwrap_or_else(intercept::chain_name);
+    // Bind first: if another agent holds the port, touch nothing.
+    let listener =
+        TcpListener::bind(args.listen).await.map_err(|source| AgentError::Bind { addr: args.listen, source })?;
+    let admin = TcpListener::bind(args.admin).await.map_err(|source| AgentError::Bind { addr: args.admin, source })?;
+    let now = now_ms();
+    let mut source = RouteSource::new(&args).await?;
+    let first = source.initial.take().unwrap_or_default();
+    let initial = RouteTable::compile(first).map_err(|message| AgentError::Routes { path: source.name(), message })?;
+    let initial = RouteTable::compile(initial.live(now))
+        .map_err(|message| AgentError::Routes { path: source.name(), message })?;
+    if initial.is_empty() {
+        tracing::info!("no live routes; nothing to do");
+        return Ok(());
+    }
+    let routes = Arc::new(SharedRoutes::default());
+    routes.set(initial);
+    let metrics = Arc::new(Metrics::default());
+    let proxy = Proxy::new(routes.clone(), metrics.clone());
+
+    let mut ports = wanted_ports(&args.ports, &routes.get());
+    if ports.is_empty() {
+        return Err(AgentError::Routes {
+            path: source.name(),
+            message: "no ports: give --ports or routes with ports".into(),
+        });
+    }
+    let backend = Backend::detect()?;
+    let stale = backend.remove_all()?;
+    if !stale.is_empty() {
+        tracing::warn!(?stale, "removed rules left by a dead agent");
+    }
+    backend.install(&chain, &Direction::Inbound(ports.clone()), args.listen.port())?;
+    for p in &ports {
+        intercept::flush_conntrack(*p);
+    }
+    tracing::info!(%chain, ?ports, listen = %args.listen, "intercepting");
+
+    tokio::spawn(serve_admin(admin, routes.clone(), metrics.clone()));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let app = match intercept::original_dst(&stream) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no original destination; dropping connection");
+                    continue;
+                }
+            };
+            tokio::spawn(proxy.clone().serve(stream, app));
+        }
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // Under a guard: if the guard dies, we are reparented; clean up and go.
+    let guard_pid = args.chain.is_some().then(std::os::unix::process::parent_id);
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = tick.tick() => {
+                if guard_pid.is_some_and(|p| p != std::os::unix::process::parent_id()) {
+                    break "guard died";
+                }
+                let now = now_ms();
+                let current = routes.get();
+                // New routes if the source has some; either way, drop expired ones.
+                let next: Vec<Route> = match source.poll() {
+                    Some(r) => r.into_iter().filter(|r| r.expires_at_ms.is_none_or(|t| t > now)).collect(),
+                    None => current.live(now),
+                };
+                if next.len() != current.routes.len() || next.iter().zip(&current.routes).any(|(a, b)| *a != b.route) {
+                    match RouteTable::compile(next) {
+                        Ok(t) => {
+                            tracing::info!(routes = t.routes.len(), "routes updated");
+                            routes.set(t);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "bad routes; keeping the previous ones"),
+                    }
+                }
+                if routes.get().is_empty() {
+                    break "no routes left";
+                }
+                let want = wanted_ports(&args.ports, &routes.get());
+                if want != ports {
+                    let (b, c, w, to) = (backend.clone(), chain.clone(), want.clone(), args.listen.port());
+                    let new: Vec<u16> = want.iter().copied().filter(|p| !ports.contains(p)).collect();
+                    // iptables and conntrack block: keep them off the data-plane thread.
+                    let changed = tokio::task::spawn_blocking(move || {
+                        b.update(&c, &Direction::Inbound(w), to)?;
+                        new.into_iter().for_each(intercept::flush_conntrack);
+                        Ok::<_, intercept::InterceptError>(())
+                    })
+                    .await
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                    match changed {
+                        Ok(()) => {
+                            tracing::info!(ports = ?want, "intercepted ports changed");
+                            ports = want;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "changing the intercepted ports failed; keeping the old ones"),
+                    }
+                }
+            }
+        }
+    };
+    backend.remove(&chain)?;
+    tracing::info!(%chain, why, "rules removed; exiting");
+    Ok(())
+}
+
+/// The ports to intercept: the flag's, or every port the routes name.
+fn wanted_ports(flag: &[u16], table: &RouteTable) -> Vec<u16> {
+    if !flag.is_empty() {
+        return flag.to_vec();
+    }
+    let mut ports: Vec<u16> = table.routes.iter().flat_map(|r| r.route.ports.iter().copied()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+pub(super) async fn serve_admin(listener: TcpListener, routes: Arc<SharedRoutes>, metrics: Arc<Metrics>) {
+    crate::telemetry::serve_text(listener, move |path| match path {
+        "/metrics" => metrics.render(),
+        "/routes" => serde_json::to_string(&routes.get().live(i64::MIN)).unwrap_or_default(),
+        _ => "ok\n".to_string(),
+    })
+    .await
+}

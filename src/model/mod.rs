@@ -1,0 +1,32 @@
+//! The shared words of previewd, the agent and the CLI: keys, targets,
+//! modes, TTLs, environment records and routes, and the names previewd
+//! writes into pod specs for the agent to read. Plain data and its
+//! validation only: no tonic, no kube.
+
+mod field;
+mod key;
+pub mod podspec;
+mod record;
+mod request;
+mod route;
+mod target;
+mod ttl;
+
+pub use field::{FieldError, validate_dns_label, validate_dns_subdomain};
+pub use key::{Key, MAX_KEY_LEN};
+pub use record::{EnvRecord, PodRecord, PodState};
+pub use request::{Cleaned, EnvStatus, PodRequest, StartRequest, Started};
+pub use route::Route;
+pub use target::{Mode, Target, WorkloadKind};
+pub use ttl::Ttl;
+
+/// The version of every binary; previewd sends it in [`VERSION_HEADER`] and
+/// the CLI warns when it differs from its own.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const VERSION_HEADER: &str = "preview-version";
+
+/// Wall-clock Unix time in milliseconds (0 before 1970).
+pub fn now_ms() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,62 @@
+//! Environments as previewd remembers them (the store's records) and pod
+//! states as Status reports them.
+
+use serde::{Deserialize, Serialize};
+
+use super::key::Key;
+use super::target::{Mode, Target};
+use crate::filter::FilterSpec;
+
+/// One environment as previewd remembers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvRecord {
+    pub key: Key,
+    pub namespace: String,
+    pub created_at_ms: i64,
+    /// `None` never expires.
+    pub expires_at_ms: Option<i64>,
+    pub mode: Mode,
+    /// Written before any object is created; cleared once all exist.
+    pub pending: bool,
+    pub pods: Vec<PodRecord>,
+}
+
+/// One preview pod group (one or more replicas) of an environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PodRecord {
+    /// Name within the environment; unique per environment.
+    pub group: String,
+    pub target: Target,
+    pub container: String,
+    pub image: String,
+    pub mode: Mode,
+    pub filter: FilterSpec,
+    pub ports: Vec<u16>,
+    /// Kubernetes names of the replicas.
+    pub pod_names: Vec<String>,
+    /// The Pod object to create for each replica (name filled in per replica).
+    pub template: serde_json::Value,
+}
+
+impl EnvRecord {
+    pub fn expired_at(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_some_and(|t| t <= now_ms)
+    }
+
+    /// Every replica's pod name.
+    pub fn pod_names(&self) -> impl Iterator<Item = &String> {
+        self.pods.iter().flat_map(|p| &p.pod_names)
+    }
+}
+
+/// A preview pod's state as the Status API reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodState {
+    pub phase: String,
+    pub ready: bool,
+    pub restarts: u32,
+    pub node: String,
+    pub ip: String,
+    pub reason: String,
+    pub last_error: String,
+}

@@ -1,0 +1,50 @@
+//! What clients ask previewd for, as plain data (the API layer converts the
+//! protobuf messages in `wire`), and what Status shows back.
+
+use std::collections::BTreeMap;
+
+use super::key::Key;
+use super::record::{EnvRecord, PodState};
+
+/// One preview pod to create. Empty strings mean "not given".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodRequest {
+    /// The user's config file, JSON or YAML, in mirrord's shape.
+    pub config: String,
+    pub image: String,
+    pub target: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Start (or extend) an environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartRequest {
+    pub pods: Vec<PodRequest>,
+    pub key: String,
+    pub ttl: String,
+}
+
+/// An environment as Status shows it: its record and the state of each
+/// replica seen so far (by pod name).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvStatus {
+    pub record: EnvRecord,
+    pub pods: BTreeMap<String, PodState>,
+}
+
+/// What Start and AddPod answer.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub key: Key,
+    pub environment: EnvStatus,
+    /// Config fields accepted but not acted on.
+    pub warnings: Vec<String>,
+}
+
+/// One environment removed by Clean: its key and the objects deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cleaned {
+    pub key: Key,
+    pub objects: Vec<String>,
+}

@@ -1,0 +1,41 @@
+//! The manager's one error type. `api` turns it into a `tonic::Status`, in
+//! one place; here each error only says what happened and to which field.
+
+use crate::model::FieldError;
+use crate::previewd::cluster::KubeError;
+use crate::previewd::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(#[from] FieldError),
+    #[error("{field}: {message}")]
+    NotFound { field: String, message: String },
+    #[error("{field}: {message}")]
+    AlreadyExists { field: String, message: String },
+    #[error("{field}: {message}")]
+    FailedPrecondition { field: String, message: String },
+    /// A cluster call failed, or the cluster lacks what the request names
+    /// (`field`, when one is to blame).
+    #[error("{}{source}", field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
+    Cluster { field: Option<String>, source: KubeError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<KubeError> for Error {
+    fn from(source: KubeError) -> Self {
+        Error::Cluster { field: None, source }
+    }
+}
+
+impl Error {
+    /// A cluster error about the request's `field`.
+    pub fn cluster(field: impl Into<String>, source: KubeError) -> Self {
+        Error::Cluster { field: Some(field.into()), source }
+    }
+}
+
+pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Error {
+    Error::InvalidArgument(FieldError::new(field, message))
+}

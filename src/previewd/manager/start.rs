@@ -1,0 +1,351 @@
+//! Start and AddPod: parse each pod's config, settle the key and TTL, plan
+//! every preview pod against its target, check conflicts, write the intent,
+//! then create the objects. A failure rolls back what this request added.
+
+use k8s_openapi::api::core::v1::Pod;
+
+use super::error::invalid;
+use super::view::on_target;
+use super::{Error, Manager};
+use crate::config::{self, PodConfig};
+use crate::filter::FilterSpec;
+use crate::model::{
+    EnvRecord, FieldError, Key, Mode, PodRecord, PodRequest, StartRequest, Started, Target, Ttl, now_ms,
+    validate_dns_label,
+};
+use crate::previewd::cluster::KubeError;
+use crate::previewd::cluster::pods::{self, PodPlan};
+use crate::previewd::store::StoreError;
+use crate::proto;
+
+impl Manager {
+    pub async fn start(&self, req: StartRequest) -> Result<Started, Error> {
+        if req.pods.is_empty() {
+            return Err(invalid("pods", "at least one pod is required"));
+        }
+        let at = |i: usize| if req.pods.len() > 1 { format!("pods[{i}]") } else { String::new() };
+        let docs = req
+            .pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| config::parse_document(&p.config).map_err(|e| e.within(&at(i))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = if !req.key.is_empty() {
+            Key::parse("key", &req.key)?
+        } else {
+            let mut from_doc = None;
+            for (i, d) in docs.iter().enumerate() {
+                if let Some(k) = config::document_key(d).map_err(|e| e.within(&at(i)))? {
+                    from_doc.get_or_insert(k);
+                }
+            }
+            from_doc.unwrap_or_else(Key::generate)
+        };
+        let configs = docs
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| config::interpret(d, &key).map_err(|e| e.within(&at(i))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ttl =
+            if req.ttl.is_empty() { configs.iter().find_map(|c| c.ttl) } else { Some(Ttl::parse("ttl", &req.ttl)?) };
+        let ttl = ttl.map(|t| self.check_ttl(t)).transpose()?;
+
+        let _guard = self.lock_key(&key).await;
+        let existing = self.view().envs.get(&key).map(|e| e.record.clone());
+        self.apply(key, existing, &req.pods, configs, ttl).await
+    }
+
+    pub async fn add_pod(&self, key: &str, pod: Option<PodRequest>) -> Result<Started, Error> {
+        let key = Key::parse("key", key)?;
+        let pod = pod.ok_or_else(|| invalid("pod", "required"))?;
+        let doc = config::parse_document(&pod.config)?;
+        let cfg = config::interpret(doc, &key)?;
+        let _guard = self.lock_key(&key).await;
+        let existing = self.view().envs.get(&key).map(|e| e.record.clone());
+        let Some(existing) = existing else {
+            return Err(Error::NotFound { field: "key".into(), message: format!("no environment {:?}", key.as_str()) });
+        };
+        self.apply(key, Some(existing), &[pod], vec![cfg], None).await
+    }
+
+    fn check_ttl(&self, ttl: Ttl) -> Result<Ttl, Error> {
+        let max = Ttl::Finite(self.settings.max_ttl);
+        match ttl {
+            Ttl::Infinite if !self.settings.allow_infinite => {
+                Err(invalid("ttl", format!("\"infinite\" is not allowed by this server; the maximum is {max}")))
+            }
+            Ttl::Finite(d) if d > self.settings.max_ttl => {
+                Err(invalid("ttl", format!("{ttl} exceeds the server's maximum of {max}")))
+            }
+            t => Ok(t),
+        }
+    }
+
+    /// Plans every pod, checks conflicts, writes the intent, creates objects.
+    async fn apply(
+        &self,
+        key: Key,
+        existing: Option<EnvRecord>,
+        reqs: &[PodRequest],
+        configs: Vec<PodConfig>,
+        ttl: Option<Ttl>,
+    ) -> Result<Started, Error> {
+        let now = now_ms();
+        let mut warnings = Vec::new();
+        let mut planned: Vec<PodRecord> = Vec::new();
+        let mut env_ns = existing.as_ref().map(|e| e.namespace.clone());
+        for (i, (req, cfg)) in reqs.iter().zip(configs).enumerate() {
+            let at = if reqs.len() > 1 { format!("pods[{i}]") } else { String::new() };
+            let (ns, pod) = self.plan_pod(&key, &at, req, &cfg, env_ns.as_deref()).await?;
+            if planned.iter().any(|p| p.group == pod.group) {
+                let msg = format!("two pods named {:?}; give each a distinct name", pod.group);
+                return Err(FieldError::new("name", msg).within(&at).into());
+            }
+            env_ns = Some(ns);
+            warnings.extend(cfg.warnings.iter().map(|w| if at.is_empty() { w.clone() } else { format!("{at}: {w}") }));
+            planned.push(pod);
+        }
+        let ns = env_ns.unwrap_or_else(|| self.settings.default_namespace.clone());
+        self.check_conflicts(&key, &ns, &planned)?;
+
+        // The new record: existing pods with the same group are replaced.
+        let is_new = existing.is_none();
+        let mut rec = existing.clone().unwrap_or(EnvRecord {
+            key: key.clone(),
+            namespace: ns,
+            created_at_ms: now,
+            expires_at_ms: None,
+            mode: planned.first().map_or(Mode::Steal, |p| p.mode),
+            pending: true,
+            pods: Vec::new(),
+        });
+        let ttl_extended = match (is_new, ttl) {
+            (true, t) => {
+                rec.expires_at_ms = expires(now, t.unwrap_or(Ttl::Finite(self.settings.default_ttl)));
+                false
+            }
+            (false, Some(t)) => {
+                rec.expires_at_ms = expires(now, t);
+                true
+            }
+            (false, None) => false,
+        };
+        let mut stale = Vec::new();
+        for p in planned {
+            if let Some(old) = rec.pods.iter_mut().find(|o| o.group == p.group) {
+                stale.extend(old.pod_names.iter().filter(|n| !p.pod_names.contains(n)).cloned());
+                *old = p;
+            } else {
+                rec.pods.push(p);
+            }
+        }
+        rec.pending = true;
+
+        // Intent first: a crash from here on is finished by `recover`.
+        self.store.put(&rec).await?;
+        self.pause_point("after-intent").await;
+        self.publish_upsert(&rec, is_new);
+        if let Err(e) = self.realize(&rec).await {
+            // Nothing half-made: undo what this request added, keep what was.
+            tracing::warn!(key = %key, error = %e, "start failed; rolling back");
+            self.rollback(&rec, existing.as_ref()).await;
+            return Err(e);
+        }
+        for name in &stale {
+            self.cluster.delete_pod(&rec.namespace, name).await?;
+        }
+        // The owner ConfigMap keeps the pending copy: adopting it just
+        // completes it again. Losing this write in a crash is as harmless.
+        rec.pending = false;
+        self.store.put_relaxed(&rec).await?;
+        let environment = self.publish_settled(&rec, ttl_extended);
+        Ok(Started { key, environment, warnings })
+    }
+
+    /// One pod of a request: where it goes (its namespace) and its record,
+    /// with the Pod to create built from the target's template. `at` is the
+    /// request's field prefix (`pods[i]`, or empty for a single pod).
+    async fn plan_pod(
+        &self,
+        key: &Key,
+        at: &str,
+        req: &PodRequest,
+        cfg: &PodConfig,
+        env_ns: Option<&str>,
+    ) -> Result<(String, PodRecord), Error> {
+        let field = |f: &str| if at.is_empty() { f.to_string() } else { format!("{at}.{f}") };
+        let mut target = cfg.target.clone();
+        if !req.target.is_empty() {
+            let ns = target.namespace().map(str::to_string);
+            target = Target::parse(&field("target"), &req.target)?;
+            if let Target::Workload { namespace, .. } = &mut target {
+                *namespace = ns;
+            }
+        }
+        let ns = [req.namespace.as_str(), target.namespace().unwrap_or(""), env_ns.unwrap_or("")]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .unwrap_or(&self.settings.default_namespace)
+            .to_string();
+        validate_dns_label(&field("namespace"), &ns, 63)?;
+        if let Some(env_ns) = env_ns
+            && env_ns != ns
+        {
+            return Err(Error::FailedPrecondition {
+                field: field("namespace"),
+                message: format!("environment {:?} lives in namespace {env_ns:?}, not {ns:?}", key.as_str()),
+            });
+        }
+        let image = if req.image.is_empty() { cfg.image.clone() } else { Some(req.image.clone()) };
+        let image = image.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+            invalid(field("image"), "required: give an image in the request or feature.preview.image in the config")
+        })?;
+        let group = if req.name.is_empty() { sanitize(target.short_name()) } else { req.name.clone() };
+        validate_dns_label(&field("name"), &group, 63)?;
+        // Both reads at once: they are most of Start's latency.
+        let (ns_ok, resolved) = tokio::join!(self.cluster.ensure_namespace(&ns), self.cluster.resolve(&ns, &target));
+        ns_ok.map_err(|e| Error::cluster(field("namespace"), e))?;
+        let resolved = resolved.map_err(|e| {
+            let f = match e {
+                KubeError::ContainerNotFound { .. } | KubeError::NoContainers { .. } => "target.container",
+                _ => "target",
+            };
+            Error::cluster(field(f), e)
+        })?;
+        let pod = pods::build_pod(&PodPlan {
+            key,
+            group: &group,
+            target: &target,
+            resolved: resolved.as_ref(),
+            image: &image,
+            env: &cfg.env,
+            pull_policy: self.cluster.pull_policy.as_deref(),
+            propagate_key: cfg.propagate_key,
+            instance: &self.cluster.instance,
+            agent_image: self.cluster.agent_image.as_deref(),
+        });
+        // A Pod always serialises.
+        let template = serde_json::to_value(&pod).expect("pod serialises");
+        let ports = match (&resolved, cfg.ports.is_empty()) {
+            (Some(r), true) => r.ports.clone(),
+            _ => cfg.ports.clone(),
+        };
+        let record = PodRecord {
+            pod_names: pods::pod_names(&group, key, &template, cfg.replicas),
+            group,
+            container: resolved.as_ref().map_or_else(|| "app".into(), |r| r.container.clone()),
+            target,
+            image,
+            mode: cfg.mode,
+            filter: cfg.filter.clone().unwrap_or_else(|| FilterSpec::Key(key.to_string())),
+            ports,
+            template,
+        };
+        Ok((ns, record))
+    }
+
+    /// Restores the state before a failed Start: the previous record and its
+    /// pods, or nothing at all for a new environment. Best effort; what it
+    /// cannot undo now, `recover` finds by label at the next start.
+    async fn rollback(&self, attempted: &EnvRecord, previous: Option<&EnvRecord>) {
+        let result = async {
+            match previous {
+                None => {
+                    self.cluster.delete_env(&attempted.key).await?;
+                    self.store.delete(&attempted.key).await?;
+                    self.publish_removed(&attempted.key, proto::EventKind::Cleaned);
+                }
+                Some(prev) => {
+                    let keep: Vec<&String> = prev.pod_names().collect();
+                    for name in attempted.pod_names().filter(|n| !keep.contains(n)) {
+                        self.cluster.delete_pod(&attempted.namespace, name).await?;
+                    }
+                    self.cluster.put_owner(prev).await?;
+                    self.store.put(prev).await?;
+                    if let Some(v) = self.view().envs.get_mut(&prev.key) {
+                        v.record = prev.clone();
+                    }
+                }
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::error!(key = %attempted.key, error = %e, "rollback incomplete; the next start reconciles it");
+        }
+    }
+
+    /// Creates the owner and every pod of a record that does not exist yet.
+    pub(super) async fn realize(&self, rec: &EnvRecord) -> Result<(), Error> {
+        let owner = self.cluster.put_owner(rec).await?;
+        self.pause_point("after-owner").await;
+        for p in &rec.pods {
+            for name in &p.pod_names {
+                let pod: Pod = pods::instantiate(&p.template, name, &rec.namespace, &owner)
+                    .map_err(|e| StoreError::Corrupt { key: rec.key.to_string(), source: e })?;
+                self.cluster.create_pod(&rec.namespace, &pod).await?;
+                self.pause_point("after-pod").await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Two environments on one target may not use the same filter on
+    /// overlapping ports: a request could not tell them apart.
+    fn check_conflicts(&self, key: &Key, ns: &str, planned: &[PodRecord]) -> Result<(), Error> {
+        let view = self.view();
+        for p in planned {
+            let Target::Workload { kind, name, .. } = &p.target else { continue };
+            for other in view.envs.values().filter(|e| e.record.key != *key && e.record.namespace == ns) {
+                for op in other.record.pods.iter().filter(|op| on_target(&op.target, *kind, name)) {
+                    let ports_overlap =
+                        p.ports.is_empty() || op.ports.is_empty() || p.ports.iter().any(|x| op.ports.contains(x));
+                    if ports_overlap && op.filter == p.filter {
+                        return Err(Error::AlreadyExists {
+                            field: "feature.network.incoming.http_filter".into(),
+                            message: format!(
+                                "the same filter is already used on {}/{name} by environment {:?}",
+                                kind.as_str(),
+                                other.record.key.as_str()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn expires(now: i64, t: Ttl) -> Option<i64> {
+    match t {
+        Ttl::Infinite => None,
+        Ttl::Finite(d) => Some(now + d.as_millis() as i64),
+    }
+}
+
+/// A DNS label from a workload name.
+fn sanitize(s: &str) -> String {
+    let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let s = s.trim_matches('-');
+    let s: String = s.chars().take(63).collect();
+    s.trim_end_matches('-').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn sanitizes_names() {
+        assert_eq!(sanitize("orders.v2_x"), "orders-v2-x");
+        assert_eq!(sanitize("-a-"), "a");
+    }
+
+    #[test]
+    fn expiry() {
+        assert_eq!(expires(1_000, Ttl::Finite(Duration::from_secs(2))), Some(3_000));
+        assert_eq!(expires(1_000, Ttl::Infinite), None);
+    }
+}

@@ -1,0 +1,78 @@
+//! Status: snapshots, the event stream, pod watch events, and what agents
+//! are told. Every change to the view is published with the next sequence
+//! number while the view's lock is held, so watchers see one order.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::broadcast;
+
+use super::Manager;
+use super::view::{AgentPlan, Event, Selector, TargetRef};
+use crate::model::{EnvRecord, EnvStatus, Route, WorkloadKind};
+use crate::{proto, wire};
+
+impl Manager {
+    /// A snapshot of the matching environments and a receiver for every
+    /// event after it, taken atomically so nothing is missed or repeated.
+    pub fn subscribe(&self, sel: &Selector) -> (proto::StatusEvent, broadcast::Receiver<Event>) {
+        let view = self.view();
+        let rx = self.events.subscribe();
+        (view.snapshot(sel), rx)
+    }
+
+    pub fn snapshot(&self, sel: &Selector) -> proto::StatusEvent {
+        self.view().snapshot(sel)
+    }
+
+    /// Applies a pod watch event to the view and tells watchers if it changed.
+    pub fn observe_pod(&self, pod: &Pod, deleted: bool) {
+        let mut view = self.view();
+        if let Some((env, pod)) = view.observe_pod(pod, deleted) {
+            view.publish(&self.events, proto::EventKind::PodChanged, vec![env], pod);
+        }
+    }
+
+    pub(super) fn publish_upsert(&self, rec: &EnvRecord, is_new: bool) {
+        let mut view = self.view();
+        let env = wire::environment(view.upsert(rec));
+        if is_new {
+            view.publish(&self.events, proto::EventKind::EnvAdded, vec![env], None);
+        }
+    }
+
+    pub(super) fn publish_settled(&self, rec: &EnvRecord, ttl_extended: bool) -> EnvStatus {
+        let mut view = self.view();
+        let entry = view.upsert(rec);
+        let live: BTreeSet<&String> = rec.pod_names().collect();
+        entry.pods.retain(|n, _| live.contains(n));
+        let env = entry.clone();
+        let kind = if ttl_extended { proto::EventKind::TtlExtended } else { proto::EventKind::EnvAdded };
+        view.publish(&self.events, kind, vec![wire::environment(&env)], None);
+        env
+    }
+
+    /// Removes an environment from the view and tells watchers why; true
+    /// when it was there.
+    pub(super) fn publish_removed(&self, key: &str, why: proto::EventKind) -> bool {
+        let mut view = self.view();
+        let Some(env) = view.envs.remove(key) else { return false };
+        view.publish(&self.events, why, vec![wire::environment(&env)], None);
+        true
+    }
+
+    /// The routes agents on `ns`'s `kind/name` pods must apply.
+    pub fn routes_for(&self, ns: &str, kind: WorkloadKind, name: &str) -> Vec<Route> {
+        self.view().routes_for(ns, kind, name)
+    }
+
+    /// Every workload that an environment (settled or being set up) previews.
+    pub fn targets(&self) -> BTreeSet<TargetRef> {
+        self.view().targets()
+    }
+
+    /// What the agents on `target`'s pods should do now.
+    pub fn agent_plan(&self, target: &TargetRef) -> AgentPlan {
+        self.view().agent_plan(target)
+    }
+}
