@@ -4,8 +4,8 @@
 //! the app unchanged.
 //!
 //! Process code (`cli`, `guard`, `worker`, `outbound`, `source`) is kept
-//! apart from the proxy (`proxy`, `h1`, `mirror`, `state`, `detect`,
-//! `routes`) and the rules (`intercept`). `run` is a small guard process
+//! apart from the proxy (`proxy`, `h1`, `framing`, `mirror`, `state`,
+//! `detect`, `routes`) and the rules (`intercept`). `run` is a small guard process
 //! that starts the worker and removes the worker's rules whatever way it
 //! ends (exit, SIGTERM, panic, SIGKILL of the worker). `cleanup` removes
 //! rules left when both were killed.
@@ -13,6 +13,7 @@
 mod cli;
 pub mod detect;
 mod error;
+pub mod framing;
 mod guard;
 pub mod h1;
 pub mod intercept;

@@ -1,0 +1,175 @@
+//! What the CLI prints: tables (coloured on a terminal), and the stable
+//! JSON and YAML shapes that scripts parse.
+
+use std::io::IsTerminal;
+
+use clap::ValueEnum;
+use serde_json::{Value, json};
+
+use crate::proto;
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+}
+
+pub(super) fn print_envs(envs: &[proto::Environment], output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&envs.iter().map(env_json).collect::<Vec<_>>()).unwrap_or_default()
+        ),
+        Output::Yaml => {
+            print!("{}", serde_yaml::to_string(&envs.iter().map(env_json).collect::<Vec<_>>()).unwrap_or_default())
+        }
+        Output::Table | Output::Wide => {
+            print!("{}", table(envs, output == Output::Wide, colour(), crate::model::now_ms()))
+        }
+    }
+}
+
+/// Colours only on a terminal, and never when NO_COLOR is set (no-color.org).
+fn colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// One row per pod: KEY, POD, TARGET, NAMESPACE, IMAGE, STATUS. With
+/// `colour`, STATUS is green when running, red on an error, yellow otherwise.
+pub fn table(envs: &[proto::Environment], wide: bool, colour: bool, now_ms: i64) -> String {
+    let mut rows = vec![{
+        let mut h = vec!["KEY", "POD", "TARGET", "NAMESPACE", "IMAGE", "STATUS"];
+        if wide {
+            h.extend(["NODE", "IP", "RESTARTS"]);
+        }
+        h.into_iter().map(String::from).collect::<Vec<_>>()
+    }];
+    for e in envs {
+        let remaining = match &e.expires_at {
+            None => "no expiry".to_string(),
+            Some(t) => {
+                let left = (t.seconds * 1000 - now_ms).max(0) / 1000;
+                format!("{} remaining", human(left as u64))
+            }
+        };
+        for p in &e.pods {
+            let status = if p.ready {
+                format!("running ({remaining})")
+            } else if p.last_error.is_empty() {
+                format!("{} ({remaining})", p.reason.to_lowercase())
+            } else {
+                format!("{}: {}", p.reason.to_lowercase(), p.last_error)
+            };
+            let mut r =
+                vec![e.key.clone(), p.name.clone(), p.target.clone(), e.namespace.clone(), p.image.clone(), status];
+            if wide {
+                r.extend([p.node.clone(), p.ip.clone(), p.restarts.to_string()]);
+            }
+            rows.push(r);
+        }
+    }
+    let widths: Vec<usize> = (0..rows[0].len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for (n, r) in rows.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                let cell = format!("{c:<w$}");
+                // Escapes go around the padded cell so columns stay aligned.
+                match (colour && n > 0 && i == STATUS_COLUMN, c.as_str()) {
+                    (false, _) => cell,
+                    (true, s) if s.starts_with("running") => format!("\x1b[32m{cell}\x1b[0m"),
+                    (true, s) if s.contains(": ") => format!("\x1b[31m{cell}\x1b[0m"),
+                    (true, _) => format!("\x1b[33m{cell}\x1b[0m"),
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+const STATUS_COLUMN: usize = 5;
+
+fn human(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// The stable JSON shape of an environment (documented in README).
+pub fn env_json(e: &proto::Environment) -> Value {
+    let ts = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds);
+    json!({
+        "key": e.key,
+        "namespace": e.namespace,
+        "mode": if e.mode == proto::Mode::Mirror as i32 { "mirror" } else { "steal" },
+        "createdAt": ts(&e.created_at),
+        "expiresAt": ts(&e.expires_at),
+        "pending": e.pending,
+        "pods": e.pods.iter().map(|p| json!({
+            "name": p.name, "group": p.group, "target": p.target, "container": p.container,
+            "image": p.image, "phase": p.phase, "ready": p.ready, "restarts": p.restarts,
+            "node": p.node, "ip": p.ip, "reason": p.reason, "lastError": p.last_error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub(super) fn event_json(ev: &proto::StatusEvent) -> Value {
+    let kind = proto::EventKind::try_from(ev.kind).map_or("unknown".to_string(), |k| k.as_str_name().to_string());
+    json!({
+        "kind": kind.trim_start_matches("EVENT_KIND_").to_lowercase(),
+        "sequence": ev.sequence,
+        "environments": ev.environments.iter().map(env_json).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_rows() {
+        let env = proto::Environment {
+            key: "k1".into(),
+            namespace: "shop".into(),
+            expires_at: Some(prost_types::Timestamp { seconds: 3600 + 42 * 60, nanos: 0 }),
+            pods: vec![
+                proto::Pod {
+                    name: "orders-k1-abcde".into(),
+                    target: "deployment/orders".into(),
+                    image: "o:v2".into(),
+                    ready: true,
+                    reason: "Ready".into(),
+                    ..Default::default()
+                },
+                proto::Pod {
+                    name: "pay-k1-abcde".into(),
+                    target: "deployment/pay".into(),
+                    image: "p:v9".into(),
+                    reason: "ErrImageNeverPull".into(),
+                    last_error: "image not present".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let t = table(std::slice::from_ref(&env), false, false, 3600 * 1000);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("KEY  POD"), "{t}");
+        assert!(lines[1].contains("running (42m remaining)"), "{t}");
+        assert!(lines[2].contains("errimageneverpull: image not present"), "{t}");
+        assert!(!t.contains('\x1b'), "{t}");
+        let c = table(&[env], false, true, 3600 * 1000);
+        assert!(c.contains("\x1b[32mrunning (42m remaining)"), "{c}");
+        assert!(c.contains("\x1b[31merrimageneverpull"), "{c}");
+        assert!(c.lines().next().is_some_and(|h| !h.contains('\x1b')), "the header stays plain: {c}");
+    }
+}
