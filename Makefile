@@ -27,7 +27,7 @@ cluster-down:
 cluster-status:
 	deploy/local/cluster.sh status
 
-build:
+build: deps
 	cargo build --release --bins
 
 # The agent runs iptables (nft backend; it dlopens its match and target
@@ -50,7 +50,7 @@ images: build cluster-up
 	CONTAINERD_ADDRESS=/run/preview-cluster/containerd/containerd.sock deploy/local/image.sh import \
 	  $(IMAGES)/echo-v1.tar $(IMAGES)/echo-v2.tar $(IMAGES)/previewd.tar $(IMAGES)/agent.tar
 
-tools:              ## pinned generators, grpcurl and the Python test venv (cached)
+tools: deps         ## pinned generators, grpcurl and the Python test venv (cached)
 	clients/tools.sh
 
 # One target regenerates everything made from proto/: the Go and Python
@@ -70,33 +70,37 @@ install-previewd: images
 uninstall-previewd:
 	deploy/local/previewd.sh uninstall
 
+# What runs on a laptop with no cluster and no root: unit tests, the API over
+# an in-memory transport, the manager against a mocked API server, and the
+# layout rules. Tests that need the cluster or root are listed as ignored.
 test-unit:
-	cargo test --lib --bins
+	cargo test --no-fail-fast
 
-# rustfmt and clippy come with rustup's default profile; a toolchain without
-# them skips the step with a warning rather than failing the suite.
-lint:               ## formatting and clippy, warnings are errors
-	@if cargo fmt --version >/dev/null 2>&1; then cargo fmt --check; else echo "lint: rustfmt not installed; skipped"; fi
-	@if cargo clippy --version >/dev/null 2>&1; then cargo clippy --all-targets --quiet -- -D warnings; else echo "lint: clippy not installed; skipped"; fi
+# rustfmt and clippy are installed by `deps` (rustup components); a missing
+# one fails here, it is never skipped.
+lint: deps          ## formatting and clippy, warnings are errors
+	cargo fmt --check
+	cargo clippy --all-targets --features system-tests --quiet -- -D warnings
 
-# The whole suite: unit tests, cluster tests (parallel, one namespace each),
-# then the cluster's own down/up lifecycle checks.
+# The whole suite: every tier (unit, API, manager, layout, then the tests that
+# need the cluster or root, with the system-tests feature; parallel, one
+# namespace each), then the cluster's own down/up lifecycle checks.
 test: lint generate-check images
-	cargo test --no-fail-fast -- --test-threads 4
+	cargo test --features system-tests --no-fail-fast -- --test-threads 4
 	deploy/local/test-lifecycle.sh
 
 bench-core: images
-	cargo test --release --test bench_core -- --ignored --nocapture --test-threads 1
+	cargo test --release --features system-tests --test bench_core -- --ignored --nocapture --test-threads 1
 
 demo: images        ## the main job: a preview of orders on the local cluster
 	deploy/demo/demo.sh
 
 # From `preview start` to the first keyed request answered by the preview.
 bench-start: images
-	cargo test --release --test e2e bench_start -- --ignored --nocapture --test-threads 1
+	cargo test --release --features system-tests --test e2e bench_start -- --ignored --nocapture --test-threads 1
 
 bench-agent: deps   ## agent vs direct vs nginx, in network namespaces (no cluster needed)
-	cargo test --release --test bench_agent -- --ignored --nocapture --test-threads 1
+	cargo test --release --features system-tests --test bench_agent -- --ignored --nocapture --test-threads 1
 
 # Coverage-guided fuzzing of protocol detection, filter matching and the
 # agent's HTTP/1 fast-path parsers (needs a nightly toolchain and

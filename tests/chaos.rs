@@ -49,6 +49,7 @@ async fn steady(ip: String, stop: tokio::sync::watch::Receiver<bool>) -> (u32, u
     (sent, failed, gap.max(last_ok.elapsed()))
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn chaos_sigkill_of_the_agent_recovers_and_is_reattached() -> Result<()> {
     let ns = TestNs::new("e2e-kill").await?;
@@ -101,6 +102,7 @@ async fn chaos_sigkill_of_the_agent_recovers_and_is_reattached() -> Result<()> {
     d.stop().await
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
     let ns = TestNs::new("e2e-pdkill").await?;

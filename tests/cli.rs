@@ -18,6 +18,7 @@ fn preview(server: &str, args: &[&str]) -> Result<(i32, String, String)> {
     ))
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn start_status_clean_and_exit_codes() -> Result<()> {
     let ns = TestNs::new("t-cli").await?;

@@ -12,6 +12,7 @@ use common::*;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, LogParams, Patch, PatchParams, PostParams};
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn node_ready_and_control_plane_healthy() -> Result<()> {
     let client = client().await?;
@@ -36,6 +37,7 @@ async fn node_ready_and_control_plane_healthy() -> Result<()> {
     Ok(())
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn service_reachable_by_dns_and_cluster_ip_from_another_pod() -> Result<()> {
     let ns = TestNs::new("t-dns").await?;
@@ -65,6 +67,7 @@ async fn service_reachable_by_dns_and_cluster_ip_from_another_pod() -> Result<()
     Ok(())
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn ephemeral_container_shares_the_pod_network() -> Result<()> {
     let ns = TestNs::new("t-eph").await?;
@@ -98,6 +101,7 @@ async fn ephemeral_container_shares_the_pod_network() -> Result<()> {
     Ok(())
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn missing_image_reports_reason_and_is_never_pulled() -> Result<()> {
     let ns = TestNs::new("t-img").await?;

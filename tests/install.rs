@@ -99,6 +99,7 @@ fn grpcurl(addr: &str, data: Option<&str>, verb: &[&str]) -> Command {
     c
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn installed_previewd_serves_every_client() -> Result<()> {
     let ns = TestNs::new("t-install").await?;

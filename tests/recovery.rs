@@ -91,6 +91,7 @@ async fn snapshot(
     Ok(c.status(proto::StatusRequest::default()).await?.into_inner().next().await.context("snapshot")??.environments)
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn sigkill_during_start_leaves_complete_or_absent() -> Result<()> {
     let ns = TestNs::new("t-kill").await?;
@@ -132,6 +133,7 @@ async fn sigkill_during_start_leaves_complete_or_absent() -> Result<()> {
     Ok(())
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn lost_store_is_adopted_or_cleaned_from_labels() -> Result<()> {
     let ns = TestNs::new("t-adopt").await?;

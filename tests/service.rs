@@ -53,6 +53,7 @@ async fn wait_env(
     tokio::time::timeout(Duration::from_secs(90), wait).await.with_context(|| format!("waiting for {what}"))?
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn start_clones_the_target_and_leaves_it_untouched() -> Result<()> {
     let ns = TestNs::new("t-start").await?;
@@ -139,6 +140,7 @@ async fn start_clones_the_target_and_leaves_it_untouched() -> Result<()> {
     d.stop().await
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn watch_shows_creating_then_ready_and_missing_images() -> Result<()> {
     let ns = TestNs::new("t-watch").await?;
@@ -183,6 +185,7 @@ async fn watch_shows_creating_then_ready_and_missing_images() -> Result<()> {
     d.stop().await
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn add_pod_multi_target_targetless_and_replicas() -> Result<()> {
     let ns = TestNs::new("t-multi").await?;
@@ -254,6 +257,7 @@ async fn add_pod_multi_target_targetless_and_replicas() -> Result<()> {
     d.stop().await
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn ttl_expiry_removes_everything_and_clean_is_idempotent() -> Result<()> {
     let ns = TestNs::new("t-ttl").await?;
@@ -306,6 +310,7 @@ async fn ttl_expiry_removes_everything_and_clean_is_idempotent() -> Result<()> {
     d.stop().await
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn bad_input_gets_the_right_code_and_names_the_field() -> Result<()> {
     let ns = TestNs::new("t-bad").await?;

@@ -3,11 +3,15 @@
 //! `serve` answers every request (HTTP/1.1 or h2c) with its version, pod name,
 //! method, path and the `baggage` it saw; with `--downstream URL` it first
 //! calls that URL, passing `baggage` on (unless `--drop-baggage`), and
-//! includes the answer. `get URL` is a tiny client for tests run inside pods.
+//! includes the answer. A downstream call that fails is not retried unless
+//! `--retry-downstream` asks for it, so a reset shows; `/stats` counts the
+//! downstream calls, their failures and the retries. `get URL` is a tiny
+//! client for tests run inside pods.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 mod echo_ws;
 
@@ -44,6 +48,12 @@ enum Cmd {
         /// Do not pass `baggage` on to the downstream call.
         #[arg(long, env = "ECHO_DROP_BAGGAGE")]
         drop_baggage: bool,
+        /// Send a downstream GET that got no whole answer (say, on a reset
+        /// pooled connection) once more, on a new connection, as Go's and
+        /// browsers' clients do. Off by default: a failure shows in the answer and in
+        /// `/stats`, instead of being hidden.
+        #[arg(long, env = "ECHO_RETRY_DOWNSTREAM")]
+        retry_downstream: bool,
         /// Also serve the gRPC Echo service on this address.
         #[arg(long, env = "ECHO_GRPC_LISTEN")]
         grpc_listen: Option<SocketAddr>,
@@ -62,15 +72,77 @@ enum Cmd {
     },
 }
 
+/// Counters that `/stats` reports.
+#[derive(Default)]
+struct Stats {
+    /// Requests answered, not counting `/stats` or the kubelet's `/healthz`.
+    served: AtomicU64,
+    /// Downstream GETs sent, retries included (probes' too: `/healthz`
+    /// calls downstream like any request).
+    downstream_calls: AtomicU64,
+    /// Downstream GETs that got no answer (refused, reset, closed) or a
+    /// non-2xx one, retried or not.
+    downstream_failures: AtomicU64,
+    /// Downstream GETs sent again after a failure (`--retry-downstream`).
+    retries: AtomicU64,
+}
+
 struct App {
-    served: std::sync::atomic::AtomicU64,
+    stats: Stats,
     version: String,
     pod: String,
     downstream: Option<String>,
     drop_baggage: bool,
+    retry_downstream: bool,
     client: Client<HttpConnector, Full<Bytes>>,
     /// For the retry: never pooled, so it cannot pick another dead connection.
     fresh: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl App {
+    /// One downstream GET on `client`, counted in `/stats`: the answer's
+    /// status and body, or Err when no whole answer came back.
+    async fn get_downstream(
+        &self,
+        client: &Client<HttpConnector, Full<Bytes>>,
+        url: &str,
+        baggage: &[String],
+    ) -> Result<(hyper::StatusCode, Bytes), String> {
+        self.stats.downstream_calls.fetch_add(1, Ordering::Relaxed);
+        let mut b = Request::get(url);
+        if !self.drop_baggage {
+            for v in baggage {
+                b = b.header("baggage", v.as_str());
+            }
+        }
+        let got = match b.body(Full::new(Bytes::new())) {
+            Ok(r) => match client.request(r).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    resp.into_body().collect().await.map(|b| (status, b.to_bytes())).map_err(|e| error_chain(&e))
+                }
+                Err(e) => Err(error_chain(&e)),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        if !got.as_ref().is_ok_and(|(status, _)| status.is_success()) {
+            self.stats.downstream_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        got
+    }
+}
+
+/// An error and its sources, `: `-separated (hyper's own message alone is
+/// only "client error (SendRequest)"; the cause, say a reset, is below it).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        source = c.source();
+    }
+    s
 }
 
 fn client() -> Client<HttpConnector, Full<Bytes>> {
@@ -82,10 +154,9 @@ fn unpooled_client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    use std::sync::atomic::Ordering;
     // WebSocket: 101, then the version as the first frame, then echo.
     if let Some(key) = req.headers().get("sec-websocket-key").and_then(|k| k.to_str().ok()).map(echo_ws::accept_key) {
-        app.served.fetch_add(1, Ordering::Relaxed);
+        app.stats.served.fetch_add(1, Ordering::Relaxed);
         let upgrade = hyper::upgrade::on(&mut req);
         let version = app.version.clone();
         tokio::spawn(async move {
@@ -112,13 +183,22 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
     }
     let path = req.uri().path();
     // /stats: how many requests this instance answered, not counting /stats
-    // or the kubelet's /healthz probes.
+    // or the kubelet's /healthz probes; its downstream calls, how many of
+    // them failed, and how many were retried.
     if path == "/stats" {
-        let body = serde_json::json!({"version": app.version, "served": app.served.load(Ordering::Relaxed)});
+        let s = &app.stats;
+        let body = serde_json::json!({
+            "version": app.version,
+            "served": s.served.load(Ordering::Relaxed),
+            "downstream_calls": s.downstream_calls.load(Ordering::Relaxed),
+            "downstream_failures": s.downstream_failures.load(Ordering::Relaxed),
+            "retries": s.retries.load(Ordering::Relaxed),
+            "retry_downstream": app.retry_downstream,
+        });
         return Ok(Response::new(Full::new(Bytes::from(body.to_string() + "\n"))));
     }
     if path != "/healthz" {
-        app.served.fetch_add(1, Ordering::Relaxed);
+        app.stats.served.fetch_add(1, Ordering::Relaxed);
     }
     // /bytes/N: a large download.
     if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
@@ -140,34 +220,20 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
         "protocol": proto, "baggage": baggage, "body_bytes": body_len,
     });
     if let Some(url) = &app.downstream {
-        let request = || {
-            let mut b = Request::get(url.as_str());
-            if !app.drop_baggage {
-                for v in &baggage {
-                    b = b.header("baggage", v.as_str());
-                }
-            }
-            b.body(Full::new(Bytes::new()))
-        };
-        // A GET is idempotent: like Go's and browsers' clients, retry once, on
-        // a new connection, when a pooled one turns out to be dead (reset by
-        // a peer; every pooled connection to a pod is, when an agent attaches).
-        let mut sent = match request() {
-            Ok(r) => app.client.request(r).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if sent.is_err()
-            && let Ok(r) = request()
-        {
-            sent = app.fresh.request(r).await.map_err(|e| e.to_string());
+        let mut sent = app.get_downstream(&app.client, url, &baggage).await;
+        // Only when asked: a GET is idempotent, so like Go's and browsers'
+        // clients, send it once more, on a new connection, when a pooled one
+        // turned out to be dead (reset by a peer: connections open to a pod
+        // when an agent attaches are). Off, the failure shows in the answer;
+        // either way /stats counts it.
+        if sent.is_err() && app.retry_downstream {
+            app.stats.retries.fetch_add(1, Ordering::Relaxed);
+            sent = app.get_downstream(&app.fresh, url, &baggage).await;
         }
         let down = match sent {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                serde_json::from_slice(&body)
-                    .unwrap_or_else(|_| serde_json::json!({"status": status, "raw": String::from_utf8_lossy(&body)}))
-            }
+            Ok((status, body)) => serde_json::from_slice(&body).unwrap_or_else(
+                |_| serde_json::json!({"status": status.as_u16(), "raw": String::from_utf8_lossy(&body)}),
+            ),
             Err(e) => serde_json::json!({"error": e}),
         };
         answer["downstream"] = down;
@@ -240,7 +306,7 @@ async fn main() -> anyhow::Result<()> {
         args.push("serve".into());
     }
     match Cli::parse_from(args).cmd {
-        Cmd::Serve { listen, version, downstream, drop_baggage, tcp_echo, grpc_listen } => {
+        Cmd::Serve { listen, version, downstream, drop_baggage, retry_downstream, tcp_echo, grpc_listen } => {
             if let Some(addr) = grpc_listen {
                 let svc = preview::proto::echo::echo_server::EchoServer::new(GrpcEcho { version: version.clone() });
                 let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
@@ -262,12 +328,17 @@ async fn main() -> anyhow::Result<()> {
                 });
             }
             let pod = std::env::var("HOSTNAME").unwrap_or_default();
-            let served = Default::default();
-            serve(
-                App { served, version, pod, downstream, drop_baggage, client: client(), fresh: unpooled_client() },
-                listen,
-            )
-            .await
+            let app = App {
+                stats: Stats::default(),
+                version,
+                pod,
+                downstream,
+                drop_baggage,
+                retry_downstream,
+                client: client(),
+                fresh: unpooled_client(),
+            };
+            serve(app, listen).await
         }
         Cmd::Whoami => {
             // connect() on UDP only picks a route and source address.
