@@ -71,6 +71,29 @@ fn version(v: &serde_json::Value) -> &str {
     v["version"].as_str().unwrap_or_default()
 }
 
+/// The keys of the routes the agent in the pod namespace holds, from its
+/// admin page `/routes`.
+fn held_keys(net: &Net) -> Result<Vec<String>> {
+    let url = "http://127.0.0.1:15090/routes";
+    let out = sh(&["ip", "netns", "exec", &net.ns("p"), "curl", "-s", "--max-time", "2", url])?;
+    let routes: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    Ok(routes.iter().filter_map(|r| r["key"].as_str().map(String::from)).collect())
+}
+
+/// Waits, bounded, until the agent holds a route for `key`.
+fn wait_held(net: &Net, key: &str, within: Duration) -> Result<()> {
+    let end = std::time::Instant::now() + within;
+    loop {
+        let keys = held_keys(net);
+        if keys.as_ref().is_ok_and(|k| k.iter().any(|k| k == key)) {
+            return Ok(());
+        }
+        ensure!(std::time::Instant::now() < end, "the agent did not take route {key} within {within:?}: {keys:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn http1_keepalive_two_envs_bodies_and_raw_tcp() -> Result<()> {
     let (net, _) = Net::with_agent(serde_json::json!([
@@ -158,6 +181,7 @@ async fn send_ready(s: &mut H1) -> Result<()> {
     Ok(())
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
     let (net, _) = Net::with_agent(serde_json::json!([
@@ -203,6 +227,7 @@ fn http2_streams_routed_and_preview_down_is_502_or_unavailable() -> Result<()> {
     })
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn mirror_copies_arrive_and_originals_are_unchanged() -> Result<()> {
     let (net, _) = Net::with_agent(serde_json::json!([
@@ -248,6 +273,7 @@ async fn stats_v2() -> Result<u64> {
     }
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn routes_added_later_apply_to_open_connections_and_exit_removes_rules() -> Result<()> {
     let mut net = Net::new()?;
@@ -265,8 +291,7 @@ fn routes_added_later_apply_to_open_connections_and_exit_removes_rules() -> Resu
         let mut s = h1_conn(8080).await?;
         ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v1");
         tx.send(())?; // main thread adds beta's route
-        done_rx.recv_timeout(Duration::from_secs(10))?;
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        done_rx.recv_timeout(Duration::from_secs(30))?; // the agent holds it
         ensure!(version(&get(&mut s, "/", Some("beta")).await?) == "v3", "open connection not re-routed");
         Ok(())
     });
@@ -276,6 +301,9 @@ fn routes_added_later_apply_to_open_connections_and_exit_removes_rules() -> Resu
         serde_json::json!([first, route("beta", "steal", "198.18.101.3")]).to_string(),
     )?;
     std::fs::rename(routes_path.with_extension("tmp"), &routes_path)?;
+    // The agent re-reads the file on its next tick: wait until it says it
+    // holds beta, then ask on the connection that was open all along.
+    wait_held(&net, "beta", Duration::from_secs(10))?;
     done_tx.send(())?;
     handle.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
     ensure!(net.chains()?.len() == 1, "{:?}", net.chains()?);
@@ -302,6 +330,7 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::ExitS
     }
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn sigterm_and_sigkill_then_cleanup_restore_direct_service() -> Result<()> {
     let (mut net, agent) = Net::with_agent(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
@@ -378,6 +407,7 @@ async fn websocket(key: Option<&str>) -> Result<(String, String)> {
     Ok((version, echo))
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn websocket_through_steal_and_passthrough() -> Result<()> {
     let (net, _) = Net::with_agent(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
@@ -391,6 +421,7 @@ fn websocket_through_steal_and_passthrough() -> Result<()> {
     })
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn grpc_unary_and_server_streaming_routed_per_call_with_trailers() -> Result<()> {
     use preview::proto::echo::{EchoRequest, echo_client::EchoClient};
@@ -435,6 +466,7 @@ fn grpc_unary_and_server_streaming_routed_per_call_with_trailers() -> Result<()>
     })
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn connections_open_before_the_rules_do_not_bypass_the_agent() -> Result<()> {
     let mut net = Net::new()?;
@@ -479,6 +511,7 @@ fn connections_open_before_the_rules_do_not_bypass_the_agent() -> Result<()> {
 /// New connections made while the rules go in (handshakes in flight when
 /// conntrack is flushed) each end: answered, or reset so the client retries.
 /// None is left half-open, established on the client and unknown to the pod.
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn connections_racing_the_rules_never_hang() -> Result<()> {
     let mut net = Net::new()?;
@@ -486,34 +519,68 @@ fn connections_racing_the_rules_never_hang() -> Result<()> {
     net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let client = net.client_thread(move || async move {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
         step("app up", wait_routed("alpha", "v1")).await?;
-        tx.send(())?;
-        let end = tokio::time::Instant::now() + Duration::from_millis(1500);
-        let loops = (0..8).map(|_| {
-            tokio::spawn(async move {
-                let (mut made, mut hung) = (0u32, 0u32);
-                while tokio::time::Instant::now() < end {
-                    made += 1;
-                    let one = async { get(&mut h1_conn(8080).await?, "/", None).await };
-                    if tokio::time::timeout(Duration::from_secs(10), one).await.is_err() {
-                        hung += 1;
+        let made = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let loops: Vec<_> = (0..8)
+            .map(|_| {
+                let (made, stop) = (made.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut hung = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        made.fetch_add(1, Ordering::Relaxed);
+                        let one = async { get(&mut h1_conn(8080).await?, "/", None).await };
+                        if tokio::time::timeout(Duration::from_secs(10), one).await.is_err() {
+                            hung += 1;
+                        }
                     }
-                }
-                (made, hung)
+                    hung
+                })
             })
-        });
-        let (mut made, mut hung) = (0, 0);
-        for l in loops.collect::<Vec<_>>() {
-            let (m, h) = l.await?;
-            made += m;
-            hung += h;
+            .collect();
+        // Waits, bounded, until `n` connections were made in all.
+        let reach = |n: u32, what: &'static str| {
+            let made = made.clone();
+            async move {
+                let end = tokio::time::Instant::now() + Duration::from_secs(20);
+                while made.load(Ordering::Relaxed) < n {
+                    let got = made.load(Ordering::Relaxed);
+                    ensure!(tokio::time::Instant::now() < end, "{what}: only {got} connections made in 20 s");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok::<(), anyhow::Error>(())
+            }
+        };
+        // The agent is started once connections are being made ...
+        reach(40, "before the agent").await?;
+        tx.send(())?;
+        // ... they go on until its rules are in (a keyed request reaches v2;
+        // conntrack was flushed before that) ...
+        let (routed_by, mut hung) = (tokio::time::Instant::now() + Duration::from_secs(20), 0u32);
+        loop {
+            let one = async { get(&mut h1_conn(8080).await?, "/", Some("alpha")).await };
+            match tokio::time::timeout(Duration::from_secs(10), one).await {
+                Ok(Ok(v)) if version(&v) == "v2" => break,
+                Ok(_) => {}
+                Err(_) => hung += 1,
+            }
+            ensure!(tokio::time::Instant::now() < routed_by, "the agent's rules were not in within 20 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // ... and for a while after.
+        reach(made.load(Ordering::Relaxed) + 200, "after the rules").await?;
+        stop.store(true, Ordering::Relaxed);
+        for l in loops {
+            hung += l.await?;
+        }
+        let made = made.load(Ordering::Relaxed);
         ensure!(made > 50, "only {made} connections made");
         ensure!(hung == 0, "{hung} of {made} connections hung (no answer, no reset within 10 s)");
         Ok(())
     });
     rx.recv_timeout(Duration::from_secs(30))?;
-    std::thread::sleep(Duration::from_millis(300));
     net.agent()?;
     client.join().map_err(|_| anyhow::anyhow!("client panicked"))?.map_err(|e| e.context(net.logs()))
 }
@@ -521,6 +588,7 @@ fn connections_racing_the_rules_never_hang() -> Result<()> {
 /// Issue 5's key propagation: the outbound agent in the client namespace
 /// (standing in for a preview pod) adds the key to outgoing HTTP requests'
 /// baggage exactly once and leaves raw TCP alone.
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
 #[test]
 fn outbound_mode_propagates_the_key_once_and_only_on_http() -> Result<()> {
     let mut net = Net::new()?;

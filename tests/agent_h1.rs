@@ -112,6 +112,17 @@ fn get(path: &str) -> Result<http::Request<Body>> {
     Ok(http::Request::get(path).header("host", "app").body(full(""))?)
 }
 
+/// Waits, bounded at 5 s, until `done` holds; polls every millisecond,
+/// yielding to the runtime in between.
+async fn wait_for(what: &str, done: impl Fn() -> bool) -> Result<()> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        ensure!(tokio::time::Instant::now() < end, "timed out after 5 s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
 /// Reads until `want` bytes arrived or the peer closed.
 async fn read_n(s: &mut TcpStream, want: usize) -> Result<String> {
     let mut out = Vec::new();
@@ -179,40 +190,45 @@ async fn unmatched_requests_keep_their_framing_on_one_connection() -> Result<()>
 }
 
 /// An app that answers each connection's requests with scripted bytes, one
-/// answer per request head it reads, then closes.
-async fn scripted(answers: Vec<&'static [u8]>) -> Result<SocketAddr> {
+/// answer per request head it reads, then closes; also returns how many
+/// connections it has closed so far.
+async fn scripted(answers: Vec<&'static [u8]>) -> Result<(SocketAddr, Arc<AtomicUsize>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let answers = Arc::new(answers);
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counter = closed.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let answers = answers.clone();
+            let (answers, closed) = (answers.clone(), counter.clone());
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 let mut buf = [0u8; 4096];
-                for answer in answers.iter() {
+                'answers: for answer in answers.iter() {
                     while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
                         match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
+                            Ok(0) | Err(_) => break 'answers,
                             Ok(n) => seen.extend_from_slice(&buf[..n]),
                         }
                     }
                     let end = seen.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| p + 4);
                     seen.drain(..end);
                     if s.write_all(answer).await.is_err() {
-                        return;
+                        break;
                     }
                 }
+                drop(s);
+                closed.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    Ok(addr)
+    Ok((addr, closed))
 }
 
 #[tokio::test]
 async fn close_delimited_answers_closed_app_connections_and_a_down_app() -> Result<()> {
     // A response with no length ends when the app closes; so does the client's connection.
-    let app = scripted(vec![b"HTTP/1.1 200 OK\r\nx-app: raw\r\n\r\nuntil the end"]).await?;
+    let (app, _) = scripted(vec![b"HTTP/1.1 200 OK\r\nx-app: raw\r\n\r\nuntil the end"]).await?;
     let (agent_addr, _) = agent(app, serde_json::json!([])).await?;
     let mut raw = TcpStream::connect(agent_addr).await?;
     raw.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await?;
@@ -224,7 +240,7 @@ async fn close_delimited_answers_closed_app_connections_and_a_down_app() -> Resu
     const CHUNKED: &[u8] =
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4;x=1\r\none,\r\n5\r\nthree\r\n0\r\nx-checksum: ok\r\n\r\n";
     const NEXT: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext";
-    let app = scripted(vec![CHUNKED, NEXT]).await?;
+    let (app, _) = scripted(vec![CHUNKED, NEXT]).await?;
     let (agent_addr, _) = agent(app, serde_json::json!([])).await?;
     let mut raw = TcpStream::connect(agent_addr).await?;
     raw.write_all(b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\nGET /2 HTTP/1.1\r\nhost: a\r\n\r\n").await?;
@@ -232,18 +248,22 @@ async fn close_delimited_answers_closed_app_connections_and_a_down_app() -> Resu
     ensure!(text.as_bytes() == [CHUNKED, NEXT].concat(), "{text:?}");
 
     // The app closes its kept-alive connection after one answer: the next
-    // requests on the client's connection go on a fresh one, GET and POST alike.
-    let app = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]).await?;
+    // requests on the client's connection go on a fresh one, GET and POST
+    // alike. Each is sent once the app has closed (the agent then sees the
+    // close before the request; one racing the close is the keep-alive race
+    // every HTTP/1 client has, and a POST cannot be replayed).
+    let (app, closed) = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]).await?;
     let (agent_addr, _) = agent(app, serde_json::json!([])).await?;
     let mut s = h1(agent_addr).await?;
-    for req in [get("/1")?, get("/2")?, http::Request::post("/3").body(full("body"))?, get("/4")?] {
+    let reqs = [get("/1")?, get("/2")?, http::Request::post("/3").body(full("body"))?, get("/4")?];
+    for (i, req) in reqs.into_iter().enumerate() {
         let (resp, body) = call(&mut s, req).await?;
         ensure!(resp.status() == 200 && body == "ok", "{resp:?} {body:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        wait_for("the app to close its connection", || closed.load(Ordering::SeqCst) > i).await?;
     }
 
     // An app that answers garbage: the client gets a 502 from the agent.
-    let app = scripted(vec![b"SSH-2.0-nope\r\n\r\n"]).await?;
+    let (app, _) = scripted(vec![b"SSH-2.0-nope\r\n\r\n"]).await?;
     let (agent_addr, _) = agent(app, serde_json::json!([])).await?;
     let (resp, body) = call(&mut h1(agent_addr).await?, get("/")?).await?;
     ensure!(resp.status() == 502 && resp.headers().get("x-preview-agent").is_some_and(|v| v == "error"), "{resp:?}");
@@ -276,11 +296,9 @@ async fn mirror_copies_are_the_original_bytes_and_steal_hands_over_to_hyper() ->
         let (_, body) = call(&mut s, req).await?;
         ensure!(body == format!("app POST /m{i} 5"), "the original must be answered by the app: {body:?}");
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while preview_hits.load(Ordering::SeqCst) < 20 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    ensure!(preview_hits.load(Ordering::SeqCst) == 20, "copies: {}", preview_hits.load(Ordering::SeqCst));
+    let copies = || preview_hits.load(Ordering::SeqCst);
+    wait_for("20 copies at the preview", || copies() >= 20).await.with_context(|| format!("copies: {}", copies()))?;
+    ensure!(copies() == 20, "copies: {}", copies());
     let text = metrics.render();
     ensure!(text.contains(r#"preview_agent_requests_total{key="m",action="mirrored"} 20"#), "{text}");
 
@@ -305,6 +323,8 @@ async fn a_client_silent_past_detection_is_still_routed_and_server_first_protoco
     // A client that writes only after the detection timeout (a busy node)
     // is HTTP all the same: keyed requests on it are routed.
     let s = TcpStream::connect(agent_addr).await?;
+    // The stimulus, not a synchronisation: the client stays silent well
+    // past the agent's detection timeout before it writes a byte.
     tokio::time::sleep(preview::agent::proxy::DETECT_TIMEOUT * 3).await;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
     tokio::spawn(conn);

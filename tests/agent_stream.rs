@@ -65,6 +65,7 @@ impl Drop for HostLink {
     }
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn routes_stream_from_previewd_survive_its_absence_until_expiry() -> Result<()> {
     let ns = TestNs::new("t-stream").await?;
@@ -88,11 +89,15 @@ async fn routes_stream_from_previewd_survive_its_absence_until_expiry() -> Resul
     })
     .await?;
 
+    // Its log says when it loses previewd's stream (JSON lines, at info).
+    let logs = tempfile::tempdir()?;
+    let log = logs.path().join("agent.log");
     let mut agent = Command::new("ip")
         .args(["netns", "exec", &link.ns, env!("CARGO_BIN_EXE_preview-agent"), "run", "--ports", "8080"])
         .args(["--server", &d.addr, "--pod", &target_name, "--namespace", &ns.name])
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     let routes = eventually("the agent to hold the route", Duration::from_secs(30), || {
         let r = link.admin("/routes").unwrap_or_default();
@@ -111,13 +116,24 @@ async fn routes_stream_from_previewd_survive_its_absence_until_expiry() -> Resul
     })
     .await?;
     c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key("stream2".into())) }).await?;
+    eventually("the clean to reach the agent", Duration::from_secs(30), || {
+        let r = link.admin("/routes").unwrap_or_default();
+        async move { Ok((r.contains("stream1") && !r.contains("stream2")).then_some(())) }
+    })
+    .await?;
 
     // previewd goes away: the agent keeps stream1 until its TTL, then exits
-    // and removes its rules.
+    // and removes its rules. Checked once the agent has seen the stream go.
     d.stop().await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually("the agent to lose previewd's stream", Duration::from_secs(30), || {
+        let lost = std::fs::read_to_string(&log).unwrap_or_default().contains("route stream lost");
+        async move { Ok(lost.then_some(())) }
+    })
+    .await
+    .map_err(|e| e.context(format!("agent log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())))?;
     let r = link.admin("/routes")?;
     ensure!(r.contains("stream1") && !r.contains("stream2"), "routes while previewd is away: {r}");
+    ensure!(link.chains()? == 1, "rules gone while previewd is away");
     let end = std::time::Instant::now() + Duration::from_secs(40);
     let status = loop {
         if let Some(s) = agent.try_wait()? {

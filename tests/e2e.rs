@@ -16,6 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Patch, PatchParams};
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn steal_through_the_chain_and_cleanup_restores_staging() -> Result<()> {
     let ns = TestNs::new("e2e-steal").await?;
@@ -52,6 +53,7 @@ async fn steal_through_the_chain_and_cleanup_restores_staging() -> Result<()> {
     d.stop().await
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn mirror_answers_from_staging_and_copies_reach_the_preview() -> Result<()> {
     let ns = TestNs::new("e2e-mirror").await?;
@@ -105,6 +107,7 @@ async fn mirror_answers_from_staging_and_copies_reach_the_preview() -> Result<()
     d.stop().await
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn two_environments_on_one_target_and_a_multi_pod_environment() -> Result<()> {
     let ns = TestNs::new("e2e-two").await?;
@@ -123,6 +126,12 @@ async fn two_environments_on_one_target_and_a_multi_pod_environment() -> Result<
     c.start(req).await?;
     until(&ip, Some("alpha"), &["v1", "v2", "v1"], Duration::from_secs(60)).await?;
     until(&ip, Some("beta"), &["v1", "v2", "v2"], Duration::from_secs(60)).await?;
+    // beta attached an agent to payments (it answers beta's requests by now):
+    // the connections open to payments at that moment, kept alive by orders
+    // and alpha's preview, were reset once (README, known limits; the echo
+    // app does not retry). Wait, bounded, until each chain has reconnected.
+    until(&ip, Some("alpha"), &["v1", "v2", "v1"], Duration::from_secs(10)).await?;
+    until(&ip, None, &["v1", "v1", "v1"], Duration::from_secs(10)).await?;
     for _ in 0..5 {
         ensure!(call(&ip, Some("alpha")).await? == chain(&["v1", "v2", "v1"]));
         ensure!(call(&ip, Some("beta")).await? == chain(&["v1", "v2", "v2"]));
@@ -160,10 +169,14 @@ async fn two_environments_on_one_target_and_a_multi_pod_environment() -> Result<
     .await?;
     all_agents_gone(&ns, "orders").await?;
     all_agents_gone(&ns, "payments").await?;
-    ensure!(call(&ip, Some("beta")).await? == chain(&["v1", "v1", "v1"]));
+    // Bounded, not one call: connections that went through an agent end
+    // with it, so the first call on each of frontend's and orders' pooled
+    // connections may be reset once (README, known limits).
+    until(&ip, Some("beta"), &["v1", "v1", "v1"], Duration::from_secs(10)).await?;
     d.stop().await
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn outbound_propagation_keeps_the_chain_when_orders_drops_baggage() -> Result<()> {
     let ns = TestNs::new("e2e-prop").await?;
@@ -171,9 +184,19 @@ async fn outbound_propagation_keeps_the_chain_when_orders_drops_baggage() -> Res
     let d = previewd(&ns).await?;
     let mut c = d.client().await?;
     let ip = cluster_ip(&ns, "frontend").await?;
-    // Staging orders drops baggage: a payments preview alone is unreachable.
+    let payments = cluster_ip(&ns, "payments").await?;
+    // Staging orders drops baggage: a payments preview alone is unreachable
+    // through the chain. That says something only once the payments route
+    // exists, so first wait until a keyed request straight to payments
+    // reaches the preview.
     c.start(start_req(&config("deployment/payments", serde_json::json!({})), V2, "prop-on")).await?;
+    until(&payments, Some("prop-on"), &["v2"], Duration::from_secs(60)).await?;
+    // Waited for, bounded, rather than called once: the payments agent's
+    // attach resets orders' kept-alive connection to payments once (README,
+    // known limits). Were the key to reach payments, this would stay v1,v1,v2.
     until(&ip, Some("prop-on"), &["v1", "v1", "v1"], Duration::from_secs(10)).await?;
+    let v = call_json(&ip, Some("prop-on")).await?;
+    ensure!(version_and_key(hop(&v, 2), "prop-on") == ("v1", false), "staging orders passed the key on: {v}");
     // A preview orders (same v1 behaviour, dropping baggage) propagates the key.
     let mut add = preview::proto::AddPodRequest {
         key: "prop-on".into(),
@@ -185,6 +208,12 @@ async fn outbound_propagation_keeps_the_chain_when_orders_drops_baggage() -> Res
     };
     c.add_pod(add.clone()).await?;
     until(&ip, Some("prop-on"), &["v1", "v2", "v2"], Duration::from_secs(60)).await?;
+    // The key reached payments in the request's baggage although the orders
+    // preview's app drops it (prop-off below shows it does): the preview's
+    // outbound sidecar added it. Without propagation this is ("v1", false).
+    let v = call_json(&ip, Some("prop-on")).await?;
+    ensure!(version_and_key(hop(&v, 1), "prop-on") == ("v2", true), "{v}");
+    ensure!(version_and_key(hop(&v, 2), "prop-on") == ("v2", true), "payments did not get the key: {v}");
     // The same with propagation off: the chain leaves the environment.
     c.start(start_req(&config("deployment/payments", serde_json::json!({})), V2, "prop-off")).await?;
     add.key = "prop-off".into();
@@ -199,6 +228,10 @@ async fn outbound_propagation_keeps_the_chain_when_orders_drops_baggage() -> Res
     let spec = pod.spec.context("spec")?;
     ensure!(spec.init_containers.unwrap_or_default().is_empty());
     ensure!(spec.containers[0].env.iter().flatten().all(|e| e.name != "PREVIEW_KEY"));
+    // Its app dropped the key and nothing added it back.
+    let v = call_json(&ip, Some("prop-off")).await?;
+    ensure!(version_and_key(hop(&v, 1), "prop-off") == ("v2", true), "{v}");
+    ensure!(version_and_key(hop(&v, 2), "prop-off") == ("v1", false), "{v}");
     for _ in 0..5 {
         ensure!(call(&ip, Some("prop-on")).await? == chain(&["v1", "v2", "v2"]));
         ensure!(call(&ip, Some("prop-off")).await? == chain(&["v1", "v2", "v1"]));
@@ -207,6 +240,17 @@ async fn outbound_propagation_keeps_the_chain_when_orders_drops_baggage() -> Res
     d.stop().await
 }
 
+/// One hop's answer: its version, and whether the `baggage` it received
+/// carried `preview-key=<key>`.
+fn version_and_key<'a>(hop: &'a serde_json::Value, key: &str) -> (&'a str, bool) {
+    let member = format!("preview-key={key}");
+    let carried = hop["baggage"]
+        .as_array()
+        .is_some_and(|b| b.iter().filter_map(|v| v.as_str()).any(|v| v.split(',').any(|m| m.trim() == member)));
+    (hop["version"].as_str().unwrap_or_default(), carried)
+}
+
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn targetless_pod_calls_staging_with_the_key() -> Result<()> {
     let ns = TestNs::new("e2e-tless").await?;
@@ -242,6 +286,7 @@ async fn targetless_pod_calls_staging_with_the_key() -> Result<()> {
     d.stop().await
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn scale_up_gets_agents_and_grpc_is_routed_per_call() -> Result<()> {
     let ns = TestNs::new("e2e-scale").await?;
@@ -300,6 +345,101 @@ async fn scale_up_gets_agents_and_grpc_is_routed_per_call() -> Result<()> {
     d.stop().await
 }
 
+/// Connections opened to a target after its agent is attached are never
+/// reset. The echo app retries nothing by default, so any reset fails a
+/// request and shows in the pods' `/stats`. (Connections open at the moment
+/// of the attach are reset once: README, known limits. So the caller here,
+/// `edge`, is created after the attach: every one of its connections to
+/// orders is opened with the agent in place.)
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
+#[tokio::test]
+async fn no_resets_on_connections_opened_after_an_agent_is_attached() -> Result<()> {
+    const N: usize = 200;
+    const WORKERS: usize = 4;
+    let ns = TestNs::new("e2e-resets").await?;
+    demo_chain(&ns, false).await?;
+    let d = previewd(&ns).await?;
+    let mut c = d.client().await?;
+    let ip = cluster_ip(&ns, "frontend").await?;
+    let env = c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, "nr")).await?.into_inner();
+    let preview_pod = env.environment.context("environment")?.pods[0].name.clone();
+    until(&ip, Some("nr"), &["v1", "v2", "v1"], Duration::from_secs(60)).await?;
+    let orders = eventually("the orders agent to run", Duration::from_secs(30), || async {
+        let pods = target_pods(&ns, "orders").await?;
+        Ok((pods.len() == 1 && agents(&pods[0]).iter().any(|(_, running, _)| *running)).then_some(pods))
+    })
+    .await?;
+    let orders_ip = orders[0].status.as_ref().and_then(|s| s.pod_ip.clone()).context("orders pod IP")?;
+    let preview_ip = pod_ip(&ns, &preview_pod).await?;
+
+    let orders_url = format!("http://orders.{}.svc.cluster.local:8080/", ns.name);
+    echo_app(&ns, "edge", "v1", 1, &[("ECHO_DOWNSTREAM", orders_url.as_str())]).await?;
+    let edge = ready_pods(&ns, "app=edge", 1).await?.remove(0);
+    let edge_ip = edge.status.and_then(|s| s.pod_ip).context("edge pod IP")?;
+    // orders' and its preview's calls to payments (no agent there) are
+    // counted from here; edge's from its start.
+    let before = (echo_stats(&orders_ip).await?, echo_stats(&preview_ip).await?);
+
+    // N requests, each on a new connection to edge, keyed and unkeyed, from a
+    // few workers at once so that edge keeps several connections to orders.
+    let load = async {
+        let mut workers = tokio::task::JoinSet::new();
+        for w in 0..WORKERS {
+            let edge_ip = edge_ip.clone();
+            workers.spawn(async move {
+                let mut failed = Vec::new();
+                for i in 0..N / WORKERS {
+                    let (key, want) = if (w + i) % 2 == 0 {
+                        (Some("nr"), chain(&["v1", "v2", "v1"]))
+                    } else {
+                        (None, chain(&["v1", "v1", "v1"]))
+                    };
+                    match call(&edge_ip, key).await {
+                        Ok(got) if got == want => {}
+                        Ok(got) => failed.push(format!("{key:?}: {got:?}")),
+                        Err(e) => failed.push(format!("{key:?}: {e:#}")),
+                    }
+                }
+                failed
+            });
+        }
+        let mut failed = Vec::new();
+        while let Some(w) = workers.join_next().await {
+            failed.extend(w?);
+        }
+        anyhow::Ok(failed)
+    };
+    let failed =
+        tokio::time::timeout(Duration::from_secs(120), load).await.context("the requests took over 120 s")??;
+    let first = &failed[..failed.len().min(5)];
+    ensure!(failed.is_empty(), "{} of {N} requests failed; the first ones: {first:?}", failed.len());
+
+    // Nothing was reset and retried out of sight either.
+    let after = (echo_stats(&orders_ip).await?, echo_stats(&preview_ip).await?);
+    let edge_stats = echo_stats(&edge_ip).await?;
+    eprintln!("edge {edge_stats}\norders {} -> {}\npreview {} -> {}", before.0, after.0, before.1, after.1);
+    // For the log only: frontend's connections to orders were open at the attach.
+    if let Ok(front) = pod_ip_of(&ns, "frontend").await
+        && let Ok(s) = echo_stats(&front).await
+    {
+        eprintln!("frontend (connections open at the attach) {s}");
+    }
+    ensure!(edge_stats["downstream_calls"].as_u64().is_some_and(|n| n >= N as u64), "edge: {edge_stats}");
+    ensure!(edge_stats["downstream_failures"] == 0 && edge_stats["retries"] == 0, "edge: {edge_stats}");
+    for (what, b, a) in [("orders", &before.0, &after.0), ("the orders preview", &before.1, &after.1)] {
+        for k in ["downstream_failures", "retries"] {
+            ensure!(a[k].is_u64() && a[k] == b[k], "{what}: {k} went from {} to {}", b[k], a[k]);
+        }
+    }
+    d.stop().await
+}
+
+/// The address of the one staging pod of `app`.
+async fn pod_ip_of(ns: &TestNs, app: &str) -> Result<String> {
+    let pods = target_pods(ns, app).await?;
+    pods.first().and_then(|p| p.status.as_ref()?.pod_ip.clone()).with_context(|| format!("no {app} pod with an IP"))
+}
+
 fn pct(v: &mut [Duration], p: usize) -> Duration {
     v.sort();
     v[(v.len() * p / 100).min(v.len() - 1)]
@@ -348,15 +488,20 @@ async fn bench_start() -> Result<()> {
         }))?;
         let t = Instant::now();
         ns.api::<Pod>().create(&Default::default(), &pod).await?;
-        loop {
-            let p = ns.api::<Pod>().get(&name).await?;
-            if let Some(pip) = p.status.and_then(|s| s.pod_ip)
-                && call(&pip, None).await.is_ok()
-            {
-                break;
+        let answered = async {
+            loop {
+                let p = ns.api::<Pod>().get(&name).await?;
+                if let Some(pip) = p.status.and_then(|s| s.pod_ip)
+                    && call(&pip, None).await.is_ok()
+                {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(60), answered)
+            .await
+            .with_context(|| format!("{name} did not answer within 60 s"))??;
         base.push(t.elapsed());
         common::delete_pod(&ns, &name).await?;
     }

@@ -20,14 +20,28 @@ no_processes() {
 }
 no_cni() { ! ip link show cni0 >/dev/null 2>&1 && [ -z "$(ip -o link show type veth 2>/dev/null | grep -c cni0 | grep -v '^0$')" ]; }
 no_chains() { ! grep -qE '^:(KUBE-|CNI-|PREVIEW-)' <<<"$(iptables-save 2>/dev/null)"; }
+# wait_until SECONDS WHAT CMD...: polls CMD every 0.1 s until it succeeds;
+# after SECONDS it fails, saying what it waited for.
+wait_until() {
+  local secs=$1 what=$2; shift 2
+  local end=$(( $(date +%s%N) + secs * 1000000000 ))
+  until "$@"; do
+    if [ "$(date +%s%N)" -ge "$end" ]; then echo "timed out after ${secs}s waiting for $what"; return 1; fi
+    sleep 0.1
+  done
+}
+# Gone: no such process, or a zombie (dead, its ports closed; cluster.sh's alive() agrees).
+gone() { ! kill -0 "$1" 2>/dev/null || [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" = Z ]; }
+listening() { [ -n "$(ss -ltnH "sport = :$1" 2>/dev/null)" ]; }
 # On failure, show what up and status said.
 up_ok() {
   local out
   out=$("$C" up 2>&1 && "$C" status 2>&1) || { echo "$out" | tail -n 15; return 1; }
 }
 kill_and_up() { # kill_and_up COMPONENT
-  local p; p=$(cat "$STATE/pids/$1.pid")
-  kill -KILL "$p"; sleep 1
+  local p; p=$(cat "$STATE/pids/$1.pid") || return 1
+  kill -KILL "$p" || { echo "could not SIGKILL $1 (pid $p)"; return 1; }
+  wait_until 10 "$1 (pid $p) to be gone after SIGKILL" gone "$p" || return 1
   up_ok
 }
 
@@ -45,7 +59,8 @@ check "up recovers a SIGKILLed containerd" kill_and_up containerd
 # A port already in use stops up with a message naming it, leaving nothing half-started.
 "$C" down >/dev/null 2>&1
 python3 -c 'import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 12379)); s.listen(); time.sleep(30)' &
-blocker=$!; sleep 0.5
+blocker=$!
+check "the blocker listens on port 12379" wait_until 10 "a listener on port 12379" listening 12379
 msg=$("$C" up 2>&1); rc=$?
 kill "$blocker" 2>/dev/null; wait "$blocker" 2>/dev/null
 check "busy port stops up with a clear message" bash -c "[ $rc -ne 0 ] && grep -q 'port 12379 (for etcd) is already in use' <<<\"\$1\"" _ "$msg"

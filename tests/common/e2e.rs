@@ -48,8 +48,9 @@ pub async fn cluster_ip(ns: &TestNs, svc: &str) -> Result<String> {
     s.spec.and_then(|s| s.cluster_ip).context("service without a ClusterIP")
 }
 
-/// One GET through the chain; the versions that answered, front to back.
-pub async fn call(ip: &str, key: Option<&str>) -> Result<Vec<String>> {
+/// One GET through the chain, on a new connection; the whole answer (each
+/// hop's answer nests its downstream's under `downstream`).
+pub async fn call_json(ip: &str, key: Option<&str>) -> Result<serde_json::Value> {
     let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect((ip, 8080))).await??;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -62,7 +63,13 @@ pub async fn call(ip: &str, key: Option<&str>) -> Result<Vec<String>> {
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     ensure!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&body));
-    let mut v: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// One GET through the chain; the versions that answered, front to back.
+/// A hop whose downstream call failed ends it with an error naming why.
+pub async fn call(ip: &str, key: Option<&str>) -> Result<Vec<String>> {
+    let mut v = call_json(ip, key).await?;
     let mut out = Vec::new();
     loop {
         match v.get("version").and_then(|s| s.as_str()) {
@@ -78,6 +85,33 @@ pub async fn call(ip: &str, key: Option<&str>) -> Result<Vec<String>> {
 
 pub fn chain(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
+}
+
+/// The answer of hop `n` (0: the first) in a `call_json` answer; Null past the end.
+pub fn hop(mut v: &serde_json::Value, n: usize) -> &serde_json::Value {
+    for _ in 0..n {
+        v = &v["downstream"];
+    }
+    v
+}
+
+/// An echo pod's `/stats` (`served`, `downstream_calls`,
+/// `downstream_failures`, `retries`), asked on a new connection to its address.
+pub async fn echo_stats(pod_ip: &str) -> Result<serde_json::Value> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect((pod_ip, 8080))).await??;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/stats").header("host", "stats").body(Full::new(Bytes::new()))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req)).await??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    ensure!(status.is_success(), "/stats on {pod_ip}: {status}: {}", String::from_utf8_lossy(&body));
+    Ok(serde_json::from_slice(&body)?)
+}
+
+pub async fn pod_ip(ns: &TestNs, name: &str) -> Result<String> {
+    let p = ns.api::<Pod>().get(name).await?;
+    p.status.and_then(|s| s.pod_ip).with_context(|| format!("pod {name} has no IP yet"))
 }
 
 /// Waits until requests with `key` see `want`.
