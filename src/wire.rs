@@ -130,6 +130,7 @@ pub fn environment(env: &EnvStatus) -> proto::Environment {
         mode: mode(rec.mode),
         pods: out,
         pending: rec.pending,
+        failure: env.failure.clone().unwrap_or_default(),
     }
 }
 

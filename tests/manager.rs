@@ -99,7 +99,7 @@ async fn a_pod_create_failing_half_way_leaves_nothing_behind() -> Result<()> {
     drop(m);
     // Nothing is left in the store either: a restart finds no environment.
     let m = manager(&fake, dir.path()).await?;
-    let report = m.recover(false).await?;
+    let report = m.recover(false).await;
     ensure!(report.live == 0 && report.recreated == 0, "{report:?}");
 
     // Adding a pod to a live environment fails the same way: the
@@ -174,7 +174,7 @@ async fn recovery_finishes_a_pending_record_and_removes_strays() -> Result<()> {
     // pod: the record is pending and the pod is missing.
     let pod = fake.names("pods", "shop").pop().context("pod")?;
     let store = Store::open(dir.path()).await?;
-    let mut rec = store.load_all().await?.pop().context("record")?;
+    let mut rec = store.load_all().await?.pop().context("record")??;
     rec.pending = true;
     store.put(&rec).await?;
     drop(store);
@@ -190,7 +190,7 @@ async fn recovery_finishes_a_pending_record_and_removes_strays() -> Result<()> {
     ensure!(k8s_delete(&pod).await?, "pod removed behind previewd's back");
 
     let m = manager(&fake, dir.path()).await?;
-    let report = m.recover(false).await?;
+    let report = m.recover(false).await;
     ensure!(report.live == 1 && report.recreated == 1, "{report:?}");
     ensure!(report.deleted == ["pod/shop/ghost-pod"], "{report:?}");
     ensure!(fake.names("pods", "shop") == [pod.clone()], "{:?}", fake.names("pods", "shop"));
@@ -198,6 +198,6 @@ async fn recovery_finishes_a_pending_record_and_removes_strays() -> Result<()> {
     ensure!(snap.environments.len() == 1 && !snap.environments[0].pending, "{snap:?}");
     drop(m);
     let store = Store::open(dir.path()).await?;
-    ensure!(!store.load_all().await?[0].pending, "the settled record is stored");
+    ensure!(!store.load_all().await?.pop().context("record")??.pending, "the settled record is stored");
     Ok(())
 }

@@ -54,6 +54,15 @@ pub fn table(envs: &[proto::Environment], wide: bool, colour: bool, now_ms: i64)
                 format!("{} remaining", human(left as u64))
             }
         };
+        if !e.failure.is_empty() {
+            // FAILED comes first: it says why the pods may not be what they should.
+            let mut r = vec![e.key.clone(), "-".into(), "-".into(), e.namespace.clone(), "-".into()];
+            r.push(format!("failed: {}", e.failure));
+            if wide {
+                r.extend(["-".to_string(), "-".to_string(), "-".to_string()]);
+            }
+            rows.push(r);
+        }
         for p in &e.pods {
             let status = if p.ready {
                 format!("running ({remaining})")
@@ -114,6 +123,7 @@ pub fn env_json(e: &proto::Environment) -> Value {
         "createdAt": ts(&e.created_at),
         "expiresAt": ts(&e.expires_at),
         "pending": e.pending,
+        "failure": (!e.failure.is_empty()).then_some(&e.failure),
         "pods": e.pods.iter().map(|p| json!({
             "name": p.name, "group": p.group, "target": p.target, "container": p.container,
             "image": p.image, "phase": p.phase, "ready": p.ready, "restarts": p.restarts,

@@ -18,6 +18,10 @@ pub struct EnvRecord {
     pub mode: Mode,
     /// Written before any object is created; cleared once all exist.
     pub pending: bool,
+    /// The tombstone: written before Clean or expiry deletes anything, so a
+    /// crash part-way finishes the delete instead of bringing it back.
+    #[serde(default)]
+    pub deleting: bool,
     pub pods: Vec<PodRecord>,
 }
 

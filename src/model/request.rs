@@ -31,6 +31,15 @@ pub struct StartRequest {
 pub struct EnvStatus {
     pub record: EnvRecord,
     pub pods: BTreeMap<String, PodState>,
+    /// Why it is FAILED (recovery or expiry failed and is being retried, or
+    /// its record is unreadable); `None` when all is well.
+    pub failure: Option<String>,
+}
+
+impl EnvStatus {
+    pub fn new(record: EnvRecord) -> EnvStatus {
+        EnvStatus { record, pods: BTreeMap::new(), failure: None }
+    }
 }
 
 /// What Start and AddPod answer.

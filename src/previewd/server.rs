@@ -78,8 +78,6 @@ pub enum ServerError {
     Kube(#[from] ::kube::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("recovering state from the store and cluster: {0}")]
-    Recover(#[from] crate::previewd::manager::Error),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
@@ -168,13 +166,17 @@ pub async fn serve(
         settings,
     );
 
-    let report = manager.recover(args.adopt).await?;
+    // Never fails as a whole: a broken environment shows FAILED and is
+    // retried by the reaper's tick, and Status is served from the store even
+    // while the API server is away.
+    let report = manager.recover(args.adopt).await;
     tracing::info!(
         live = report.live,
         recreated = report.recreated,
         adopted = report.adopted.len(),
         expired = report.expired.len(),
         deleted = report.deleted.len(),
+        failed = report.failed.len(),
         "recovered"
     );
 
@@ -251,19 +253,18 @@ fn incoming(listener: TcpListener) -> impl futures::Stream<Item = std::io::Resul
     })
 }
 
-/// The TTL reaper: an interval task, well inside the 5-second promise.
+/// The TTL reaper, an interval task well inside the 5-second promise; on
+/// the same tick, failed environments whose backoff is over are retried.
 async fn reap(manager: Arc<Manager>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match manager.reap().await {
-            Ok(0) => {}
-            Ok(n) => {
-                manager.metrics().reaped(n);
-                tracing::info!(expired = n, "reaped environments")
-            }
-            Err(e) => tracing::warn!(error = %e, "reaping failed; will retry"),
+        let n = manager.reap().await;
+        if n > 0 {
+            manager.metrics().reaped(n);
+            tracing::info!(expired = n, "reaped environments");
         }
+        manager.retry_failed().await;
     }
 }

@@ -108,7 +108,9 @@ impl Store {
         self.write(true, move |t| Ok(t.remove(key.as_str())?.is_some())).await
     }
 
-    pub async fn load_all(&self) -> Result<Vec<EnvRecord>, StoreError> {
+    /// Every record. One that does not parse does not stop the others: it
+    /// comes back as an error naming its key.
+    pub async fn load_all(&self) -> Result<Vec<Result<EnvRecord, StoreError>>, StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let tx = db.begin_read()?;
@@ -116,13 +118,24 @@ impl Store {
             let mut out = Vec::new();
             for row in table.iter()? {
                 let (k, v) = row?;
-                let rec = serde_json::from_slice(v.value())
-                    .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source })?;
-                out.push(rec);
+                out.push(
+                    serde_json::from_slice(v.value())
+                        .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source }),
+                );
             }
             Ok(out)
         })
         .await?
+    }
+
+    /// Writes raw bytes under `key` (tests: a record that does not parse).
+    pub async fn put_raw(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.write(true, move |t| {
+            t.insert(key.as_str(), bytes.as_slice())?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -140,6 +153,7 @@ mod tests {
             expires_at_ms: Some(10),
             mode: Mode::Steal,
             pending: true,
+            deleting: false,
             pods: vec![PodRecord {
                 group: "orders".into(),
                 target: Target::Targetless,
@@ -165,7 +179,12 @@ mod tests {
             assert!(!s.delete("a").await.unwrap());
         }
         let s = Store::open(dir.path()).await.unwrap();
-        assert_eq!(s.load_all().await.unwrap(), vec![rec("b")]);
+        s.put_raw("bad", b"{not json".to_vec()).await.unwrap();
+        let all = s.load_all().await.unwrap();
+        assert_eq!(all.len(), 2);
+        // In key order: "b" before "bad"; the unreadable one names its key.
+        assert_eq!(all[0].as_ref().unwrap(), &rec("b"));
+        assert!(matches!(&all[1], Err(StoreError::Corrupt { key, .. }) if key == "bad"), "{all:?}");
         assert!(rec("b").expired_at(10));
         assert!(!rec("b").expired_at(9));
     }

@@ -35,6 +35,8 @@ struct State {
     calls: Vec<String>,
     faults: Vec<Fault>,
     next_uid: u64,
+    /// Every call answers 503, as an API server that is away.
+    down: bool,
 }
 
 #[derive(Clone, Default)]
@@ -99,6 +101,16 @@ impl FakeApi {
         st.objects.insert((resource.into(), ns.into(), name.into()), obj);
     }
 
+    /// While down, every call answers 503.
+    pub fn set_down(&self, down: bool) {
+        self.state().down = down;
+    }
+
+    /// Deletes a namespace and everything in it.
+    pub fn delete_namespace(&self, ns: &str) {
+        self.state().objects.retain(|(r, n, name), _| !(n == ns || (r == "namespaces" && name == ns)));
+    }
+
     pub fn fail(&self, fault: Fault) {
         self.state().faults.push(fault);
     }
@@ -139,7 +151,14 @@ impl FakeApi {
         {
             return status(f.code, "injected failure");
         }
+        if st.down {
+            return status(503, "the API server is away");
+        }
         let Some((resource, ns, name)) = route(&path) else { return status(404, &format!("no route {path}")) };
+        let ns_exists = st.objects.contains_key(&("namespaces".to_string(), String::new(), ns.clone()));
+        if !ns.is_empty() && !ns_exists && (method == Method::POST || method == Method::PATCH) {
+            return status(404, &format!("namespaces \"{ns}\" not found"));
+        }
         let key = (resource.clone(), ns.clone(), name.clone().unwrap_or_default());
         match (method, name) {
             (Method::GET, Some(_)) => match st.objects.get(&key) {

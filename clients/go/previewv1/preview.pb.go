@@ -42,6 +42,8 @@ const (
 	EventKind_EVENT_KIND_EXPIRED EventKind = 5
 	// The environment was removed by Clean.
 	EventKind_EVENT_KIND_CLEANED EventKind = 6
+	// The environment's failure was set, changed or cleared (see Environment.failure).
+	EventKind_EVENT_KIND_FAILURE_CHANGED EventKind = 7
 )
 
 // Enum value maps for EventKind.
@@ -54,15 +56,17 @@ var (
 		4: "EVENT_KIND_TTL_EXTENDED",
 		5: "EVENT_KIND_EXPIRED",
 		6: "EVENT_KIND_CLEANED",
+		7: "EVENT_KIND_FAILURE_CHANGED",
 	}
 	EventKind_value = map[string]int32{
-		"EVENT_KIND_UNSPECIFIED":  0,
-		"EVENT_KIND_SNAPSHOT":     1,
-		"EVENT_KIND_ENV_ADDED":    2,
-		"EVENT_KIND_POD_CHANGED":  3,
-		"EVENT_KIND_TTL_EXTENDED": 4,
-		"EVENT_KIND_EXPIRED":      5,
-		"EVENT_KIND_CLEANED":      6,
+		"EVENT_KIND_UNSPECIFIED":     0,
+		"EVENT_KIND_SNAPSHOT":        1,
+		"EVENT_KIND_ENV_ADDED":       2,
+		"EVENT_KIND_POD_CHANGED":     3,
+		"EVENT_KIND_TTL_EXTENDED":    4,
+		"EVENT_KIND_EXPIRED":         5,
+		"EVENT_KIND_CLEANED":         6,
+		"EVENT_KIND_FAILURE_CHANGED": 7,
 	}
 )
 
@@ -597,7 +601,11 @@ type Environment struct {
 	Mode      Mode                   `protobuf:"varint,5,opt,name=mode,proto3,enum=preview.v1.Mode" json:"mode,omitempty"`
 	Pods      []*Pod                 `protobuf:"bytes,6,rep,name=pods,proto3" json:"pods,omitempty"`
 	// True while previewd is still creating the environment's objects.
-	Pending       bool `protobuf:"varint,7,opt,name=pending,proto3" json:"pending,omitempty"`
+	Pending bool `protobuf:"varint,7,opt,name=pending,proto3" json:"pending,omitempty"`
+	// Why the environment is not as it should be (FAILED), and what previewd
+	// is doing about it: recovery or expiry failed and is retried with
+	// backoff, or its stored record is unreadable. Empty when all is well.
+	Failure       string `protobuf:"bytes,8,opt,name=failure,proto3" json:"failure,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -679,6 +687,13 @@ func (x *Environment) GetPending() bool {
 		return x.Pending
 	}
 	return false
+}
+
+func (x *Environment) GetFailure() string {
+	if x != nil {
+		return x.Failure
+	}
+	return ""
 }
 
 type Pod struct {
@@ -1426,7 +1441,7 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04kind\x18\x01 \x01(\x0e2\x15.preview.v1.EventKindR\x04kind\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12;\n" +
 	"\fenvironments\x18\x03 \x03(\v2\x17.preview.v1.EnvironmentR\fenvironments\x12!\n" +
-	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\x98\x02\n" +
+	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\xb2\x02\n" +
 	"\vEnvironment\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x129\n" +
@@ -1436,7 +1451,8 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12$\n" +
 	"\x04mode\x18\x05 \x01(\x0e2\x10.preview.v1.ModeR\x04mode\x12#\n" +
 	"\x04pods\x18\x06 \x03(\v2\x0f.preview.v1.PodR\x04pods\x12\x18\n" +
-	"\apending\x18\a \x01(\bR\apending\"\x9e\x02\n" +
+	"\apending\x18\a \x01(\bR\apending\x12\x18\n" +
+	"\afailure\x18\b \x01(\tR\afailure\"\x9e\x02\n" +
 	"\x03Pod\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x1c\n" +
@@ -1488,7 +1504,7 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04kind\":\n" +
 	"\n" +
 	"FilterList\x12,\n" +
-	"\afilters\x18\x01 \x03(\v2\x12.preview.v1.FilterR\afilters*\xc3\x01\n" +
+	"\afilters\x18\x01 \x03(\v2\x12.preview.v1.FilterR\afilters*\xe3\x01\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13EVENT_KIND_SNAPSHOT\x10\x01\x12\x18\n" +
@@ -1496,7 +1512,8 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x16EVENT_KIND_POD_CHANGED\x10\x03\x12\x1b\n" +
 	"\x17EVENT_KIND_TTL_EXTENDED\x10\x04\x12\x16\n" +
 	"\x12EVENT_KIND_EXPIRED\x10\x05\x12\x16\n" +
-	"\x12EVENT_KIND_CLEANED\x10\x06*=\n" +
+	"\x12EVENT_KIND_CLEANED\x10\x06\x12\x1e\n" +
+	"\x1aEVENT_KIND_FAILURE_CHANGED\x10\a*=\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +

@@ -1,9 +1,12 @@
-//! Clean and expiry: delete an environment's objects and record, then tell
-//! watchers.
+//! Clean and expiry. Each environment is removed on its own: a tombstone
+//! first (in the store and on the owner object), then the objects, then the
+//! record, so a crash at any point never brings it back; one that fails is
+//! shown FAILED and retried, and never holds up the others.
 
 use super::view::glob_match;
 use super::{CleanSelector, Error, Manager};
 use crate::model::{Cleaned, Key, now_ms};
+use crate::previewd::cluster::KubeError;
 use crate::proto;
 
 impl Manager {
@@ -20,24 +23,49 @@ impl Manager {
             }
         };
         let mut removed = Vec::new();
+        let mut first_error = None;
         for key in keys {
-            if let Some(c) = self.remove(&key, proto::EventKind::Cleaned).await? {
-                removed.push(c);
+            match self.remove(&key, proto::EventKind::Cleaned).await {
+                Ok(Some(c)) => removed.push(c),
+                Ok(None) => {}
+                Err(e) => {
+                    self.set_failure(&key, Some(format!("clean failed: {e}; retrying")));
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(removed)
+        match first_error {
+            // One key: its error. Several: what was removed, the rest retried.
+            Some(e) if removed.is_empty() => Err(e),
+            _ => Ok(removed),
+        }
     }
 
-    /// Deletes an environment's objects and record, then tells watchers.
-    /// `None` when there was nothing to remove.
+    /// Tombstone, delete, forget; then tell watchers. `None` when there was
+    /// nothing to remove.
     async fn remove(&self, key: &Key, why: proto::EventKind) -> Result<Option<Cleaned>, Error> {
         let _guard = self.lock_key(key).await;
-        if why == proto::EventKind::Expired && !self.view().envs.get(key).is_some_and(|e| e.record.expired_at(now_ms()))
-        {
+        let rec = self.view().envs.get(key).map(|e| e.record.clone());
+        if why == proto::EventKind::Expired && !rec.as_ref().is_some_and(|r| r.expired_at(now_ms())) {
             return Ok(None); // extended by a Start while we waited for the lock
+        }
+        if let Some(mut rec) = rec.filter(|r| !r.deleting && !r.namespace.is_empty()) {
+            rec.deleting = true;
+            self.store.put(&rec).await?;
+            // The owner's copy too, so --adopt never brings it back. Its
+            // namespace may be gone already: then there is nothing to mark.
+            match self.cluster.put_owner(&rec).await {
+                Ok(_) => {}
+                Err(KubeError::Api { source: ::kube::Error::Api(s), .. }) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(env) = self.view().envs.get_mut(key) {
+                env.record.deleting = true;
+            }
         }
         let objects = self.cluster.delete_env(key).await?;
         let had_record = self.store.delete(key).await?;
+        self.view().retries.remove(key);
         let had_view = self.publish_removed(key, why);
         if objects.is_empty() && !had_record && !had_view {
             return Ok(None);
@@ -46,17 +74,30 @@ impl Manager {
         Ok(Some(Cleaned { key: key.clone(), objects }))
     }
 
-    /// Removes every environment whose TTL has run out.
-    pub async fn reap(&self) -> Result<usize, Error> {
+    /// Removes every environment whose TTL has run out. One that fails is
+    /// shown FAILED and tried again after its backoff; the others go on.
+    pub async fn reap(&self) -> usize {
         let now = now_ms();
-        let expired: Vec<Key> =
-            self.view().envs.values().filter(|e| e.record.expired_at(now)).map(|e| e.record.key.clone()).collect();
+        let expired: Vec<Key> = {
+            let view = self.view();
+            view.envs
+                .values()
+                .filter(|e| e.record.expired_at(now))
+                .filter(|e| view.retries.get(&e.record.key).is_none_or(|(at, _)| *at <= now))
+                .map(|e| e.record.key.clone())
+                .collect()
+        };
         let mut n = 0;
         for key in expired {
-            if self.remove(&key, proto::EventKind::Expired).await?.is_some() {
-                n += 1;
+            match self.remove(&key, proto::EventKind::Expired).await {
+                Ok(Some(_)) => n += 1,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "expiry failed; retrying");
+                    self.set_failure(&key, Some(format!("expiry failed: {e}; retrying")));
+                }
             }
         }
-        Ok(n)
+        n
     }
 }

@@ -1,9 +1,16 @@
-//! Recovery at start: load the store and bring the cluster in line with it.
+//! Recovery: bring the cluster in line with the store, one environment at a
+//! time. A broken environment (its namespace deleted, a pod refused by a
+//! quota or a webhook, an unreadable record, the API server away) is marked
+//! FAILED with its reason and retried with backoff; it never stops previewd
+//! or the other environments.
 
 use std::collections::HashSet;
 
 use super::{Error, Manager};
-use crate::model::{EnvStatus, now_ms};
+use crate::model::{EnvRecord, EnvStatus, Key, Mode, now_ms};
+use crate::previewd::cluster::names::LABEL_KEY;
+use crate::previewd::cluster::objects::ManagedObject;
+use crate::previewd::store::StoreError;
 
 /// What recovery found and did.
 #[derive(Debug, Default)]
@@ -13,72 +20,220 @@ pub struct RecoverReport {
     pub adopted: Vec<String>,
     pub expired: Vec<String>,
     pub deleted: Vec<String>,
+    /// Environments left FAILED (retried with backoff), with the reason.
+    pub failed: Vec<(String, String)>,
 }
+
+/// What recovering one environment did.
+enum Outcome {
+    Live {
+        recreated: usize,
+        deleted: Vec<String>,
+    },
+    /// Expired, or its Clean had begun (tombstone): now gone.
+    Removed {
+        expired: bool,
+    },
+}
+
+/// The first wait before a failed environment is retried, and the longest.
+const RETRY_FIRST_MS: i64 = 1_000;
+const RETRY_MAX_MS: i64 = 60_000;
 
 impl Manager {
     /// Loads the store and brings the cluster in line with it: finishes
-    /// pending environments, recreates missing pods, removes expired ones and
-    /// deletes labelled objects whose key is unknown. With `adopt`, records
-    /// kept in the cluster are taken into the store first.
-    pub async fn recover(&self, adopt: bool) -> Result<RecoverReport, Error> {
+    /// pending environments and interrupted cleans, recreates missing pods,
+    /// removes expired ones and deletes labelled objects whose key is
+    /// unknown. With `adopt`, records kept in the cluster are taken into the
+    /// store first. Never fails as a whole: what cannot be done now shows as
+    /// FAILED in Status and is retried (see [`Manager::retry_failed`]).
+    pub async fn recover(&self, adopt: bool) -> RecoverReport {
         let mut report = RecoverReport::default();
-        let mut records = self.store.load_all().await?;
-        if adopt {
-            for rec in self.cluster.adoptable().await? {
-                if !records.iter().any(|r| r.key == rec.key) {
-                    self.store.put(&rec).await?;
-                    report.adopted.push(rec.key.to_string());
-                    records.push(rec);
+        let mut records = Vec::new();
+        match self.store.load_all().await {
+            Ok(rows) => {
+                for row in rows {
+                    match row {
+                        Ok(rec) => records.push(rec),
+                        Err(e) => self.show_unreadable(e, &mut report),
+                    }
                 }
+            }
+            Err(e) => tracing::error!(error = %e, "reading the store failed; serving no environments"),
+        }
+        if adopt {
+            match self.cluster.adoptable().await {
+                Ok(found) => {
+                    let stored: HashSet<Key> = records.iter().map(|r| r.key.clone()).collect();
+                    for rec in found.into_iter().filter(|r| !stored.contains(&r.key)) {
+                        match self.store.put(&rec).await {
+                            Ok(()) => {
+                                report.adopted.push(rec.key.to_string());
+                                records.push(rec);
+                            }
+                            Err(e) => tracing::warn!(key = %rec.key, error = %e, "not adopted"),
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "listing adoptable records failed; adopting nothing"),
             }
         }
         // One list of everything we manage, instead of one per environment.
-        let objects = self.cluster.managed(&self.cluster.selector("")).await?;
-        let now = now_ms();
-        let mut live = Vec::new();
-        for mut rec in records {
-            if rec.expired_at(now) {
-                for obj in objects.iter().filter(|o| o.key == *rec.key) {
-                    self.cluster.delete_object(obj).await?;
-                }
-                self.store.delete(&rec.key).await?;
-                report.expired.push(rec.key.to_string());
-                continue;
-            }
-            let existing: Vec<&String> = objects
-                .iter()
-                .filter(|o| o.kind == "pod" && o.key == *rec.key && o.namespace == rec.namespace)
-                .map(|o| &o.name)
-                .collect();
-            let missing = rec.pod_names().filter(|n| !existing.contains(n)).count();
-            if missing > 0 || rec.pending {
-                self.realize(&rec).await?;
-                report.recreated += missing;
-            }
-            // Pods of this key that the record does not name are leftovers.
-            for name in existing.into_iter().filter(|n| !rec.pod_names().any(|p| p == *n)) {
-                self.cluster.delete_pod(&rec.namespace, name).await?;
-                report.deleted.push(format!("pod/{}/{name}", rec.namespace));
-            }
-            if rec.pending {
-                // The owner ConfigMap may keep the pending copy (see `apply`).
-                rec.pending = false;
-                self.store.put(&rec).await?;
-            }
-            live.push(rec);
+        let objects = self.cluster.managed(&self.cluster.selector("")).await;
+        if let Err(e) = &objects {
+            tracing::warn!(error = %e, "the API server is not answering; serving the store and retrying");
         }
-        let known: HashSet<&str> = live.iter().map(|r| r.key.as_str()).collect();
-        for obj in objects.iter().filter(|o| !known.contains(o.key.as_str()) && !report.expired.contains(&o.key)) {
-            if self.cluster.delete_object(obj).await? {
-                report.deleted.push(obj.to_string());
+        let mut known: HashSet<String> = records.iter().map(|r| r.key.to_string()).collect();
+        for rec in records {
+            let result = match &objects {
+                Ok(all) => {
+                    let mine: Vec<ManagedObject> = all.iter().filter(|o| o.key == *rec.key).cloned().collect();
+                    self.recover_one(&rec, &mine).await.map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(Outcome::Live { recreated, deleted }) => {
+                    report.recreated += recreated;
+                    report.deleted.extend(deleted);
+                }
+                Ok(Outcome::Removed { expired }) => {
+                    known.remove(rec.key.as_str());
+                    if expired {
+                        report.expired.push(rec.key.to_string());
+                    }
+                }
+                Err(e) => {
+                    let why = format!("recovery failed: {e}; retrying");
+                    report.failed.push((rec.key.to_string(), why.clone()));
+                    self.view().upsert(&rec);
+                    self.set_failure(&rec.key, Some(why));
+                }
             }
+        }
+        if let Ok(all) = &objects {
+            for obj in all.iter().filter(|o| !known.contains(&o.key)) {
+                match self.cluster.delete_object(obj).await {
+                    Ok(true) => report.deleted.push(obj.to_string()),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(object = %obj, error = %e, "deleting a stray object failed"),
+                }
+            }
+        }
+        report.live = self.len();
+        report
+    }
+
+    /// Tries every failed environment whose wait is over again.
+    pub async fn retry_failed(&self) {
+        let now = now_ms();
+        let due: Vec<Key> =
+            self.view().retries.iter().filter(|(_, (at, _))| *at <= now).map(|(k, _)| k.clone()).collect();
+        for key in due {
+            let _guard = self.lock_key(&key).await;
+            let Some(rec) = self.view().envs.get(&key).map(|e| e.record.clone()) else {
+                self.view().retries.remove(&key);
+                continue;
+            };
+            let selector = self.cluster.selector(&format!("{LABEL_KEY}={key}"));
+            let result = match self.cluster.managed(&selector).await {
+                Ok(mine) => self.recover_one(&rec, &mine).await,
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(Outcome::Live { .. }) => {
+                    tracing::info!(key = %key, "recovered after a failure");
+                    self.set_failure(&key, None);
+                }
+                Ok(Outcome::Removed { .. }) => {
+                    self.view().retries.remove(&key);
+                    self.publish_removed(&key, crate::proto::EventKind::Cleaned);
+                }
+                Err(e) => self.set_failure(&key, Some(format!("recovery failed: {e}; retrying"))),
+            }
+        }
+    }
+
+    /// One environment: finish its clean or expiry, or bring its objects
+    /// in line with its record, then put it in the view.
+    async fn recover_one(&self, rec: &EnvRecord, objects: &[ManagedObject]) -> Result<Outcome, Error> {
+        if rec.deleting || rec.expired_at(now_ms()) {
+            for obj in objects {
+                self.cluster.delete_object(obj).await?;
+            }
+            self.store.delete(&rec.key).await?;
+            self.view().envs.remove(&rec.key);
+            return Ok(Outcome::Removed { expired: !rec.deleting });
+        }
+        let existing: Vec<&String> =
+            objects.iter().filter(|o| o.kind == "pod" && o.namespace == rec.namespace).map(|o| &o.name).collect();
+        let missing = rec.pod_names().filter(|n| !existing.contains(n)).count();
+        if missing > 0 || rec.pending {
+            self.realize(rec).await?;
+        }
+        // Pods of this key that the record does not name are leftovers.
+        let mut deleted = Vec::new();
+        for name in existing.into_iter().filter(|n| !rec.pod_names().any(|p| p == *n)) {
+            self.cluster.delete_pod(&rec.namespace, name).await?;
+            deleted.push(format!("pod/{}/{name}", rec.namespace));
+        }
+        let mut rec = rec.clone();
+        if rec.pending {
+            // The owner ConfigMap may keep the pending copy (see `apply`).
+            rec.pending = false;
+            self.store.put(&rec).await?;
         }
         let mut view = self.view();
-        for record in live {
-            let pods = view.take_orphans(&record);
-            view.envs.insert(record.key.clone(), EnvStatus { record, pods });
+        let pods = view.take_orphans(&rec);
+        let entry = view.envs.entry(rec.key.clone()).or_insert_with(|| EnvStatus::new(rec.clone()));
+        entry.record = rec;
+        entry.pods.extend(pods);
+        Ok(Outcome::Live { recreated: missing, deleted })
+    }
+
+    /// A record that does not parse: shown FAILED under its key (when the
+    /// key itself is valid) so that someone cleans it; nothing else is done.
+    fn show_unreadable(&self, e: StoreError, report: &mut RecoverReport) {
+        let StoreError::Corrupt { key, .. } = &e else { return };
+        let why = format!("{e}; clean it with `preview clean --key {key}`");
+        tracing::error!(%key, error = %e, "unreadable store record");
+        report.failed.push((key.clone(), why.clone()));
+        let Ok(key) = Key::parse("key", key) else { return };
+        let placeholder = EnvRecord {
+            key: key.clone(),
+            namespace: String::new(),
+            created_at_ms: 0,
+            expires_at_ms: None,
+            mode: Mode::Steal,
+            pending: false,
+            deleting: false,
+            pods: Vec::new(),
+        };
+        let mut env = EnvStatus::new(placeholder);
+        env.failure = Some(why);
+        self.view().envs.insert(key, env);
+    }
+
+    /// Sets or clears an environment's failure, schedules (or stops) its
+    /// retries, and tells watchers when it changed.
+    pub(super) fn set_failure(&self, key: &Key, failure: Option<String>) {
+        let mut view = self.view();
+        match &failure {
+            Some(_) => {
+                let now = now_ms();
+                let wait = view.retries.get(key).map_or(RETRY_FIRST_MS, |(_, w)| (*w * 2).min(RETRY_MAX_MS));
+                view.retries.insert(key.clone(), (now + wait, wait));
+            }
+            None => {
+                view.retries.remove(key);
+            }
         }
-        report.live = view.envs.len();
-        Ok(report)
+        let Some(env) = view.envs.get_mut(key) else { return };
+        if env.failure == failure {
+            return;
+        }
+        env.failure = failure;
+        let env = crate::wire::environment(env);
+        view.publish(&self.events, crate::proto::EventKind::FailureChanged, vec![env], None);
     }
 }

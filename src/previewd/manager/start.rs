@@ -117,6 +117,7 @@ impl Manager {
             expires_at_ms: None,
             mode: planned.first().map_or(Mode::Steal, |p| p.mode),
             pending: true,
+            deleting: false,
             pods: Vec::new(),
         });
         let ttl_extended = match (is_new, ttl) {

@@ -22,6 +22,8 @@ pub type TargetRef = (String, WorkloadKind, String);
 #[derive(Default)]
 pub(super) struct View {
     pub envs: BTreeMap<Key, EnvStatus>,
+    /// Failed environments: when to try again (Unix ms) and the next wait.
+    pub retries: BTreeMap<Key, (i64, i64)>,
     pub seq: u64,
     /// Pod states seen before their environment's record (watch races Start).
     pub orphans: HashMap<String, PodState>,
@@ -111,10 +113,7 @@ impl View {
     /// Puts `rec` into the view, with any pod states seen before it.
     pub fn upsert(&mut self, rec: &EnvRecord) -> &mut EnvStatus {
         let pods = self.take_orphans(rec);
-        let entry = self
-            .envs
-            .entry(rec.key.clone())
-            .or_insert_with(|| EnvStatus { record: rec.clone(), pods: BTreeMap::new() });
+        let entry = self.envs.entry(rec.key.clone()).or_insert_with(|| EnvStatus::new(rec.clone()));
         entry.record = rec.clone();
         entry.pods.extend(pods);
         entry
@@ -160,10 +159,15 @@ impl View {
     }
 
     /// The routes of `ns`'s `kind/name`: one per preview pod group on that
-    /// target, to its first replica with an IP (a ready one first).
+    /// target, to its first replica with an IP (a ready one first), in the
+    /// order the environments were created (the agent tries unscoped
+    /// filters in this order).
     pub fn routes_for(&self, ns: &str, kind: WorkloadKind, name: &str) -> Vec<Route> {
         let mut out = Vec::new();
-        for env in self.envs.values().filter(|e| e.record.namespace == ns && !e.record.pending) {
+        let mut envs: Vec<&EnvStatus> =
+            self.envs.values().filter(|e| e.record.namespace == ns && !e.record.pending).collect();
+        envs.sort_by_key(|e| (e.record.created_at_ms, e.record.key.clone()));
+        for env in envs {
             for p in env.record.pods.iter().filter(|p| on_target(&p.target, kind, name)) {
                 let states: Vec<&PodState> =
                     p.pod_names.iter().filter_map(|n| env.pods.get(n)).filter(|s| !s.ip.is_empty()).collect();

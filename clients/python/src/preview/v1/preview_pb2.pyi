@@ -19,6 +19,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_TTL_EXTENDED: _ClassVar[EventKind]
     EVENT_KIND_EXPIRED: _ClassVar[EventKind]
     EVENT_KIND_CLEANED: _ClassVar[EventKind]
+    EVENT_KIND_FAILURE_CHANGED: _ClassVar[EventKind]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ EVENT_KIND_POD_CHANGED: EventKind
 EVENT_KIND_TTL_EXTENDED: EventKind
 EVENT_KIND_EXPIRED: EventKind
 EVENT_KIND_CLEANED: EventKind
+EVENT_KIND_FAILURE_CHANGED: EventKind
 MODE_UNSPECIFIED: Mode
 MODE_STEAL: Mode
 MODE_MIRROR: Mode
@@ -109,7 +111,7 @@ class StatusEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., sequence: _Optional[int] = ..., environments: _Optional[_Iterable[_Union[Environment, _Mapping]]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ...) -> None: ...
 
 class Environment(_message.Message):
-    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending")
+    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending", "failure")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,7 @@ class Environment(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     PODS_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     key: str
     namespace: str
     created_at: _timestamp_pb2.Timestamp
@@ -124,7 +127,8 @@ class Environment(_message.Message):
     mode: Mode
     pods: _containers.RepeatedCompositeFieldContainer[Pod]
     pending: bool
-    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ...) -> None: ...
+    failure: str
+    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class Pod(_message.Message):
     __slots__ = ("name", "target", "container", "image", "phase", "ready", "restarts", "node", "ip", "last_error", "reason", "group")
