@@ -133,6 +133,25 @@ impl Filter {
     }
 }
 
+/// The environment key a request carries: the first `x-preview-key` header
+/// or `preview-key` baggage member, trimmed. `None` (and no allocation) for
+/// a request that carries none.
+pub fn request_key(req: &dyn RequestView) -> Option<String> {
+    let mut found = None;
+    req.for_each_header(&mut |name, value| {
+        let v = if name.eq_ignore_ascii_case(KEY_HEADER) {
+            Some(value.trim_ascii())
+        } else if name.eq_ignore_ascii_case(BAGGAGE) {
+            baggage_value(value).next()
+        } else {
+            None
+        };
+        found = v.and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string);
+        found.is_some()
+    });
+    found
+}
+
 /// True when a W3C baggage header value has `preview-key=<key>` exactly.
 /// Members are `,`-separated; each may carry `;`-separated properties.
 pub fn baggage_has_key(header: &[u8], key: &str) -> bool {
