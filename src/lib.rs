@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod filter;
 pub mod model;
+pub mod net;
 pub mod previewd;
 pub mod proto;
 pub mod telemetry;

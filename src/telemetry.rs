@@ -20,7 +20,7 @@ where
 {
     use http_body_util::Full;
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (stream, _) = crate::net::accept(&listener).await;
         let page = page.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {

@@ -26,11 +26,18 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
+/// Requests with credentials that reached a preview (mirror copies must carry none).
+static PREVIEW_SAW_CREDENTIALS: AtomicUsize = AtomicUsize::new(0);
+
 /// The app (and, as "preview", the preview pod): `/chunked` streams three
 /// chunks, `/echo` streams the request body back, `/empty`
 /// answers 204, anything else says who answered and how many body bytes came.
 async fn app(name: &'static str, hits: Arc<AtomicUsize>, req: http::Request<Incoming>) -> Result<http::Response<Body>> {
     hits.fetch_add(1, Ordering::SeqCst);
+    let creds = ["authorization", "proxy-authorization", "cookie"].iter().any(|h| req.headers().contains_key(*h));
+    if name == "preview" && creds {
+        PREVIEW_SAW_CREDENTIALS.fetch_add(1, Ordering::SeqCst);
+    }
     let path = req.uri().path().to_string();
     Ok(match path.as_str() {
         "/chunked" => {
@@ -299,8 +306,20 @@ async fn mirror_copies_are_the_original_bytes_and_steal_hands_over_to_hyper() ->
     let copies = || preview_hits.load(Ordering::SeqCst);
     wait_for("20 copies at the preview", || copies() >= 20).await.with_context(|| format!("copies: {}", copies()))?;
     ensure!(copies() == 20, "copies: {}", copies());
+    // Copies carry no one's credentials: on the fast path (a whole request
+    // relayed as bytes) and on hyper's (after a steal hands the connection over).
+    for (path, auth) in [("/fast", "Bearer t1"), ("/fast2", "Basic dTpw")] {
+        let req = http::Request::post(path)
+            .header("x-preview-key", "m")
+            .header("authorization", auth)
+            .header("cookie", "session=1")
+            .body(full("12345"))?;
+        let (_, body) = call(&mut s, req).await?;
+        ensure!(body == format!("app POST {path} 5"), "{body:?}");
+    }
+    wait_for("22 copies at the preview", || copies() >= 22).await?;
     let text = metrics.render();
-    ensure!(text.contains(r#"preview_agent_requests_total{key="m",action="mirrored"} 20"#), "{text}");
+    ensure!(text.contains(r#"preview_agent_requests_total{key="m",action="mirrored"} 22"#), "{text}");
 
     // On the same connection: unkeyed, stolen, unkeyed again (hyper from here on).
     let before = app_hits.load(Ordering::SeqCst);
@@ -312,6 +331,12 @@ async fn mirror_copies_are_the_original_bytes_and_steal_hands_over_to_hyper() ->
     let (_, body) = call(&mut s, get("/c")?).await?;
     ensure!(body == "app GET /c 0", "{body:?}");
     ensure!(app_hits.load(Ordering::SeqCst) == before + 2);
+    let req = http::Request::post("/slow").header("x-preview-key", "m").header("cookie", "s=2").body(full("1"))?;
+    let (_, body) = call(&mut s, req).await?;
+    ensure!(body == "app POST /slow 1", "{body:?}");
+    wait_for("23 copies at the preview", || copies() >= 23).await?;
+    let seen = PREVIEW_SAW_CREDENTIALS.load(Ordering::SeqCst);
+    ensure!(seen == 0, "{seen} copies reached the preview with credentials");
     Ok(())
 }
 

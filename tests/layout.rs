@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 /// Top-level modules by layer: a module may import only lower layers.
 const LAYERS: &[(&str, u8)] = &[
     ("filter", 0),
+    ("net", 0),
     ("proto", 0),
-    ("telemetry", 0),
+    ("telemetry", 1),
     ("model", 1),
     ("config", 2),
     ("wire", 2),

@@ -111,6 +111,10 @@ pub struct WorkerArgs {
     /// This pod's namespace (downward API), sent to previewd.
     #[arg(long, env = podspec::ENV_POD_NAMESPACE)]
     pub namespace: Option<String>,
+    /// Bytes of mirror copies that may be queued or in flight at once;
+    /// copies past it are dropped and counted (`mirror_dropped`).
+    #[arg(long, env = "PREVIEW_AGENT_MIRROR_MAX_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mirror_max_bytes: u64,
     /// Chain name (chosen by the guard).
     #[arg(long, hide = true)]
     pub chain: Option<String>,

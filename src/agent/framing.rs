@@ -285,6 +285,21 @@ pub fn response_head(buf: &[u8], head_request: bool) -> Result<Option<ResponseHe
 }
 
 /// Which side of an exchange failed.
+/// A request head without its `Authorization`, `Proxy-Authorization` and
+/// `Cookie` lines: what a mirror copy carries.
+pub fn without_credentials(head: &[u8]) -> Vec<u8> {
+    const DROP: [&[u8]; 3] = [b"authorization", b"proxy-authorization", b"cookie"];
+    let mut out = Vec::with_capacity(head.len());
+    for line in head.split_inclusive(|b| *b == b'\n') {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        let drop = line.contains(&b':') && DROP.iter().any(|d| name.trim_ascii().eq_ignore_ascii_case(d));
+        if !drop {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +403,14 @@ mod tests {
         }
         // The steal route is on port 80 only.
         assert!(decide(b"GET / HTTP/1.1\r\nx-preview-key: s\r\n\r\n", &t, 81) != Decision::HandOff);
+    }
+
+    #[test]
+    fn mirror_copies_lose_credentials_and_keep_the_rest() {
+        let head = b"POST /a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\ncookie: s=1\r\nX-Cookie-Note: keep\r\nProxy-Authorization: b\r\nContent-Length: 2\r\n\r\n";
+        let out = without_credentials(head);
+        assert_eq!(out, b"POST /a HTTP/1.1\r\nHost: x\r\nX-Cookie-Note: keep\r\nContent-Length: 2\r\n\r\n".to_vec());
+        assert_eq!(without_credentials(b"GET / HTTP/1.1\r\n\r\n"), b"GET / HTTP/1.1\r\n\r\n".to_vec());
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub async fn guard(args: WorkerArgs) -> Result<i32, AgentError> {
         .arg(args.listen.to_string())
         .arg("--admin")
         .arg(args.admin.to_string())
+        .arg("--mirror-max-bytes")
+        .arg(args.mirror_max_bytes.to_string())
         .arg("--chain")
         .arg(&chain);
     if let Some(r) = &args.routes {

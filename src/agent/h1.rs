@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 
 pub use super::framing::{
     BadFraming, Body, Chunked, Decision, MAX_HEAD, RequestHead, ResponseHead, decide, response_head,
+    without_credentials,
 };
 use super::state::{MIRROR_MAX_BODY, MirrorCopy, Proxy};
 
@@ -230,7 +231,10 @@ pub async fn serve(proxy: &Proxy, mut client: TcpStream, app: SocketAddr) -> Opt
                             Ok(_) => {}
                         }
                     }
-                    copy = Some((key, *to, Bytes::copy_from_slice(&cbuf[..total])));
+                    // A preview gets no one's credentials.
+                    let mut bytes = without_credentials(&cbuf[..head.len]);
+                    bytes.extend_from_slice(&cbuf[head.len..total]);
+                    copy = Some((key, *to, Bytes::from(bytes)));
                 }
                 _ => proxy.metrics.mirror_dropped(key),
             },

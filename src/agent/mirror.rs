@@ -28,7 +28,7 @@ pub(super) async fn mirror_sender(
         // longer than MIRROR_DEFER behind a busy target.
         inflight.idle_within(MIRROR_DEFER).await;
         let mut next = Some(first);
-        while let Some(MirrorJob { key, copy, to }) = next.take().or_else(|| rx.try_recv().ok()) {
+        while let Some(MirrorJob { key, copy, to, charge }) = next.take().or_else(|| rx.try_recv().ok()) {
             let Ok(permit) = limit.clone().acquire_owned().await else { return };
             let (h1, h2, metrics, pool) = (h1.clone(), h2.clone(), metrics.clone(), pool.clone());
             tokio::spawn(async move {
@@ -38,7 +38,7 @@ pub(super) async fn mirror_sender(
                         if pool.send(to, &bytes, head).await.is_err() {
                             metrics.mirror_failed(&key);
                         }
-                        drop(permit);
+                        drop((permit, charge));
                         return;
                     }
                 };
@@ -53,7 +53,7 @@ pub(super) async fn mirror_sender(
                         Err(_) => metrics.mirror_failed(&key),
                     }
                 }
-                drop(permit);
+                drop((permit, charge));
             });
         }
     }

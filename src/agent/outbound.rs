@@ -50,7 +50,7 @@ pub async fn outbound(args: OutboundArgs) -> Result<(), AgentError> {
     let proxy = Proxy::propagating(metrics, key);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (stream, _) = crate::net::accept(&listener).await;
             match intercept::original_dst(&stream) {
                 Ok(dst) => {
                     tokio::spawn(proxy.clone().serve(stream, dst));

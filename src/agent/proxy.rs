@@ -29,7 +29,9 @@ use super::metrics::Metrics;
 use super::mirror::mirror_sender;
 use super::routes::SharedRoutes;
 pub use super::state::Proxy;
-use super::state::{InFlight, MIRROR_MAX_BODY, MIRROR_QUEUE, MirrorCopy, ProxyBody, empty, full, idempotent};
+use super::state::{
+    InFlight, MIRROR_MAX_BODY, MIRROR_MAX_BYTES, MIRROR_QUEUE, MirrorCopy, ProxyBody, empty, full, idempotent,
+};
 use crate::model::{Key, Mode};
 
 /// How long a client may stay silent before the app is connected too: then
@@ -45,20 +47,41 @@ fn connector() -> HttpConnector {
 impl Proxy {
     /// Must be called inside a tokio runtime: it starts the mirror sender.
     pub fn new(routes: Arc<SharedRoutes>, metrics: Arc<Metrics>) -> Arc<Proxy> {
-        Self::build(routes, metrics, None)
+        Self::build(routes, metrics, None, MIRROR_MAX_BYTES)
+    }
+
+    /// As [`Proxy::new`], with at most `mirror_budget` bytes of mirror
+    /// copies queued or in flight.
+    pub fn with_mirror_budget(routes: Arc<SharedRoutes>, metrics: Arc<Metrics>, mirror_budget: usize) -> Arc<Proxy> {
+        Self::build(routes, metrics, None, mirror_budget)
     }
 
     /// The outbound proxy of a preview pod: adds the key to every HTTP request.
     pub fn propagating(metrics: Arc<Metrics>, key: Key) -> Arc<Proxy> {
-        Self::build(Arc::default(), metrics, Some(key))
+        Self::build(Arc::default(), metrics, Some(key), MIRROR_MAX_BYTES)
     }
 
-    fn build(routes: Arc<SharedRoutes>, metrics: Arc<Metrics>, propagate: Option<Key>) -> Arc<Proxy> {
+    fn build(
+        routes: Arc<SharedRoutes>,
+        metrics: Arc<Metrics>,
+        propagate: Option<Key>,
+        mirror_budget: usize,
+    ) -> Arc<Proxy> {
         let h1 = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector());
         let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector());
         let (tx, rx) = mpsc::channel(MIRROR_QUEUE);
         let inflight = Arc::new(InFlight::default());
-        let proxy = Arc::new(Proxy { routes, metrics, h1, h2, mirror: tx, inflight: inflight.clone(), propagate });
+        let proxy = Arc::new(Proxy {
+            routes,
+            metrics,
+            h1,
+            h2,
+            mirror: tx,
+            inflight: inflight.clone(),
+            propagate,
+            mirror_bytes: Arc::default(),
+            mirror_budget,
+        });
         tokio::spawn(mirror_sender(proxy.h1.clone(), proxy.h2.clone(), proxy.metrics.clone(), inflight, rx));
         proxy
     }
@@ -185,6 +208,11 @@ impl Proxy {
                         *copy.uri_mut() = parts.uri.clone();
                         *copy.version_mut() = parts.version;
                         *copy.headers_mut() = parts.headers.clone();
+                        // A preview gets no one's credentials.
+                        for h in [http::header::AUTHORIZATION, http::header::PROXY_AUTHORIZATION, http::header::COOKIE]
+                        {
+                            copy.headers_mut().remove(h);
+                        }
                         let original = Request::from_parts(parts, full(bytes));
                         let resp = self.send(original, app, None, None).await;
                         // Queued once the original has its answer: the copy's

@@ -25,6 +25,8 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 pub const MIRROR_MAX_BODY: u64 = 1 << 20;
 /// Copies waiting to be sent; more are dropped and counted.
 pub const MIRROR_QUEUE: usize = 1024;
+/// Bytes of copies queued or in flight, by default; more are dropped and counted.
+pub const MIRROR_MAX_BYTES: usize = 64 << 20;
 /// Copies in flight at once.
 pub(super) const MIRROR_CONCURRENCY: usize = 64;
 /// How long queued copies wait for staging requests to finish first.
@@ -75,6 +77,44 @@ pub(super) struct MirrorJob {
     pub key: String,
     pub copy: MirrorCopy,
     pub to: SocketAddr,
+    /// This copy's share of the byte budget, given back when it is dropped
+    /// (sent, failed or never queued).
+    pub charge: Charge,
+}
+
+/// Bytes held against the mirror budget until dropped.
+pub(super) struct Charge {
+    held: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Charge {
+    /// `bytes` more held, if that stays within `budget`.
+    fn admit(held: &Arc<AtomicUsize>, bytes: usize, budget: usize) -> Option<Charge> {
+        let before = held.fetch_add(bytes, Ordering::AcqRel);
+        let charge = Charge { held: held.clone(), bytes };
+        // Over budget: the charge drops here and gives the bytes back.
+        (before.saturating_add(bytes) <= budget).then_some(charge)
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+impl MirrorCopy {
+    /// What the copy holds in memory, about: its bytes, or its body and headers.
+    fn size(&self) -> usize {
+        match self {
+            MirrorCopy::Raw { bytes, .. } => bytes.len(),
+            MirrorCopy::Request(r) => {
+                let body = hyper::body::Body::size_hint(r.body()).exact().unwrap_or(0) as usize;
+                body + r.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>()
+            }
+        }
+    }
 }
 
 pub(super) enum MirrorCopy {
@@ -94,12 +134,20 @@ pub struct Proxy {
     /// Outbound mode (preview pods): every request goes to where it was
     /// sent, carrying this key in `baggage`; there are no routes.
     pub(super) propagate: Option<Key>,
+    /// Bytes of mirror copies queued or in flight, and the most there may be.
+    pub(super) mirror_bytes: Arc<AtomicUsize>,
+    pub(super) mirror_budget: usize,
 }
 
 impl Proxy {
-    /// Queues a mirror copy for `to`; a full queue drops it. Either way it is counted.
+    /// Queues a mirror copy for `to`. A full queue, or a copy that would
+    /// take the bytes held past the budget, drops it. Either way it is counted.
     pub(super) fn queue_copy(&self, key: &str, copy: MirrorCopy, to: SocketAddr) {
-        match self.mirror.try_send(MirrorJob { key: key.to_string(), copy, to }) {
+        let Some(charge) = Charge::admit(&self.mirror_bytes, copy.size(), self.mirror_budget) else {
+            self.metrics.mirror_dropped(key);
+            return;
+        };
+        match self.mirror.try_send(MirrorJob { key: key.to_string(), copy, to, charge }) {
             Ok(()) => self.metrics.mirrored(key),
             Err(_) => self.metrics.mirror_dropped(key),
         }
@@ -122,6 +170,19 @@ pub(super) fn idempotent(method: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mirror_budget_counts_bytes_until_copies_are_done() {
+        let held = Arc::new(AtomicUsize::new(0));
+        let a = Charge::admit(&held, 60, 100).expect("fits");
+        assert!(Charge::admit(&held, 41, 100).is_none(), "would exceed the budget");
+        assert_eq!(held.load(Ordering::Acquire), 60, "a refused copy holds nothing");
+        let b = Charge::admit(&held, 40, 100).expect("fits exactly");
+        drop(a);
+        assert_eq!(held.load(Ordering::Acquire), 40);
+        drop(b);
+        assert_eq!(held.load(Ordering::Acquire), 0);
+    }
 
     #[tokio::test]
     async fn copies_wait_for_staging_but_not_for_long() {

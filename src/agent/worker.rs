@@ -37,7 +37,11 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let routes = Arc::new(SharedRoutes::default());
     routes.set(initial);
     let metrics = Arc::new(Metrics::default());
-    let proxy = Proxy::new(routes.clone(), metrics.clone());
+    let proxy = Proxy::with_mirror_budget(
+        routes.clone(),
+        metrics.clone(),
+        usize::try_from(args.mirror_max_bytes).unwrap_or(usize::MAX),
+    );
 
     let mut ports = wanted_ports(&args.ports, &routes.get());
     if ports.is_empty() {
@@ -60,7 +64,7 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     tokio::spawn(serve_admin(admin, routes.clone(), metrics.clone()));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (stream, _) = crate::net::accept(&listener).await;
             let app = match intercept::original_dst(&stream) {
                 Ok(a) => a,
                 Err(e) => {

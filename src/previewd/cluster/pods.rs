@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EnvVar, EphemeralContainer, ExecAction, Lifecycle, LifecycleHandler, Pod,
-    PodReadinessGate, PodSpec, PodTemplateSpec, ResourceRequirements, SecurityContext,
+    PodReadinessGate, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -103,13 +103,20 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
     }
 }
 
-/// Root with NET_ADMIN (nat rules, conntrack) and SETGID (the outbound
-/// agent's marker group); nothing else is added.
-fn agent_security() -> SecurityContext {
+/// Root with every capability dropped but NET_ADMIN (nat rules, conntrack)
+/// and, for the outbound sidecar, SETGID (its marker group); no privilege
+/// escalation, and the runtime's default seccomp profile.
+fn agent_security(setgid: bool) -> SecurityContext {
+    let mut add = vec!["NET_ADMIN".to_string()];
+    if setgid {
+        add.push("SETGID".into());
+    }
     SecurityContext {
-        capabilities: Some(Capabilities { add: Some(vec!["NET_ADMIN".into(), "SETGID".into()]), drop: None }),
+        capabilities: Some(Capabilities { add: Some(add), drop: Some(vec!["ALL".into()]) }),
         run_as_user: Some(0),
         run_as_non_root: Some(false),
+        allow_privilege_escalation: Some(false),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
         ..Default::default()
     }
 }
@@ -125,7 +132,7 @@ fn outbound_sidecar(image: &str, key: &str, pull_policy: Option<&str>) -> Contai
             EnvVar { name: ENV_LOG.into(), value: Some("info".into()), value_from: None },
         ]),
         restart_policy: Some("Always".into()),
-        security_context: Some(agent_security()),
+        security_context: Some(agent_security(true)),
         // The admin port opens once the rules are in. The kubelet starts the
         // app only after this hook returns (a startup probe would cost up to
         // its 1 s period).
@@ -165,7 +172,7 @@ pub fn agent_container(
         image_pull_policy: pull.map(str::to_string),
         args: Some(args),
         env: Some(vec![env(ENV_POD_NAME, pod), env(ENV_POD_NAMESPACE, ns), env(ENV_LOG, "info")]),
-        security_context: Some(agent_security()),
+        security_context: Some(agent_security(false)),
         ..Default::default()
     }
 }
@@ -284,6 +291,17 @@ mod tests {
         // The outbound sidecar comes first, as a native sidecar with the key.
         let side = &spec.init_containers.as_ref().unwrap()[0];
         assert_eq!((side.name.as_str(), side.restart_policy.as_deref()), (SIDECAR, Some("Always")));
+        let sc = side.security_context.as_ref().unwrap();
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(
+            (caps.drop.as_deref(), caps.add.as_deref()),
+            (Some(&["ALL".to_string()][..]), Some(&["NET_ADMIN".to_string(), "SETGID".to_string()][..]))
+        );
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("RuntimeDefault"));
+        let agent = agent_container("preview-agent-1", "agent:dev", agent_args("http://p:7443"), "p", "ns", None);
+        let caps = agent.security_context.unwrap().capabilities.unwrap();
+        assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]), "the inbound agent needs no SETGID");
         assert_eq!(side.env.as_ref().unwrap()[0].value.as_deref(), Some("k1"));
         let l = pod.metadata.labels.as_ref().unwrap();
         assert_eq!(l.get("app").map(String::as_str), Some("orders"));
