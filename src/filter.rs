@@ -64,6 +64,17 @@ impl FilterSpec {
     }
 }
 
+impl FilterSpec {
+    /// Every regex in the filter (header and path filters, nested ones too).
+    pub fn regexes(&self) -> Vec<&str> {
+        match self {
+            FilterSpec::Header(s) | FilterSpec::Path(s) => vec![s.as_str()],
+            FilterSpec::Method(_) | FilterSpec::Key(_) => Vec::new(),
+            FilterSpec::AllOf(v) | FilterSpec::AnyOf(v) => v.iter().flat_map(FilterSpec::regexes).collect(),
+        }
+    }
+}
+
 /// What a filter looks at in a request. Implemented for `http::request::Parts`
 /// and anything else that can list its headers.
 pub trait RequestView {

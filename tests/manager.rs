@@ -12,7 +12,7 @@ use fake::{FakeApi, Fault};
 use http::Method;
 use preview::model::{PodRequest, StartRequest};
 use preview::previewd::cluster::Cluster;
-use preview::previewd::manager::{Error, Manager, Selector, Settings};
+use preview::previewd::manager::{Error, Limits, Manager, Selector, Settings};
 use preview::previewd::store::Store;
 use serde_json::json;
 
@@ -160,6 +160,43 @@ async fn conflicts_and_bad_targets_are_refused_naming_the_field() -> Result<()> 
     let (c, msg) = code(m.add_pod("k1", Some(pod)).await.err().context("other namespace")?);
     ensure!(c == tonic::Code::FailedPrecondition && msg.starts_with("namespace: "), "{c:?} {msg}");
     ensure!(fake.get("configmaps", "shop", "preview-env-k4").is_none(), "no refused start left anything");
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_and_denied_namespaces_are_refused_naming_them_and_make_nothing() -> Result<()> {
+    let fake = shop();
+    fake.add_namespace("kube-system");
+    fake.add_deployment("kube-system", "orders", json!({}));
+    let dir = tempfile::tempdir()?;
+    let settings = Settings {
+        default_namespace: "shop".into(),
+        limits: Limits { max_pods_per_env: 3, max_filter_regexes: 2, max_regex_bytes: 16, ..Limits::default() },
+        ..Settings::default()
+    };
+    let m = Manager::new(Store::open(dir.path()).await?, cluster(&fake), settings);
+    let mut r = req("k1", json!({"target": "deployment/orders"}));
+    r.pods[0].namespace = "kube-system".into();
+    let (c, msg) = code(m.start(r).await.err().context("denied namespace")?);
+    ensure!(c == tonic::Code::PermissionDenied && msg.contains("--deny-namespaces"), "{c:?} {msg}");
+    let filter = |f: serde_json::Value| {
+        req("k1", json!({"target": "deployment/orders", "feature": {"network": {"incoming": {"http_filter": f}}}}))
+    };
+    let three = json!({"any_of": [{"header": "^a: 1$"}, {"header": "^b: 2$"}, {"path": "^/c"}]});
+    let (c, msg) = code(m.start(filter(three)).await.err().context("regex count")?);
+    ensure!(c == tonic::Code::ResourceExhausted && msg.contains("--max-filter-regexes"), "{c:?} {msg}");
+    ensure!(msg.starts_with("feature.network.incoming.http_filter: "), "{msg}");
+    let long = json!({"header_filter": format!("^x-user: {}$", "a".repeat(20))});
+    let (c, msg) = code(m.start(filter(long)).await.err().context("regex size")?);
+    ensure!(c == tonic::Code::ResourceExhausted && msg.contains("--max-regex-bytes"), "{c:?} {msg}");
+    let four = json!({"target": "deployment/orders", "feature": {"preview": {"replicas": 4}}});
+    let (c, msg) = code(m.start(req("k1", four)).await.err().context("pods")?);
+    ensure!(
+        c == tonic::Code::ResourceExhausted && msg.starts_with("pods: ") && msg.contains("--max-pods-per-env"),
+        "{msg}"
+    );
+    ensure!(fake.calls().iter().all(|c| c.starts_with("GET")), "nothing was written: {:?}", fake.calls());
+    ensure!(m.snapshot(&Selector::default()).environments.is_empty());
     Ok(())
 }
 

@@ -24,6 +24,8 @@ impl From<Error> for Status {
             Error::NotFound { .. } => Status::not_found(msg),
             Error::AlreadyExists { .. } => Status::already_exists(msg),
             Error::FailedPrecondition { .. } => Status::failed_precondition(msg),
+            Error::PermissionDenied { .. } => Status::permission_denied(msg),
+            Error::ResourceExhausted { .. } => Status::resource_exhausted(msg),
             Error::Cluster { source, .. } => match source {
                 KubeError::NamespaceNotFound(_) | KubeError::TargetNotFound { .. } => Status::not_found(msg),
                 KubeError::ContainerNotFound { .. } | KubeError::NoContainers { .. } => Status::invalid_argument(msg),

@@ -118,6 +118,7 @@ fn code_label(headers: &http::HeaderMap) -> &'static str {
         Some(tonic::Code::AlreadyExists) => "ALREADY_EXISTS",
         Some(tonic::Code::FailedPrecondition) => "FAILED_PRECONDITION",
         Some(tonic::Code::PermissionDenied) => "PERMISSION_DENIED",
+        Some(tonic::Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
         Some(tonic::Code::Unavailable) => "UNAVAILABLE",
         Some(tonic::Code::Unimplemented) => "UNIMPLEMENTED",
         Some(tonic::Code::Internal) => "INTERNAL",

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::model::{Ttl, validate_dns_label};
 use crate::previewd::api::{AgentApi, Api};
 use crate::previewd::cluster::Cluster;
-use crate::previewd::manager::{Manager, Settings};
+use crate::previewd::manager::{Limits, Manager, Settings};
 use crate::previewd::store::{Store, StoreError};
 use crate::proto::agent_service_server::AgentServiceServer;
 use crate::proto::preview_service_server::PreviewServiceServer;
@@ -65,6 +65,19 @@ pub struct ServerArgs {
     /// Address for Prometheus `/metrics` (plain HTTP); off when not given.
     #[arg(long, env = "PREVIEW_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Namespaces no preview may target, for anyone (comma-separated).
+    #[arg(long, env = "PREVIEW_DENY_NAMESPACES", value_delimiter = ',', default_value = "kube-system")]
+    pub deny_namespaces: Vec<String>,
+    /// The most preview pods (replicas counted) one environment may have.
+    #[arg(long, env = "PREVIEW_MAX_PODS_PER_ENV", default_value_t = 20)]
+    pub max_pods_per_env: usize,
+    /// The most regexes one filter may hold (header, path and method filters
+    /// inside all_of/any_of counted).
+    #[arg(long, env = "PREVIEW_MAX_FILTER_REGEXES", default_value_t = 16)]
+    pub max_filter_regexes: usize,
+    /// The longest regex a filter may hold, in bytes.
+    #[arg(long, env = "PREVIEW_MAX_REGEX_BYTES", default_value_t = 1024)]
+    pub max_regex_bytes: usize,
     /// Test hook: stop at this point of Start and wait to be killed.
     #[arg(long, env = "PREVIEW_PAUSE_AT", hide = true)]
     pub pause_at: Option<String>,
@@ -100,6 +113,12 @@ impl ServerArgs {
             allow_infinite: self.allow_infinite,
             default_namespace: self.default_namespace.clone(),
             pause_at: self.pause_at.clone(),
+            limits: Limits {
+                deny_namespaces: self.deny_namespaces.iter().filter(|n| !n.is_empty()).cloned().collect(),
+                max_pods_per_env: self.max_pods_per_env,
+                max_filter_regexes: self.max_filter_regexes,
+                max_regex_bytes: self.max_regex_bytes,
+            },
         })
     }
 

@@ -15,6 +15,11 @@ pub enum Error {
     AlreadyExists { field: String, message: String },
     #[error("{field}: {message}")]
     FailedPrecondition { field: String, message: String },
+    #[error("{field}: {message}")]
+    PermissionDenied { field: String, message: String },
+    /// Over a server limit (the message names the flag).
+    #[error("{field}: {message}")]
+    ResourceExhausted { field: String, message: String },
     /// A cluster call failed, or the cluster lacks what the request names
     /// (`field`, when one is to blame).
     #[error("{}{source}", field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]

@@ -38,6 +38,29 @@ pub struct Settings {
     pub default_namespace: String,
     /// Points at which to stop and wait to be killed (tests of crash safety).
     pub pause_at: Option<String>,
+    pub limits: Limits,
+}
+
+/// Bounds on what one request may ask for. Going over one is
+/// RESOURCE_EXHAUSTED naming the limit; a denied namespace is
+/// PERMISSION_DENIED for everyone.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub deny_namespaces: Vec<String>,
+    pub max_pods_per_env: usize,
+    pub max_filter_regexes: usize,
+    pub max_regex_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            deny_namespaces: vec!["kube-system".into()],
+            max_pods_per_env: 20,
+            max_filter_regexes: 16,
+            max_regex_bytes: 1024,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -48,6 +71,7 @@ impl Default for Settings {
             allow_infinite: false,
             default_namespace: "default".into(),
             pause_at: None,
+            limits: Limits::default(),
         }
     }
 }

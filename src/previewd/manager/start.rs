@@ -141,6 +141,16 @@ impl Manager {
             }
         }
         rec.pending = true;
+        let pods = rec.pod_names().count();
+        if pods > self.settings.limits.max_pods_per_env {
+            return Err(Error::ResourceExhausted {
+                field: "pods".into(),
+                message: format!(
+                    "the environment would have {pods} preview pods; this server allows at most {} (--max-pods-per-env)",
+                    self.settings.limits.max_pods_per_env
+                ),
+            });
+        }
 
         // Intent first: a crash from here on is finished by `recover`.
         self.store.put(&rec).await?;
@@ -189,6 +199,34 @@ impl Manager {
             .unwrap_or(&self.settings.default_namespace)
             .to_string();
         validate_dns_label(&field("namespace"), &ns, 63)?;
+        let limits = &self.settings.limits;
+        if limits.deny_namespaces.contains(&ns) {
+            return Err(Error::PermissionDenied {
+                field: field("namespace"),
+                message: format!("previews in namespace {ns:?} are denied by this server (--deny-namespaces)"),
+            });
+        }
+        if let Some(filter) = &cfg.filter {
+            let regexes = filter.regexes();
+            let too_long = regexes.iter().map(|r| r.len()).max().filter(|n| *n > limits.max_regex_bytes);
+            let what = if regexes.len() > limits.max_filter_regexes {
+                Some(format!(
+                    "{} regexes; this server allows at most {} per filter (--max-filter-regexes)",
+                    regexes.len(),
+                    limits.max_filter_regexes
+                ))
+            } else {
+                too_long.map(|n| {
+                    format!(
+                        "a regex of {n} bytes; this server allows at most {} (--max-regex-bytes)",
+                        limits.max_regex_bytes
+                    )
+                })
+            };
+            if let Some(message) = what {
+                return Err(Error::ResourceExhausted { field: field("feature.network.incoming.http_filter"), message });
+            }
+        }
         if let Some(env_ns) = env_ns
             && env_ns != ns
         {
