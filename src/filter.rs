@@ -157,7 +157,8 @@ pub fn request_key(req: &dyn RequestView) -> Option<String> {
         } else {
             None
         };
-        found = v.and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string);
+        // An empty value is no key: keep looking.
+        found = v.filter(|v| !v.is_empty()).and_then(|v| std::str::from_utf8(v).ok()).map(str::to_string);
         found.is_some()
     });
     found

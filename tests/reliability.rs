@@ -150,6 +150,31 @@ async fn a_clean_interrupted_part_way_never_brings_the_environment_back() -> Res
     Ok(())
 }
 
+/// Without a restart, the retry carries a failed clean on to the end; it
+/// never revives the environment, and watchers and agents hear it is gone.
+#[tokio::test]
+async fn a_failed_clean_is_retried_until_the_environment_is_gone() -> Result<()> {
+    let fake = shop(&["shop"]);
+    let dir = tempfile::tempdir()?;
+    let m = manager(&fake, dir.path()).await?;
+    m.start(req("k1", "shop", "30m")).await?;
+    let mut events = m.subscribe(&Selector::default()).1;
+    fake.fail(Fault { method: Method::DELETE, path: "/pods/".into(), nth: 1, code: 500 });
+    ensure!(m.clean(CleanSelector::Key(Key::parse("key", "k1")?)).await.is_err());
+    tick_until(&m, Duration::from_secs(10), |m| failure_of(m, "k1").is_none()).await?;
+    ensure!(fake.names("pods", "shop").is_empty() && fake.names("configmaps", "shop").is_empty());
+    let mut kinds = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        kinds.push(ev.kind);
+    }
+    let (failed, cleaned) = (proto::EventKind::FailureChanged as i32, proto::EventKind::Cleaned as i32);
+    ensure!(kinds == [failed, cleaned], "{kinds:?}");
+    drop(m);
+    let store = Store::open(dir.path()).await?;
+    ensure!(store.load_all().await?.is_empty(), "the record is gone too");
+    Ok(())
+}
+
 #[tokio::test]
 async fn one_failing_expiry_holds_up_no_other() -> Result<()> {
     let fake = shop(&["shop"]);

@@ -145,6 +145,8 @@ mod tests {
         assert_eq!(found(&req(&[("x-preview-key", "k1")], "/")), Some("k1".into()));
         // Another environment's key, or an unknown one: never k2's "." filter.
         assert_eq!(found(&req(&[("x-preview-key", "gone")], "/api")), None);
+        // An empty key is no key.
+        assert_eq!(found(&req(&[("x-preview-key", ""), ("x-other", "1")], "/")), Some("k2".into()));
         // No key: the unscoped filters, in order.
         assert_eq!(found(&req(&[("x-other", "1")], "/api")), Some("k2".into()));
         let t = RouteTable::compile(vec![route("k1", vec![]), route("k9", vec![81])]).unwrap();

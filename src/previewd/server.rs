@@ -71,7 +71,7 @@ pub struct ServerArgs {
     /// The most preview pods (replicas counted) one environment may have.
     #[arg(long, env = "PREVIEW_MAX_PODS_PER_ENV", default_value_t = 20)]
     pub max_pods_per_env: usize,
-    /// The most regexes one filter may hold (header, path and method filters
+    /// The most regexes one filter may hold (header and path filters, those
     /// inside all_of/any_of counted).
     #[arg(long, env = "PREVIEW_MAX_FILTER_REGEXES", default_value_t = 16)]
     pub max_filter_regexes: usize,
@@ -114,7 +114,12 @@ impl ServerArgs {
             default_namespace: self.default_namespace.clone(),
             pause_at: self.pause_at.clone(),
             limits: Limits {
-                deny_namespaces: self.deny_namespaces.iter().filter(|n| !n.is_empty()).cloned().collect(),
+                deny_namespaces: self
+                    .deny_namespaces
+                    .iter()
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
                 max_pods_per_env: self.max_pods_per_env,
                 max_filter_regexes: self.max_filter_regexes,
                 max_regex_bytes: self.max_regex_bytes,

@@ -103,11 +103,12 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
     }
 }
 
-/// Root with every capability dropped but NET_ADMIN (nat rules, conntrack)
-/// and, for the outbound sidecar, SETGID (its marker group); no privilege
-/// escalation, and the runtime's default seccomp profile.
+/// Root with every capability dropped but NET_ADMIN (nat rules, conntrack),
+/// NET_RAW (iptables-legacy's socket, where nft is missing) and, for the
+/// outbound sidecar, SETGID (its marker group); no privilege escalation, and
+/// the runtime's default seccomp profile.
 fn agent_security(setgid: bool) -> SecurityContext {
-    let mut add = vec!["NET_ADMIN".to_string()];
+    let mut add = vec!["NET_ADMIN".to_string(), "NET_RAW".to_string()];
     if setgid {
         add.push("SETGID".into());
     }
@@ -295,13 +296,20 @@ mod tests {
         let caps = sc.capabilities.as_ref().unwrap();
         assert_eq!(
             (caps.drop.as_deref(), caps.add.as_deref()),
-            (Some(&["ALL".to_string()][..]), Some(&["NET_ADMIN".to_string(), "SETGID".to_string()][..]))
+            (
+                Some(&["ALL".to_string()][..]),
+                Some(&["NET_ADMIN".to_string(), "NET_RAW".to_string(), "SETGID".to_string()][..])
+            )
         );
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("RuntimeDefault"));
         let agent = agent_container("preview-agent-1", "agent:dev", agent_args("http://p:7443"), "p", "ns", None);
         let caps = agent.security_context.unwrap().capabilities.unwrap();
-        assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]), "the inbound agent needs no SETGID");
+        assert_eq!(
+            caps.add.as_deref(),
+            Some(&["NET_ADMIN".to_string(), "NET_RAW".to_string()][..]),
+            "the inbound agent needs no SETGID"
+        );
         assert_eq!(side.env.as_ref().unwrap()[0].value.as_deref(), Some("k1"));
         let l = pod.metadata.labels.as_ref().unwrap();
         assert_eq!(l.get("app").map(String::as_str), Some("orders"));

@@ -6,7 +6,6 @@
 use super::view::glob_match;
 use super::{CleanSelector, Error, Manager};
 use crate::model::{Cleaned, Key, now_ms};
-use crate::previewd::cluster::KubeError;
 use crate::proto;
 
 impl Manager {
@@ -29,7 +28,6 @@ impl Manager {
                 Ok(Some(c)) => removed.push(c),
                 Ok(None) => {}
                 Err(e) => {
-                    self.set_failure(&key, Some(format!("clean failed: {e}; retrying")));
                     first_error.get_or_insert(e);
                 }
             }
@@ -42,25 +40,36 @@ impl Manager {
     }
 
     /// Tombstone, delete, forget; then tell watchers. `None` when there was
-    /// nothing to remove.
-    async fn remove(&self, key: &Key, why: proto::EventKind) -> Result<Option<Cleaned>, Error> {
+    /// nothing to remove. A failure marks the environment FAILED (under the
+    /// key's lock), and the retry carries the removal on.
+    pub(super) async fn remove(&self, key: &Key, why: proto::EventKind) -> Result<Option<Cleaned>, Error> {
         let _guard = self.lock_key(key).await;
+        let result = self.remove_locked(key, why).await;
+        if let Err(e) = &result {
+            let what = if why == proto::EventKind::Expired { "expiry" } else { "clean" };
+            tracing::warn!(key = %key, error = %e, "{what} failed; retrying");
+            self.set_failure(key, Some(format!("{what} failed: {e}; retrying")));
+        }
+        result
+    }
+
+    async fn remove_locked(&self, key: &Key, why: proto::EventKind) -> Result<Option<Cleaned>, Error> {
         let rec = self.view().envs.get(key).map(|e| e.record.clone());
         if why == proto::EventKind::Expired && !rec.as_ref().is_some_and(|r| r.expired_at(now_ms())) {
             return Ok(None); // extended by a Start while we waited for the lock
         }
         if let Some(mut rec) = rec.filter(|r| !r.deleting && !r.namespace.is_empty()) {
-            rec.deleting = true;
-            self.store.put(&rec).await?;
-            // The owner's copy too, so --adopt never brings it back. Its
-            // namespace may be gone already: then there is nothing to mark.
-            match self.cluster.put_owner(&rec).await {
-                Ok(_) => {}
-                Err(KubeError::Api { source: ::kube::Error::Api(s), .. }) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            // In the view first: from here on a retry carries the removal on.
             if let Some(env) = self.view().envs.get_mut(key) {
                 env.record.deleting = true;
+            }
+            rec.deleting = true;
+            self.store.put(&rec).await?;
+            // The owner's copy too, so --adopt with a lost store never brings
+            // it back. Best effort: the store's tombstone is the one recovery
+            // reads, and the namespace may be gone or terminating.
+            if let Err(e) = self.cluster.put_owner(&rec).await {
+                tracing::debug!(key = %key, error = %e, "tombstone not written to the owner");
             }
         }
         let objects = self.cluster.delete_env(key).await?;
@@ -89,13 +98,9 @@ impl Manager {
         };
         let mut n = 0;
         for key in expired {
-            match self.remove(&key, proto::EventKind::Expired).await {
-                Ok(Some(_)) => n += 1,
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "expiry failed; retrying");
-                    self.set_failure(&key, Some(format!("expiry failed: {e}; retrying")));
-                }
+            // A failure is marked by remove() and retried after its backoff.
+            if let Ok(Some(_)) = self.remove(&key, proto::EventKind::Expired).await {
+                n += 1;
             }
         }
         n

@@ -11,6 +11,7 @@ use crate::model::{EnvRecord, EnvStatus, Key, Mode, now_ms};
 use crate::previewd::cluster::names::LABEL_KEY;
 use crate::previewd::cluster::objects::ManagedObject;
 use crate::previewd::store::StoreError;
+use crate::proto::EventKind;
 
 /// What recovery found and did.
 #[derive(Debug, Default)]
@@ -50,16 +51,29 @@ impl Manager {
     pub async fn recover(&self, adopt: bool) -> RecoverReport {
         let mut report = RecoverReport::default();
         let mut records = Vec::new();
+        // Keys whose objects are not strays, whatever happens below; and
+        // whether strays may be swept at all (only with the store, and the
+        // adoptable records, fully read).
+        let mut known: HashSet<String> = HashSet::new();
+        let mut sweep = true;
         match self.store.load_all().await {
             Ok(rows) => {
                 for row in rows {
                     match row {
                         Ok(rec) => records.push(rec),
-                        Err(e) => self.show_unreadable(e, &mut report),
+                        Err(e) => {
+                            if let StoreError::Corrupt { key, .. } = &e {
+                                known.insert(key.clone());
+                            }
+                            self.show_unreadable(e, &mut report);
+                        }
                     }
                 }
             }
-            Err(e) => tracing::error!(error = %e, "reading the store failed; serving no environments"),
+            Err(e) => {
+                sweep = false;
+                tracing::error!(error = %e, "reading the store failed; serving no environments, deleting nothing");
+            }
         }
         if adopt {
             match self.cluster.adoptable().await {
@@ -71,11 +85,17 @@ impl Manager {
                                 report.adopted.push(rec.key.to_string());
                                 records.push(rec);
                             }
-                            Err(e) => tracing::warn!(key = %rec.key, error = %e, "not adopted"),
+                            Err(e) => {
+                                known.insert(rec.key.to_string());
+                                tracing::warn!(key = %rec.key, error = %e, "not adopted; its objects are kept");
+                            }
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "listing adoptable records failed; adopting nothing"),
+                Err(e) => {
+                    sweep = false;
+                    tracing::warn!(error = %e, "listing adoptable records failed; adopting and deleting nothing");
+                }
             }
         }
         // One list of everything we manage, instead of one per environment.
@@ -83,7 +103,7 @@ impl Manager {
         if let Err(e) = &objects {
             tracing::warn!(error = %e, "the API server is not answering; serving the store and retrying");
         }
-        let mut known: HashSet<String> = records.iter().map(|r| r.key.to_string()).collect();
+        known.extend(records.iter().map(|r| r.key.to_string()));
         for rec in records {
             let result = match &objects {
                 Ok(all) => {
@@ -96,8 +116,11 @@ impl Manager {
                 Ok(Outcome::Live { recreated, deleted }) => {
                     report.recreated += recreated;
                     report.deleted.extend(deleted);
+                    // An adopted record may replace an unreadable one's placeholder.
+                    self.set_failure(&rec.key, None);
                 }
                 Ok(Outcome::Removed { expired }) => {
+                    self.publish_removed(&rec.key, if expired { EventKind::Expired } else { EventKind::Cleaned });
                     known.remove(rec.key.as_str());
                     if expired {
                         report.expired.push(rec.key.to_string());
@@ -111,7 +134,7 @@ impl Manager {
                 }
             }
         }
-        if let Ok(all) = &objects {
+        if let (Ok(all), true) = (&objects, sweep) {
             for obj in all.iter().filter(|o| !known.contains(&o.key)) {
                 match self.cluster.delete_object(obj).await {
                     Ok(true) => report.deleted.push(obj.to_string()),
@@ -124,17 +147,25 @@ impl Manager {
         report
     }
 
-    /// Tries every failed environment whose wait is over again.
+    /// Tries every failed environment whose wait is over again: a clean or
+    /// expiry that failed is carried on; anything else is recovered.
     pub async fn retry_failed(&self) {
         let now = now_ms();
         let due: Vec<Key> =
             self.view().retries.iter().filter(|(_, (at, _))| *at <= now).map(|(k, _)| k.clone()).collect();
         for key in due {
-            let _guard = self.lock_key(&key).await;
-            let Some(rec) = self.view().envs.get(&key).map(|e| e.record.clone()) else {
+            let rec = self.view().envs.get(&key).map(|e| e.record.clone());
+            let Some(rec) = rec else {
                 self.view().retries.remove(&key);
                 continue;
             };
+            if rec.deleting {
+                let why = if rec.expired_at(now) { EventKind::Expired } else { EventKind::Cleaned };
+                // remove() takes the key's lock, and marks a new failure itself.
+                let _ = self.remove(&key, why).await;
+                continue;
+            }
+            let _guard = self.lock_key(&key).await;
             let selector = self.cluster.selector(&format!("{LABEL_KEY}={key}"));
             let result = match self.cluster.managed(&selector).await {
                 Ok(mine) => self.recover_one(&rec, &mine).await,
@@ -145,9 +176,9 @@ impl Manager {
                     tracing::info!(key = %key, "recovered after a failure");
                     self.set_failure(&key, None);
                 }
-                Ok(Outcome::Removed { .. }) => {
+                Ok(Outcome::Removed { expired }) => {
                     self.view().retries.remove(&key);
-                    self.publish_removed(&key, crate::proto::EventKind::Cleaned);
+                    self.publish_removed(&key, if expired { EventKind::Expired } else { EventKind::Cleaned });
                 }
                 Err(e) => self.set_failure(&key, Some(format!("recovery failed: {e}; retrying"))),
             }
@@ -162,7 +193,7 @@ impl Manager {
                 self.cluster.delete_object(obj).await?;
             }
             self.store.delete(&rec.key).await?;
-            self.view().envs.remove(&rec.key);
+            // The caller tells watchers (and agents) that it is gone.
             return Ok(Outcome::Removed { expired: !rec.deleting });
         }
         let existing: Vec<&String> =
@@ -234,6 +265,6 @@ impl Manager {
         }
         env.failure = failure;
         let env = crate::wire::environment(env);
-        view.publish(&self.events, crate::proto::EventKind::FailureChanged, vec![env], None);
+        view.publish(&self.events, EventKind::FailureChanged, vec![env], None);
     }
 }

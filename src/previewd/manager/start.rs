@@ -141,6 +141,8 @@ impl Manager {
             }
         }
         rec.pending = true;
+        // A Start revives an environment whose removal had begun and failed.
+        rec.deleting = false;
         let pods = rec.pod_names().count();
         if pods > self.settings.limits.max_pods_per_env {
             return Err(Error::ResourceExhausted {
@@ -169,7 +171,10 @@ impl Manager {
         // completes it again. Losing this write in a crash is as harmless.
         rec.pending = false;
         self.store.put_relaxed(&rec).await?;
-        let environment = self.publish_settled(&rec, ttl_extended);
+        // Whatever had failed, the environment is as it should be now.
+        self.set_failure(&key, None);
+        let mut environment = self.publish_settled(&rec, ttl_extended);
+        environment.failure = None;
         Ok(Started { key, environment, warnings })
     }
 
