@@ -121,6 +121,14 @@ async fn installed_previewd_serves_every_client() -> Result<()> {
     let opts = root_mount.split_whitespace().nth(5).unwrap_or_default();
     ensure!(opts.split(',').any(|o| o == "ro"), "root filesystem mounted {opts}");
 
+    // A new Service's ClusterIP routes once kube-proxy has written its
+    // rules, which may come just after the pod turns ready: wait for that
+    // (bounded) before the clients are tried.
+    eventually("the previewd Service to accept connections", Duration::from_secs(30), || {
+        let addr = addr.clone();
+        async move { Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ())) }
+    })
+    .await?;
     // grpcurl: the services listed through reflection, a method described,
     // and Start, Status and Clean called.
     let list = ok(&mut grpcurl(&addr, None, &["list"]))?;
