@@ -12,20 +12,29 @@ pub fn init() {
     let _ = if std::io::stderr().is_terminal() { builder.try_init() } else { builder.json().try_init() };
 }
 
-/// Serves plain-text pages over HTTP/1 (admin ports: `/metrics` and friends);
-/// `page` maps a path to its body.
+/// Serves plain-text pages over HTTP/1 (admin ports: `/metrics` and friends).
+/// `page` maps a path, and whether the caller is on loopback, to a body, or
+/// to a refusal (403 with that text).
 pub async fn serve_text<F>(listener: tokio::net::TcpListener, page: F)
 where
-    F: Fn(&str) -> String + Clone + Send + Sync + 'static,
+    F: Fn(&str, bool) -> Result<String, String> + Clone + Send + Sync + 'static,
 {
     use http_body_util::Full;
     loop {
-        let (stream, _) = crate::net::accept(&listener).await;
+        let (stream, peer) = crate::net::accept(&listener).await;
+        let local = peer.ip().is_loopback();
         let page = page.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let body = page(req.uri().path());
-                async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(bytes::Bytes::from(body)))) }
+                let resp = match page(req.uri().path(), local) {
+                    Ok(body) => http::Response::new(Full::new(bytes::Bytes::from(body))),
+                    Err(why) => {
+                        let mut r = http::Response::new(Full::new(bytes::Bytes::from(why)));
+                        *r.status_mut() = http::StatusCode::FORBIDDEN;
+                        r
+                    }
+                };
+                async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)

@@ -53,7 +53,14 @@ impl Metrics {
         self.bump(key, |k| k.mirror_failed += 1);
     }
 
+    /// Every counter, per key.
     pub fn render(&self) -> String {
+        self.render_with(true)
+    }
+
+    /// Every counter; per key with `keys`, else summed over keys (what
+    /// callers outside the pod see: counters, no keys).
+    pub fn render_with(&self, keys: bool) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# TYPE preview_agent_passthrough_total counter");
         let _ = writeln!(out, "preview_agent_passthrough_total {}", self.passthrough.load(Ordering::Relaxed));
@@ -61,9 +68,26 @@ impl Metrics {
         let _ = writeln!(out, "preview_agent_raw_connections_total {}", self.raw.load(Ordering::Relaxed));
         let _ = writeln!(out, "# TYPE preview_agent_propagated_total counter");
         let _ = writeln!(out, "preview_agent_propagated_total {}", self.propagated.load(Ordering::Relaxed));
-        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let per_key = self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let _ = writeln!(out, "# TYPE preview_agent_requests_total counter");
-        for (key, k) in &keys {
+        if !keys {
+            let sum = per_key.values().fold(PerKey::default(), |a, k| PerKey {
+                routed: a.routed + k.routed,
+                mirrored: a.mirrored + k.mirrored,
+                mirror_dropped: a.mirror_dropped + k.mirror_dropped,
+                mirror_failed: a.mirror_failed + k.mirror_failed,
+            });
+            for (action, n) in [
+                ("routed", sum.routed),
+                ("mirrored", sum.mirrored),
+                ("mirror_dropped", sum.mirror_dropped),
+                ("mirror_failed", sum.mirror_failed),
+            ] {
+                let _ = writeln!(out, "preview_agent_requests_total{{action=\"{action}\"}} {n}");
+            }
+            return out;
+        }
+        for (key, k) in &per_key {
             for (action, n) in [
                 ("routed", k.routed),
                 ("mirrored", k.mirrored),

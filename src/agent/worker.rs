@@ -147,11 +147,47 @@ fn wanted_ports(flag: &[u16], table: &RouteTable) -> Vec<u16> {
     ports
 }
 
+/// The admin port (on the pod IP too): counters for anyone; keys, filters
+/// and preview IPs only for callers on 127.0.0.1 (inside the pod).
 pub(super) async fn serve_admin(listener: TcpListener, routes: Arc<SharedRoutes>, metrics: Arc<Metrics>) {
-    crate::telemetry::serve_text(listener, move |path| match path {
-        "/metrics" => metrics.render(),
-        "/routes" => serde_json::to_string(&routes.get().live(i64::MIN)).unwrap_or_default(),
-        _ => "ok\n".to_string(),
-    })
-    .await
+    crate::telemetry::serve_text(listener, move |path, local| admin_page(path, local, &routes, &metrics)).await
+}
+
+fn admin_page(path: &str, local: bool, routes: &SharedRoutes, metrics: &Metrics) -> Result<String, String> {
+    match path {
+        "/metrics" => Ok(metrics.render_with(local)),
+        "/routes" if local => Ok(serde_json::to_string(&routes.get().live(i64::MIN)).unwrap_or_default()),
+        "/routes" => Err("routes are shown on 127.0.0.1 only (inside the pod)\n".into()),
+        _ => Ok("ok\n".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::FilterSpec;
+    use crate::model::{Key, Mode};
+
+    #[test]
+    fn the_admin_page_shows_keys_and_routes_on_loopback_only() {
+        let routes = SharedRoutes::default();
+        let route = Route {
+            key: Key::parse("key", "secret1").unwrap(),
+            mode: Mode::Steal,
+            filter: FilterSpec::Key("secret1".into()),
+            ports: vec![8080],
+            destination: "198.18.0.7".parse().unwrap(),
+            expires_at_ms: None,
+        };
+        routes.set(RouteTable::compile(vec![route]).unwrap());
+        let metrics = Metrics::default();
+        metrics.routed("secret1");
+        let remote = admin_page("/metrics", false, &routes, &metrics).unwrap();
+        assert!(!remote.contains("secret1"), "{remote}");
+        assert!(remote.contains("preview_agent_requests_total{action=\"routed\"} 1"), "{remote}");
+        assert!(admin_page("/routes", false, &routes, &metrics).is_err());
+        let local = admin_page("/routes", true, &routes, &metrics).unwrap();
+        assert!(local.contains("secret1") && local.contains("198.18.0.7"), "{local}");
+        assert!(admin_page("/metrics", true, &routes, &metrics).unwrap().contains("key=\"secret1\""));
+    }
 }

@@ -210,9 +210,11 @@ pub async fn serve(
                 .await
                 .map_err(|e| ServerError::Flag { flag: "--metrics-listen", message: format!("{addr}: {e}") })?;
             let m = manager.clone();
-            Some(tokio::spawn(crate::telemetry::serve_text(listener, move |path| match path {
-                "/metrics" => m.render_metrics(),
-                _ => "ok\n".to_string(),
+            Some(tokio::spawn(crate::telemetry::serve_text(listener, move |path, _local| {
+                Ok(match path {
+                    "/metrics" => m.render_metrics(),
+                    _ => "ok\n".to_string(),
+                })
             })))
         }
         None => None,
