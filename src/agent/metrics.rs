@@ -13,6 +13,18 @@ struct PerKey {
     mirror_failed: u64,
 }
 
+impl PerKey {
+    /// Each counter with its `action` label.
+    fn actions(&self) -> [(&'static str, u64); 4] {
+        [
+            ("routed", self.routed),
+            ("mirrored", self.mirrored),
+            ("mirror_dropped", self.mirror_dropped),
+            ("mirror_failed", self.mirror_failed),
+        ]
+    }
+}
+
 /// Unmatched requests touch only an atomic; per-key counters take a lock.
 #[derive(Default)]
 pub struct Metrics {
@@ -77,23 +89,13 @@ impl Metrics {
                 mirror_dropped: a.mirror_dropped + k.mirror_dropped,
                 mirror_failed: a.mirror_failed + k.mirror_failed,
             });
-            for (action, n) in [
-                ("routed", sum.routed),
-                ("mirrored", sum.mirrored),
-                ("mirror_dropped", sum.mirror_dropped),
-                ("mirror_failed", sum.mirror_failed),
-            ] {
+            for (action, n) in sum.actions() {
                 let _ = writeln!(out, "preview_agent_requests_total{{action=\"{action}\"}} {n}");
             }
             return out;
         }
         for (key, k) in &per_key {
-            for (action, n) in [
-                ("routed", k.routed),
-                ("mirrored", k.mirrored),
-                ("mirror_dropped", k.mirror_dropped),
-                ("mirror_failed", k.mirror_failed),
-            ] {
+            for (action, n) in k.actions() {
                 let _ = writeln!(out, "preview_agent_requests_total{{key=\"{key}\",action=\"{action}\"}} {n}");
             }
         }
