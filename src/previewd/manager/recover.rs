@@ -166,6 +166,14 @@ impl Manager {
                 continue;
             }
             let _guard = self.lock_key(&key).await;
+            // A Start may have set it right while we waited for the lock.
+            let rec = {
+                let view = self.view();
+                match view.envs.get(&key) {
+                    Some(e) if view.retries.contains_key(&key) => e.record.clone(),
+                    _ => continue,
+                }
+            };
             let selector = self.cluster.selector(&format!("{LABEL_KEY}={key}"));
             let result = match self.cluster.managed(&selector).await {
                 Ok(mine) => self.recover_one(&rec, &mine).await,
