@@ -179,9 +179,7 @@ async fn a_failed_clean_is_retried_until_the_environment_is_gone() -> Result<()>
 async fn one_failing_expiry_holds_up_no_other() -> Result<()> {
     let fake = shop(&["shop"]);
     let dir = tempfile::tempdir()?;
-    let settings = Settings { default_namespace: "shop".into(), ..Settings::default() };
-    let cluster = Cluster::new(fake.client(), Some("Never".into()), "t1".into(), None);
-    let m = Manager::new(Store::open(dir.path()).await?, cluster, settings);
+    let m = manager(&fake, dir.path()).await?;
     let mut events = m.subscribe(&Selector::default()).1;
     m.start(req("a1", "shop", "1s")).await?;
     m.start(req("b2", "shop", "1s")).await?;
