@@ -35,7 +35,7 @@ build: deps
 XT := /usr/lib/x86_64-linux-gnu/xtables
 AGENT_TOOLS := /usr/sbin/xtables-nft-multi=/usr/bin/iptables-nft \
   /usr/sbin/xtables-nft-multi=/usr/bin/iptables-nft-restore /usr/sbin/conntrack=/usr/bin/conntrack \
-  $(foreach x,standard tcp REDIRECT owner mark comment,$(XT)/libxt_$(x).so)
+  $(foreach x,standard tcp REDIRECT owner mark comment conntrack,$(XT)/libxt_$(x).so)
 
 # Images from local files, imported into the cluster's containerd.
 images: build cluster-up

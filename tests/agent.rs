@@ -319,6 +319,75 @@ fn routes_added_later_apply_to_open_connections_and_exit_removes_rules() -> Resu
     })
 }
 
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
+#[test]
+fn an_idle_agent_drops_its_redirects_keeps_open_connections_and_takes_routes_again() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut net = Net::new()?;
+    net.servers()?;
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
+    let agent = net.agent_with(&["--linger", "10m"])?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (idle_tx, idle_rx) = std::sync::mpsc::channel::<()>();
+    let handle = net.client_thread(move || async move {
+        wait_routed("alpha", "v2").await?;
+        let mut s = h1_conn(8080).await?;
+        ensure!(version(&get(&mut s, "/", Some("alpha")).await?) == "v2");
+        tx.send(())?; // main thread removes every route
+        idle_rx.recv_timeout(Duration::from_secs(30))?; // the rules are gone
+        // The connection opened through the agent goes on, now to staging;
+        // a new one goes straight to the app.
+        ensure!(version(&get(&mut s, "/", Some("alpha")).await?) == "v1", "open connection broken or still routed");
+        ensure!(version(&get(&mut h1_conn(8080).await?, "/", Some("alpha")).await?) == "v1");
+        Ok(())
+    });
+    rx.recv_timeout(Duration::from_secs(30))?;
+    net.set_routes(serde_json::json!([]))?;
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while net.redirects()? != 0 {
+        ensure!(std::time::Instant::now() < end, "redirects still in place 10 s after the last route went");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    idle_tx.send(())?;
+    handle.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    ensure!(net.procs[agent].try_wait()?.is_none(), "the agent left instead of lingering");
+    // A new environment: the same agent takes its route and puts its rules back.
+    net.set_routes(serde_json::json!([route("beta", "steal", "198.18.101.3")]))?;
+    net.client(|| async { wait_routed("beta", "v3").await })?;
+    ensure!(net.redirects()? == 3, "redirects: {}", net.redirects()?);
+    net.kill(agent, libc::SIGTERM);
+    wait_exit(&mut net.procs[agent], Duration::from_secs(10))?;
+
+    // Idle for longer than --linger: it exits, with no rule left. A
+    // connection still open through it sees a clean close (a translated
+    // FIN), so a client pool drops it instead of reusing it into a reset.
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
+    let agent = net.agent_with(&["--linger", "1s"])?;
+    let (open_tx, open_rx) = std::sync::mpsc::channel::<()>();
+    let (gone_tx, gone_rx) = std::sync::mpsc::channel::<()>();
+    let handle = net.client_thread(move || async move {
+        wait_routed("alpha", "v2").await?;
+        let mut s = tokio::net::TcpStream::connect((POD, 8080)).await?;
+        s.write_all(b"GET / HTTP/1.1\r\nhost: p\r\n\r\n").await?;
+        let mut buf = vec![0u8; 4096];
+        ensure!(s.read(&mut buf).await? > 0, "no answer");
+        open_tx.send(())?;
+        gone_rx.recv_timeout(Duration::from_secs(30))?;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await?;
+        ensure!(read.is_ok(), "the open connection was reset, not closed: {read:?}");
+        Ok(())
+    });
+    open_rx.recv_timeout(Duration::from_secs(30))?;
+    net.set_routes(serde_json::json!([]))?;
+    let status = wait_exit(&mut net.procs[agent], Duration::from_secs(10))?;
+    gone_tx.send(())?;
+    handle.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    ensure!(status.success(), "agent exit {status:?}");
+    ensure!(net.chains()?.is_empty(), "rules left: {:?}", net.chains()?);
+    Ok(())
+}
+
 fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
     let end = std::time::Instant::now() + timeout;
     loop {

@@ -94,6 +94,7 @@ async fn routes_stream_from_previewd_survive_its_absence_until_expiry() -> Resul
     let log = logs.path().join("agent.log");
     let mut agent = Command::new("ip")
         .args(["netns", "exec", &link.ns, env!("CARGO_BIN_EXE_preview-agent"), "run", "--ports", "8080"])
+        .args(["--linger", "1s"])
         .args(["--server", &d.addr, "--pod", &target_name, "--namespace", &ns.name])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -122,8 +123,8 @@ async fn routes_stream_from_previewd_survive_its_absence_until_expiry() -> Resul
     })
     .await?;
 
-    // previewd goes away: the agent keeps stream1 until its TTL, then exits
-    // and removes its rules. Checked once the agent has seen the stream go.
+    // previewd goes away: the agent keeps stream1 until its TTL, then
+    // removes its rules and exits once idle for --linger. Checked once the agent has seen the stream go.
     d.stop().await?;
     eventually("the agent to lose previewd's stream", Duration::from_secs(30), || {
         let lost = std::fs::read_to_string(&log).unwrap_or_default().contains("route stream lost");

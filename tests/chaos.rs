@@ -154,7 +154,7 @@ async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
             selector: Some(preview::proto::clean_request::Selector::Glob("pd*".into())),
         })
         .await?;
-        all_agents_gone(&ns, "orders").await?;
+        no_rules_left(&ns, "orders").await?;
         // Nothing orphaned: no preview pod or owner object is left.
         let left = ns.api::<Pod>().list(&ListParams::default().labels("preview.dev/key")).await?;
         ensure!(left.items.iter().all(|p| p.metadata.deletion_timestamp.is_some()), "{} pods left", left.items.len());

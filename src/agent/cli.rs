@@ -115,6 +115,12 @@ pub struct WorkerArgs {
     /// copies past it are dropped and counted (`mirror_dropped`).
     #[arg(long, env = "PREVIEW_AGENT_MIRROR_MAX_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub mirror_max_bytes: u64,
+    /// How long to stay attached, idle and with no rules, once no route is
+    /// left: a new environment on this target within it reuses this agent
+    /// (ephemeral containers cannot be removed, so each new one stays in the
+    /// pod spec for the pod's life). 0 exits at once.
+    #[arg(long, env = "PREVIEW_AGENT_LINGER", default_value = "10m", value_parser = parse_linger)]
+    pub linger: std::time::Duration,
     /// Chain name (chosen by the guard).
     #[arg(long, hide = true)]
     pub chain: Option<String>,
@@ -122,9 +128,25 @@ pub struct WorkerArgs {
     pub runtime: RuntimeArgs,
 }
 
+fn parse_linger(s: &str) -> Result<std::time::Duration, String> {
+    crate::model::Ttl::parse_duration("--linger", s).map_err(|e| e.message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_run_flags_previewd_writes_parse_here() {
+        let args =
+            ["preview-agent", podspec::CMD_RUN, podspec::ARG_SERVER, "http://p:7443", podspec::ARG_LINGER, "90s"];
+        let cli = AgentCli::try_parse_from(args.iter().chain(&["--pod", "p", "--namespace", "n"]).copied());
+        let cli = cli.expect("previewd's agent arguments parse");
+        let AgentCommand::Run(w) = cli.command else { panic!("not run: {:?}", cli.command) };
+        assert_eq!(w.linger, std::time::Duration::from_secs(90));
+        let zero = AgentCli::try_parse_from(["preview-agent", "worker", "--routes", "r.json", "--linger", "0s"]);
+        assert!(zero.is_ok_and(|c| matches!(c.command, AgentCommand::Worker(w) if w.linger.is_zero())));
+    }
 
     #[test]
     fn threads_default_to_one_and_zero_is_refused() {

@@ -24,6 +24,8 @@ pub async fn guard(args: WorkerArgs) -> Result<i32, AgentError> {
         .arg(args.admin.to_string())
         .arg("--mirror-max-bytes")
         .arg(args.mirror_max_bytes.to_string())
+        .arg("--linger")
+        .arg(format!("{}s", args.linger.as_secs()))
         .arg("--chain")
         .arg(&chain);
     if let Some(r) = &args.routes {
@@ -45,7 +47,8 @@ pub async fn guard(args: WorkerArgs) -> Result<i32, AgentError> {
             _ = int.recv() => forward_term(pid),
         }
     };
-    // The worker removes its rules itself on a clean exit; this covers the rest.
+    // The worker leaves its (empty) chain, so the connections it closed on
+    // the way out were still translated; this removes it, however it ended.
     match Backend::detect().and_then(|b| b.remove(&chain)) {
         Ok(()) => tracing::info!(%chain, ?status, "worker ended; rules removed"),
         Err(e) => tracing::error!(%chain, error = %e, "worker ended; removing rules failed"),

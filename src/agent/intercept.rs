@@ -161,10 +161,20 @@ impl Direction {
 
     fn rules(&self, chain: &str, to_port: u16) -> String {
         match self {
-            Direction::Inbound(ports) => ports
-                .iter()
-                .map(|p| format!("-A {chain} -p tcp -m tcp --dport {p} -j REDIRECT --to-ports {to_port}\n"))
-                .collect(),
+            // The first rule does nothing (nat sees only a connection's first
+            // packet) but keeps conntrack on in this namespace: with no rule
+            // needing it the kernel turns it off, and connections already
+            // redirected to the agent lose their translation and get reset.
+            // So an idle agent (no ports) keeps them, and its FINs leave right.
+            Direction::Inbound(ports) => {
+                std::iter::once(format!("-A {chain} -m conntrack --ctstate ESTABLISHED -j RETURN\n"))
+                    .chain(
+                        ports.iter().map(|p| {
+                            format!("-A {chain} -p tcp -m tcp --dport {p} -j REDIRECT --to-ports {to_port}\n")
+                        }),
+                    )
+                    .collect()
+            }
             Direction::Outbound { agent_gid } => format!(
                 "-A {chain} -m owner --gid-owner {agent_gid} -j RETURN\n\
                  -A {chain} -d 127.0.0.0/8 -j RETURN\n\

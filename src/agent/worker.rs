@@ -1,9 +1,10 @@
 //! The worker: binds, installs the interception rules, routes every
 //! connection through the proxy, follows route changes (ports included),
-//! and removes its rules when it ends.
+//! lingers idle with no rules while no route is left (so the next
+//! environment on the target reuses it), and removes its rules when it ends.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
@@ -16,8 +17,8 @@ use super::routes::{RouteTable, SharedRoutes};
 use super::source::RouteSource;
 use crate::model::{Route, now_ms};
 
-/// The worker: listens, installs the rules, routes until SIGTERM or until no
-/// route is left, then removes the rules.
+/// The worker: listens, installs the rules, routes until SIGTERM, removes
+/// the rules while no route is left, and exits once idle for `--linger`.
 pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let chain = args.chain.clone().unwrap_or_else(intercept::chain_name);
     // Bind first: if another agent holds the port, touch nothing.
@@ -81,6 +82,9 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // Under a guard: if the guard dies, we are reparented; clean up and go.
     let guard_pid = args.chain.is_some().then(std::os::unix::process::parent_id);
+    // Set while no route is left: the rules are gone and we wait, up to
+    // --linger, for the target to be previewed again.
+    let mut idle_since: Option<Instant> = None;
     let why = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
@@ -105,34 +109,59 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
                         Err(e) => tracing::warn!(error = %e, "bad routes; keeping the previous ones"),
                     }
                 }
-                if routes.get().is_empty() {
-                    break "no routes left";
-                }
-                let want = wanted_ports(&args.ports, &routes.get());
+                let table = routes.get();
+                // No route: no rule, so staging pays nothing while we linger.
+                // Connections already through us go on, passed through.
+                let want = if table.is_empty() { Vec::new() } else { wanted_ports(&args.ports, &table) };
                 if want != ports {
-                    let (b, c, w, to) = (backend.clone(), chain.clone(), want.clone(), args.listen.port());
-                    let new: Vec<u16> = want.iter().copied().filter(|p| !ports.contains(p)).collect();
+                    let (b, c, (old, new), to) = (backend.clone(), chain.clone(), (ports.clone(), want.clone()), args.listen.port());
                     // iptables and conntrack block: keep them off the data-plane thread.
-                    let changed = tokio::task::spawn_blocking(move || {
-                        b.update(&c, &Direction::Inbound(w), to)?;
-                        new.into_iter().for_each(intercept::flush_conntrack);
-                        Ok::<_, intercept::InterceptError>(())
-                    })
-                    .await
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                    let changed = tokio::task::spawn_blocking(move || set_ports(&b, &c, &old, &new, to))
+                        .await
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
                     match changed {
                         Ok(()) => {
-                            tracing::info!(ports = ?want, "intercepted ports changed");
+                            if want.is_empty() {
+                                tracing::info!(linger = ?args.linger, "no routes left; redirects removed, idle");
+                            } else {
+                                tracing::info!(ports = ?want, "intercepted ports changed");
+                            }
                             ports = want;
                         }
                         Err(e) => tracing::warn!(error = %e, "changing the intercepted ports failed; keeping the old ones"),
                     }
                 }
+                if table.is_empty() {
+                    if idle_since.get_or_insert_with(Instant::now).elapsed() >= args.linger {
+                        break "idle for --linger";
+                    }
+                } else {
+                    idle_since = None;
+                }
             }
         }
     };
-    backend.remove(&chain)?;
-    tracing::info!(%chain, why, "rules removed; exiting");
+    if guard_pid.is_some() {
+        // No new connection comes to us; the guard removes the chain once we
+        // are gone, after our connections' FINs left translated.
+        backend.update(&chain, &Direction::Inbound(Vec::new()), args.listen.port())?;
+        tracing::info!(%chain, why, "redirects removed; exiting");
+    } else {
+        backend.remove(&chain)?;
+        tracing::info!(%chain, why, "rules removed; exiting");
+    }
+    Ok(())
+}
+
+/// Moves the rules from intercepting `old` to `new` (empty: no redirect),
+/// and forgets conntrack state for newly intercepted ports. The chain and
+/// the jump to it stay: while the nat hook has a rule, connections already
+/// redirected to us keep their translation (the kernel drops the hook with
+/// the last nat rule, and their packets would then reach the app's port and
+/// be reset).
+fn set_ports(b: &Backend, chain: &str, old: &[u16], new: &[u16], to: u16) -> Result<(), intercept::InterceptError> {
+    b.update(chain, &Direction::Inbound(new.to_vec()), to)?;
+    new.iter().filter(|p| !old.contains(p)).for_each(|p| intercept::flush_conntrack(*p));
     Ok(())
 }
 

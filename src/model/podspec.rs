@@ -17,6 +17,8 @@ pub const CMD_OUTBOUND: &str = "outbound";
 pub const CMD_READY: &str = "ready";
 /// Agent flag: previewd's URL, where routes are streamed from.
 pub const ARG_SERVER: &str = "--server";
+/// Agent flag: how long it stays attached, idle, once no route is left.
+pub const ARG_LINGER: &str = "--linger";
 /// The agent binary's path in its image.
 pub const AGENT_BIN: &str = "/usr/local/bin/preview-agent";
 

@@ -53,6 +53,17 @@ impl Ttl {
         Ttl::from_secs(field, total)
     }
 
+    /// A finite duration in the TTL syntax, where zero (`0`, `0s`) is allowed.
+    pub fn parse_duration(field: &str, s: &str) -> Result<Duration, FieldError> {
+        if matches!(s.trim(), "0" | "0s") {
+            return Ok(Duration::ZERO);
+        }
+        match Ttl::parse(field, s)? {
+            Ttl::Finite(d) => Ok(d),
+            Ttl::Infinite => Err(FieldError::new(field, "must be a finite duration, e.g. 90s or 10m")),
+        }
+    }
+
     fn from_secs(field: &str, secs: u64) -> Result<Ttl, FieldError> {
         if secs == 0 {
             return Err(FieldError::new(field, "a TTL must be longer than zero"));
@@ -98,5 +109,13 @@ mod tests {
         }
         assert_eq!(Ttl::parse("ttl", "1h30m").unwrap().to_string(), "1h30m0s");
         assert_eq!(Ttl::parse("ttl", "2h").unwrap().to_string(), "2h");
+    }
+
+    #[test]
+    fn durations_allow_zero_but_not_infinite() {
+        assert_eq!(Ttl::parse_duration("linger", "0s").unwrap(), Duration::ZERO);
+        assert_eq!(Ttl::parse_duration("linger", "10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(Ttl::parse_duration("linger", "infinite").unwrap_err().field, "linger");
+        assert_eq!(Ttl::parse_duration("linger", "x").unwrap_err().field, "linger");
     }
 }

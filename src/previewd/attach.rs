@@ -5,8 +5,9 @@
 //! looks at our newest ephemeral container and decides (in [`next_action`]):
 //! attach an agent when routes exist and none is live; after an agent died
 //! abnormally, run `preview-agent cleanup` first; otherwise nothing. An agent
-//! serves every environment on its target and exits by itself when previewd
-//! sends it an empty route set.
+//! serves every environment on its target. When previewd sends it an empty
+//! route set it removes its rules and lingers idle (`--agent-linger`), so the
+//! next environment on the target reuses it instead of adding a container.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -102,7 +103,7 @@ fn failures_in_a_row(ours: &[(u32, &str)], status: &k8s_openapi::api::core::v1::
 
 /// Runs the per-target tasks for as long as previewd runs, with the agent
 /// image the cluster was configured with (none: nothing to attach).
-pub async fn run(manager: Arc<Manager>, server: String) {
+pub async fn run(manager: Arc<Manager>, server: String, linger: Duration) {
     let Some(image) = manager.cluster().agent_image.clone() else { return };
     let mut tasks: HashMap<TargetRef, JoinHandle<()>> = HashMap::new();
     let (_, mut events) = manager.subscribe(&Selector::default());
@@ -110,7 +111,7 @@ pub async fn run(manager: Arc<Manager>, server: String) {
         tasks.retain(|_, t| !t.is_finished());
         for t in manager.targets() {
             let (m, i, s) = (manager.clone(), image.clone(), server.clone());
-            tasks.entry(t.clone()).or_insert_with(|| tokio::spawn(watch_target(m, t, i, s)));
+            tasks.entry(t.clone()).or_insert_with(|| tokio::spawn(watch_target(m, t, i, s, linger)));
         }
         match events.recv().await {
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -121,7 +122,7 @@ pub async fn run(manager: Arc<Manager>, server: String) {
 
 /// Watches one target's pods and keeps an agent on each while the target is
 /// previewed; ends when no environment previews it any more.
-async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, server: String) {
+async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, server: String, linger: Duration) {
     let (ns, kind, name) = &target;
     let cluster = manager.cluster().clone();
     let selector = loop {
@@ -184,7 +185,7 @@ async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, s
             let Some(pod) = pods.get(&pod_name) else { continue };
             let (container, args) = match next_action(pod, want) {
                 Action::None => continue,
-                Action::Attach(c) => (c, agent_args(&server)),
+                Action::Attach(c) => (c, agent_args(&server, linger)),
                 Action::Cleanup(c) => (c, cleanup_args()),
             };
             let ec = agent_container(&container, &image, args, &pod_name, ns, cluster.pull_policy.as_deref());
@@ -201,7 +202,8 @@ async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, s
             }
         }
         if plan == AgentPlan::Leave {
-            // Agents got an empty route set and exit by themselves.
+            // Agents got an empty route set: they drop their rules and
+            // linger idle, for the next environment on the target.
             tracing::info!(namespace = %ns, target = %format!("{}/{name}", kind.as_str()), "no longer previewed");
             return;
         }

@@ -62,6 +62,12 @@ pub struct ServerArgs {
     /// [default: http://<--listen> when that is not a loopback or wildcard address].
     #[arg(long, env = "PREVIEW_AGENT_SERVER")]
     pub agent_server: Option<String>,
+    /// How long an agent stays attached, idle and with no rules, after the
+    /// last environment on its target is gone. A new environment on the
+    /// target within it reuses the agent instead of adding another
+    /// ephemeral container (they cannot be removed). 0s: agents leave at once.
+    #[arg(long, env = "PREVIEW_AGENT_LINGER", default_value = "10m")]
+    pub agent_linger: String,
     /// Address for Prometheus `/metrics` (plain HTTP); off when not given.
     #[arg(long, env = "PREVIEW_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -180,6 +186,8 @@ pub async fn serve(
     let settings = args.settings()?;
     let bound = listener.local_addr().map_err(|e| ServerError::Flag { flag: "--listen", message: e.to_string() })?;
     let agent_server = args.agent_server(bound)?;
+    let linger = Ttl::parse_duration("--agent-linger", &args.agent_linger)
+        .map_err(|e| ServerError::Flag { flag: "--agent-linger", message: e.message })?;
     let reap_every = duration_flag("--reap-interval", &args.reap_interval)?;
     validate_dns_label("--instance", &args.instance, 63)
         .map_err(|e| ServerError::Flag { flag: "--instance", message: e.message })?;
@@ -227,7 +235,7 @@ pub async fn serve(
     let attacher = match agent_server {
         Some(server) => {
             tracing::info!(image = ?args.agent_image, %server, "attaching agents to previewed targets");
-            Some(tokio::spawn(crate::previewd::attach::run(manager.clone(), server)))
+            Some(tokio::spawn(crate::previewd::attach::run(manager.clone(), server, linger)))
         }
         None => {
             tracing::warn!("no --agent-image: preview pods are created but get no traffic from their targets");

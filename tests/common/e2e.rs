@@ -18,9 +18,18 @@ pub const V2: &str = "preview.local/echo:v2";
 
 /// previewd listening on the node address, so agents in pods reach it.
 pub async fn previewd(ns: &TestNs) -> Result<Previewd> {
+    previewd_with(ns, |_| {}).await
+}
+
+/// [`previewd`], with more flags set by `f`.
+pub async fn previewd_with(
+    ns: &TestNs,
+    f: impl FnOnce(&mut preview::previewd::server::ServerArgs),
+) -> Result<Previewd> {
     let data = std::env::temp_dir().join(format!("previewd-{}", ns.name));
     Previewd::start_full(ns, data, ns.name.clone(), "198.18.255.254:0", |a| {
         a.agent_image = Some(AGENT_IMAGE.into());
+        f(a);
     })
     .await
 }
@@ -151,17 +160,30 @@ pub async fn identities(ns: &TestNs, app: &str) -> Result<BTreeMap<String, (Stri
         .collect())
 }
 
-/// Agent chains in a pod's network namespace, read from inside it.
-pub fn chains_in_pod(ip: &str) -> Result<usize> {
+/// The nat rules in a pod's network namespace, read from inside it.
+fn nat_rules_in_pod(ip: &str) -> Result<String> {
     for ns in std::fs::read_dir("/var/run/netns")? {
         let ns = ns?.file_name().to_string_lossy().to_string();
         let addrs = std::process::Command::new("ip").args(["-n", &ns, "-4", "-o", "addr"]).output()?;
         if String::from_utf8_lossy(&addrs.stdout).contains(&format!(" {ip}/")) {
-            let rules = super::netns::sh(&["ip", "netns", "exec", &ns, "iptables-nft", "-w", "-t", "nat", "-S"])?;
-            return Ok(rules.lines().filter(|l| l.starts_with("-N PREVIEW-AGENT-")).count());
+            return super::netns::sh(&["ip", "netns", "exec", &ns, "iptables-nft", "-w", "-t", "nat", "-S"]);
         }
     }
     bail!("no network namespace has {ip}")
+}
+
+/// Agent chains in a pod's network namespace.
+pub fn chains_in_pod(ip: &str) -> Result<usize> {
+    Ok(nat_rules_in_pod(ip)?.lines().filter(|l| l.starts_with("-N PREVIEW-AGENT-")).count())
+}
+
+/// REDIRECT rules in agent chains in a pod's network namespace: what takes
+/// connections to an agent (an idle agent keeps its empty chain).
+pub fn redirects_in_pod(ip: &str) -> Result<usize> {
+    Ok(nat_rules_in_pod(ip)?
+        .lines()
+        .filter(|l| l.starts_with("-A PREVIEW-AGENT-") && l.contains("-j REDIRECT"))
+        .count())
 }
 
 /// Our ephemeral containers in a pod: (name, running?, exit code).
@@ -182,6 +204,22 @@ pub fn agents(p: &Pod) -> Vec<(String, bool, Option<i32>)> {
 pub async fn target_pods(ns: &TestNs, app: &str) -> Result<Vec<Pod>> {
     let lp = ListParams::default().labels(&format!("app={app},!preview.dev/key"));
     Ok(ns.api::<Pod>().list(&lp).await?.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect())
+}
+
+/// No agent redirect is left in the target's pods, and no agent is about to
+/// start: agents have left, or linger idle (they pass through what is still
+/// open through them), waiting for the next environment on the target.
+pub async fn no_rules_left(ns: &TestNs, app: &str) -> Result<()> {
+    eventually("agent redirects to go", Duration::from_secs(30), || async {
+        for p in target_pods(ns, app).await? {
+            let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+            if agents(&p).iter().any(|(_, running, exit)| !*running && exit.is_none()) || redirects_in_pod(&ip)? != 0 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
 }
 
 /// Every agent in the target's pods has exited and no rule is left.

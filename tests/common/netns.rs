@@ -119,13 +119,24 @@ impl Net {
         Ok(())
     }
 
+    /// An agent that exits as soon as no route is left (`--linger 0s`).
     pub fn agent(&mut self) -> Result<usize> {
+        self.agent_with(&["--linger", "0s"])
+    }
+
+    pub fn agent_with(&mut self, extra: &[&str]) -> Result<usize> {
         let agent = env!("CARGO_BIN_EXE_preview-agent");
         let routes = self.routes_path();
         let p = self.ns("p");
-        let idx = self
-            .spawn(&p, &[agent, "run", "--ports", "8080,9000,9090", "--routes", routes.to_str().unwrap_or_default()])?;
-        Ok(idx)
+        let mut args = vec![agent, "run", "--ports", "8080,9000,9090", "--routes", routes.to_str().unwrap_or_default()];
+        args.extend(extra);
+        self.spawn(&p, &args)
+    }
+
+    /// REDIRECT rules in agent chains: what takes connections to an agent.
+    pub fn redirects(&self) -> Result<usize> {
+        let out = sh(&["ip", "netns", "exec", &self.ns("p"), "iptables", "-w", "-t", "nat", "-S"])?;
+        Ok(out.lines().filter(|l| l.starts_with("-A PREVIEW-AGENT-") && l.contains("-j REDIRECT")).count())
     }
 
     pub fn chains(&self) -> Result<Vec<String>> {

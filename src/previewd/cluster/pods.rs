@@ -15,7 +15,7 @@ use super::names::{
 };
 use crate::model::Target;
 use crate::model::podspec::{
-    AGENT_BIN, ARG_SERVER, CMD_CLEANUP, CMD_OUTBOUND, CMD_READY, CMD_RUN, ENV_KEY, ENV_LOG, ENV_POD_NAME,
+    AGENT_BIN, ARG_LINGER, ARG_SERVER, CMD_CLEANUP, CMD_OUTBOUND, CMD_READY, CMD_RUN, ENV_KEY, ENV_LOG, ENV_POD_NAME,
     ENV_POD_NAMESPACE, SIDECAR,
 };
 
@@ -179,8 +179,8 @@ pub fn agent_container(
 }
 
 /// The arguments of an agent that streams its routes from `server`.
-pub fn agent_args(server: &str) -> Vec<String> {
-    vec![CMD_RUN.into(), ARG_SERVER.into(), server.into()]
+pub fn agent_args(server: &str, linger: std::time::Duration) -> Vec<String> {
+    vec![CMD_RUN.into(), ARG_SERVER.into(), server.into(), ARG_LINGER.into(), format!("{}s", linger.as_secs())]
 }
 
 /// The arguments of an agent that removes rules a killed agent left.
@@ -303,7 +303,14 @@ mod tests {
         );
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("RuntimeDefault"));
-        let agent = agent_container("preview-agent-1", "agent:dev", agent_args("http://p:7443"), "p", "ns", None);
+        let agent = agent_container(
+            "preview-agent-1",
+            "agent:dev",
+            agent_args("http://p:7443", std::time::Duration::from_secs(600)),
+            "p",
+            "ns",
+            None,
+        );
         let caps = agent.security_context.unwrap().capabilities.unwrap();
         assert_eq!(
             caps.add.as_deref(),
