@@ -2,7 +2,9 @@
 //! words (`model`, `filter`), in one place.
 
 use crate::filter::FilterSpec;
-use crate::model::{Cleaned, EnvStatus, Key, Mode, PodRequest, PodState, Route, StartRequest, Started};
+use crate::model::{
+    AgentState, AgentStatus, Cleaned, EnvStatus, Key, Mode, PodRequest, PodState, Route, StartRequest, Started,
+};
 use crate::proto;
 use crate::proto::filter::Kind;
 
@@ -131,7 +133,19 @@ pub fn environment(env: &EnvStatus) -> proto::Environment {
         pods: out,
         pending: rec.pending,
         failure: env.failure.clone().unwrap_or_default(),
+        agents: env.agents.iter().map(agent).collect(),
     }
+}
+
+fn agent(a: &AgentStatus) -> proto::Agent {
+    let state = match a.state {
+        AgentState::Attaching => proto::AgentState::Attaching,
+        AgentState::Routing => proto::AgentState::Routing,
+        AgentState::Failed => proto::AgentState::Failed,
+        AgentState::Capped => proto::AgentState::Capped,
+        AgentState::Foreign => proto::AgentState::Foreign,
+    };
+    proto::Agent { pod: a.pod.clone(), target: a.target.clone(), state: state as i32, reason: a.reason.clone() }
 }
 
 #[cfg(test)]

@@ -2,6 +2,9 @@
 use clap::Parser;
 use preview::agent::{AgentCli, AgentCommand};
 
+/// Kubernetes' default terminationMessagePath.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
 fn main() {
     preview::telemetry::init();
     let cli = AgentCli::parse();
@@ -32,6 +35,11 @@ fn main() {
     });
     if let Err(e) = result {
         eprintln!("preview-agent: {e}");
+        // In a container, the kubelet shows this file as the termination
+        // message, and previewd's Status quotes it (a failing agent says why).
+        if std::path::Path::new(TERMINATION_LOG).exists() {
+            let _ = std::fs::write(TERMINATION_LOG, format!("preview-agent: {e}\n"));
+        }
         std::process::exit(1);
     }
 }

@@ -63,6 +63,22 @@ pub fn table(envs: &[proto::Environment], wide: bool, colour: bool, now_ms: i64)
             }
             rows.push(r);
         }
+        // Target pods whose agent will not carry this environment's requests.
+        for a in e.agents.iter().filter(|a| {
+            matches!(
+                proto::AgentState::try_from(a.state),
+                Ok(proto::AgentState::Failed | proto::AgentState::Capped | proto::AgentState::Foreign)
+            )
+        }) {
+            let state = proto::AgentState::try_from(a.state).map_or("unknown", |s| s.as_str_name());
+            let state = state.trim_start_matches("AGENT_STATE_").to_lowercase();
+            let mut r = vec![e.key.clone(), a.pod.clone(), a.target.clone(), e.namespace.clone(), "(agent)".into()];
+            r.push(format!("agent {state}: {}", a.reason));
+            if wide {
+                r.extend(["-".to_string(), "-".to_string(), "-".to_string()]);
+            }
+            rows.push(r);
+        }
         for p in &e.pods {
             let status = if p.ready {
                 format!("running ({remaining})")
@@ -129,6 +145,11 @@ pub fn env_json(e: &proto::Environment) -> Value {
             "image": p.image, "phase": p.phase, "ready": p.ready, "restarts": p.restarts,
             "node": p.node, "ip": p.ip, "reason": p.reason, "lastError": p.last_error,
         })).collect::<Vec<_>>(),
+        "agents": e.agents.iter().map(|a| json!({
+            "pod": a.pod, "target": a.target, "reason": a.reason,
+            "state": proto::AgentState::try_from(a.state)
+                .map_or("unknown".to_string(), |s| s.as_str_name().trim_start_matches("AGENT_STATE_").to_lowercase()),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -169,9 +190,28 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            agents: vec![
+                proto::Agent {
+                    pod: "orders-1".into(),
+                    target: "deployment/orders".into(),
+                    state: proto::AgentState::Routing as i32,
+                    reason: String::new(),
+                },
+                proto::Agent {
+                    pod: "pay-1".into(),
+                    target: "deployment/pay".into(),
+                    state: proto::AgentState::Foreign as i32,
+                    reason: "another previewd's agent".into(),
+                },
+            ],
             ..Default::default()
         };
+        let j = env_json(&env);
+        assert_eq!(j["agents"][1]["state"], "foreign", "{j}");
         let t = table(std::slice::from_ref(&env), false, false, 3600 * 1000);
+        // Only the pod whose agent will not route gets a row, before the pods.
+        assert!(t.contains("agent foreign: another previewd's agent") && !t.contains("orders-1"), "{t}");
+        let t: String = t.lines().filter(|l| !l.contains("(agent)")).map(|l| format!("{l}\n")).collect();
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("KEY  POD"), "{t}");
         assert!(lines[1].contains("running (42m remaining)"), "{t}");

@@ -3,6 +3,7 @@
 //! writes into pod specs for the agent to read. Plain data and its
 //! validation only: no tonic, no kube.
 
+mod agent;
 mod field;
 mod key;
 pub mod podspec;
@@ -12,6 +13,7 @@ mod route;
 mod target;
 mod ttl;
 
+pub use agent::{AgentState, AgentStatus};
 pub use field::{FieldError, validate_dns_label, validate_dns_subdomain};
 pub use key::{Key, MAX_KEY_LEN};
 pub use record::{EnvRecord, PodRecord, PodState};

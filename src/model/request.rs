@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use super::agent::AgentStatus;
 use super::key::Key;
 use super::record::{EnvRecord, PodState};
 
@@ -34,11 +35,13 @@ pub struct EnvStatus {
     /// Why it is FAILED (recovery or expiry failed and is being retried, or
     /// its record is unreadable); `None` when all is well.
     pub failure: Option<String>,
+    /// The agent on each running pod of its targets.
+    pub agents: Vec<AgentStatus>,
 }
 
 impl EnvStatus {
     pub fn new(record: EnvRecord) -> EnvStatus {
-        EnvStatus { record, pods: BTreeMap::new(), failure: None }
+        EnvStatus { record, pods: BTreeMap::new(), failure: None, agents: Vec::new() }
     }
 }
 

@@ -166,6 +166,7 @@ impl proto::agent_service_server::AgentService for AgentApi {
         let (tx, rx) = mpsc::channel(4);
         let manager = self.manager.clone();
         let mut stopping = self.stopping.clone();
+        manager.agent_connected(&hello.namespace, &hello.pod, true);
         tokio::spawn(async move {
             let (_, mut events) = manager.subscribe(&Selector::default());
             let target = (hello.namespace.clone(), kind, name);
@@ -190,8 +191,11 @@ impl proto::agent_service_server::AgentService for AgentApi {
                         Err(broadcast::error::RecvError::Closed) => break,
                     },
                     _ = stopping.changed() => break,
+                    // The agent went away: say so in Status now, not at the next change.
+                    _ = tx.closed() => break,
                 }
             }
+            manager.agent_connected(&hello.namespace, &hello.pod, false);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

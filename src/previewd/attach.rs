@@ -21,15 +21,11 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::model::podspec::{AGENT_PREFIX, CLEANUP_PREFIX};
+use crate::previewd::cluster::agents;
 use crate::previewd::cluster::pods::{agent_args, agent_container, cleanup_args};
-use crate::previewd::manager::{AgentPlan, Manager, Selector, TargetRef};
+use crate::previewd::manager::{AgentPlan, Manager, PodAgents, Selector, TargetRef};
 
-/// Ephemeral containers cannot be removed; past this many of ours in one
-/// pod we stop adding more, so the pod spec cannot grow without end.
-pub const MAX_CONTAINERS: usize = 20;
-/// After this many agents in a row failed in one pod (say its port is
-/// taken), no new one is attached there; the failures are in their logs.
-pub const MAX_FAILURES: usize = 3;
+pub use crate::previewd::cluster::agents::{MAX_CONTAINERS, MAX_FAILURES};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -39,6 +35,8 @@ pub enum Action {
 }
 
 /// What to do next for one target pod. `want_agent`: routes exist for it.
+/// The cap stops new agents only: rules a killed agent left are always
+/// cleaned up, or the pod's redirect would point at a dead port.
 pub fn next_action(pod: &Pod, want_agent: bool) -> Action {
     let status = pod.status.clone().unwrap_or_default();
     if pod.metadata.deletion_timestamp.is_some()
@@ -48,13 +46,7 @@ pub fn next_action(pod: &Pod, want_agent: bool) -> Action {
         return Action::None;
     }
     let spec = pod.spec.as_ref().map(|s| s.ephemeral_containers.clone().unwrap_or_default()).unwrap_or_default();
-    let ours: Vec<(u32, &str)> = spec
-        .iter()
-        .filter_map(|c| {
-            let n = c.name.strip_prefix(AGENT_PREFIX).or_else(|| c.name.strip_prefix(CLEANUP_PREFIX))?;
-            Some((n.parse().ok()?, c.name.as_str()))
-        })
-        .collect();
+    let ours = agents::ours(pod);
     let next_index = ours.iter().map(|(n, _)| n + 1).max().unwrap_or(1);
     let name = |prefix: &str| {
         let mut i = next_index;
@@ -64,41 +56,21 @@ pub fn next_action(pod: &Pod, want_agent: bool) -> Action {
         }
         format!("{prefix}{i}")
     };
-    if ours.len() >= MAX_CONTAINERS {
-        return Action::None;
-    }
+    let room = ours.len() < MAX_CONTAINERS;
     let Some((_, latest)) = ours.iter().max_by_key(|(n, _)| *n) else {
-        return if want_agent { Action::Attach(name(AGENT_PREFIX)) } else { Action::None };
+        return if want_agent && room { Action::Attach(name(AGENT_PREFIX)) } else { Action::None };
     };
-    let state =
-        status.ephemeral_container_statuses.iter().flatten().find(|s| s.name == *latest).and_then(|s| s.state.clone());
     // Not started yet, waiting or running: it is live (or about to be).
-    let Some(done) = state.and_then(|s| s.terminated) else { return Action::None };
+    let Some(done) = agents::state_of(&status, latest).and_then(|s| s.terminated) else { return Action::None };
     if latest.starts_with(AGENT_PREFIX) && done.exit_code != 0 {
         // An agent killed hard can leave its rules behind: clean up first.
         return Action::Cleanup(name(CLEANUP_PREFIX));
     }
-    if want_agent && failures_in_a_row(&ours, &status) < MAX_FAILURES {
+    if want_agent && room && agents::failures_in_a_row(pod) < MAX_FAILURES {
         Action::Attach(name(AGENT_PREFIX))
     } else {
         Action::None
     }
-}
-
-/// How many of the newest agents, counting back, ended with an error.
-fn failures_in_a_row(ours: &[(u32, &str)], status: &k8s_openapi::api::core::v1::PodStatus) -> usize {
-    let mut agents: Vec<&(u32, &str)> = ours.iter().filter(|(_, n)| n.starts_with(AGENT_PREFIX)).collect();
-    agents.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-    let exit = |name: &str| {
-        status
-            .ephemeral_container_statuses
-            .iter()
-            .flatten()
-            .find(|s| s.name == name)
-            .and_then(|s| s.state.as_ref().and_then(|st| st.terminated.as_ref()).map(|t| t.exit_code))
-    };
-    // Killed by a signal (SIGKILL: 137) is not the agent failing to start.
-    agents.iter().take_while(|(_, n)| exit(n).is_some_and(|c| c != 0 && c < 128)).count()
 }
 
 /// Runs the per-target tasks for as long as previewd runs, with the agent
@@ -121,9 +93,15 @@ pub async fn run(manager: Arc<Manager>, server: String, linger: Duration) {
 }
 
 /// Watches one target's pods and keeps an agent on each while the target is
-/// previewed; ends when no environment previews it any more.
+/// previewed; ends when no environment previews it any more. What it reads
+/// about each pod's agent goes to Status.
 async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, server: String, linger: Duration) {
-    let (ns, kind, name) = &target;
+    watch_pods(&manager, &target, image, server, linger).await;
+    manager.set_pod_agents(&target, PodAgents::new());
+}
+
+async fn watch_pods(manager: &Arc<Manager>, target: &TargetRef, image: String, server: String, linger: Duration) {
+    let (ns, kind, name) = target;
     let cluster = manager.cluster().clone();
     let selector = loop {
         match cluster.target_selector(ns, *kind, name).await {
@@ -135,7 +113,7 @@ async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, s
             Err(e) => tracing::warn!(error = %e, "reading the target's selector; retrying"),
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        if !manager.targets().contains(&target) {
+        if !manager.targets().contains(target) {
             return;
         }
     };
@@ -175,7 +153,7 @@ async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, s
             },
             _ = tick.tick() => None,
         };
-        let plan = manager.agent_plan(&target);
+        let plan = manager.agent_plan(target);
         let want = matches!(plan, AgentPlan::Route(_));
         let names: Vec<String> = match only {
             Some(n) => vec![n],
@@ -201,6 +179,8 @@ async fn watch_target(manager: Arc<Manager>, target: TargetRef, image: String, s
                 }
             }
         }
+        let states = pods.iter().filter_map(|(n, p)| Some((n.clone(), agents::pod_agent(p, &server)?))).collect();
+        manager.set_pod_agents(target, states);
         if plan == AgentPlan::Leave {
             // Agents got an empty route set: they drop their rules and
             // linger idle, for the next environment on the target.
@@ -308,5 +288,48 @@ mod tests {
             (1..=MAX_CONTAINERS).map(|i| (format!("preview-agent-{i}"), Some(0))).collect();
         let many: Vec<(&str, Option<i32>)> = many.iter().map(|(n, c)| (n.as_str(), *c)).collect();
         assert_eq!(next_action(&pod(&many), true), None);
+        // At the cap, a killed agent's rules are still cleaned up.
+        let mut killed_at_cap = many.clone();
+        killed_at_cap[MAX_CONTAINERS - 1].1 = Some(137);
+        let cleanup = format!("preview-cleanup-{}", MAX_CONTAINERS + 1);
+        assert_eq!(next_action(&pod(&killed_at_cap), true), Cleanup(cleanup));
+    }
+
+    #[test]
+    fn what_status_says_about_each_pod() {
+        use crate::model::AgentState::*;
+        let state = |p: &Pod| agents::pod_agent(p, "http://us:7443").map(|(s, _)| s);
+        assert_eq!(state(&pod(&[])), Some(Attaching));
+        assert_eq!(state(&pod(&[("preview-agent-1", Option::None)])), Some(Routing));
+        assert_eq!(state(&pod(&[("preview-agent-1", Some(0))])), Some(Attaching));
+        let failing = pod(&[
+            ("preview-agent-1", Some(1)),
+            ("preview-cleanup-2", Some(0)),
+            ("preview-agent-3", Some(1)),
+            ("preview-cleanup-4", Some(0)),
+            ("preview-agent-5", Some(1)),
+            ("preview-cleanup-6", Some(0)),
+        ]);
+        let (st, why) = agents::pod_agent(&failing, "http://us:7443").unwrap();
+        assert_eq!(st, Failed);
+        assert!(why.contains("3 agents in a row failed") && why.contains("exit code 1"), "{why}");
+        let many: Vec<(String, Option<i32>)> =
+            (1..=MAX_CONTAINERS).map(|i| (format!("preview-agent-{i}"), Some(0))).collect();
+        let many: Vec<(&str, Option<i32>)> = many.iter().map(|(n, c)| (n.as_str(), *c)).collect();
+        let (st, why) = agents::pod_agent(&pod(&many), "http://us:7443").unwrap();
+        assert_eq!(st, Capped);
+        assert!(why.contains("20 of previewd's ephemeral containers"), "{why}");
+        // A running agent given another server is another previewd's.
+        let mut theirs = pod(&[("preview-agent-1", Option::None)]);
+        let ec = &mut theirs.spec.as_mut().unwrap().ephemeral_containers.as_mut().unwrap()[0];
+        ec.args = Some(agent_args("http://them:7443", Duration::from_secs(600)));
+        let (st, why) = agents::pod_agent(&theirs, "http://us:7443").unwrap();
+        assert_eq!(st, Foreign);
+        assert!(why.contains("http://them:7443"), "{why}");
+        assert_eq!(agents::pod_agent(&theirs, "http://them:7443").map(|(s, _)| s), Some(Routing));
+        // A pod that is not running takes no traffic: not listed.
+        let mut pending = pod(&[]);
+        pending.status.as_mut().unwrap().phase = Some("Pending".into());
+        assert_eq!(state(&pending), Option::None);
     }
 }

@@ -36,6 +36,8 @@ pub struct ServerMetrics {
 pub struct Gauges {
     pub environments: usize,
     pub pods: usize,
+    /// Running target pods by their agent's state (label value → count).
+    pub agent_pods: Vec<(&'static str, usize)>,
 }
 
 impl ServerMetrics {
@@ -69,6 +71,16 @@ impl ServerMetrics {
         let _ = writeln!(out, "preview_environments {}", g.environments);
         let _ = writeln!(out, "# HELP preview_pods Preview pods of live environments.\n# TYPE preview_pods gauge");
         let _ = writeln!(out, "preview_pods {}", g.pods);
+        let _ = writeln!(
+            out,
+            "# HELP preview_agent_pods Running target pods by their agent's state (capped, failed and foreign \
+             pods take no keyed traffic).\n# TYPE preview_agent_pods gauge"
+        );
+        // Every state, zero included, so an alert on capped > 0 has a series.
+        for state in ["attaching", "routing", "failed", "capped", "foreign"] {
+            let n = g.agent_pods.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+            let _ = writeln!(out, "preview_agent_pods{{state=\"{state}\"}} {n}");
+        }
         counter(&mut out, "preview_starts_total", "Successful Start calls.", self.starts.load(Ordering::Relaxed));
         counter(
             &mut out,
@@ -183,8 +195,10 @@ mod tests {
         m.observe(method_label("/x.Y/Nope"), "OK", Duration::from_secs(60));
         m.started();
         m.cleaned(2);
-        let text = m.render(Gauges { environments: 4, pods: 7 });
+        let text = m.render(Gauges { environments: 4, pods: 7, agent_pods: vec![("capped", 2)] });
         assert!(text.contains("preview_environments 4\n"), "{text}");
+        assert!(text.contains("preview_agent_pods{state=\"capped\"} 2\n"), "{text}");
+        assert!(text.contains("preview_agent_pods{state=\"foreign\"} 0\n"), "{text}");
         assert!(text.contains("preview_pods 7\n"), "{text}");
         assert!(text.contains("preview_starts_total 1\n"), "{text}");
         assert!(text.contains("preview_cleans_total 2\n"), "{text}");

@@ -194,7 +194,8 @@ pub async fn serve(
     let store = Store::open(&args.data_dir()).await?;
     let manager = Manager::new(
         store,
-        Cluster::new(client.clone(), args.image_pull_policy.clone(), args.instance.clone(), args.agent_image.clone()),
+        Cluster::new(client.clone(), args.image_pull_policy.clone(), args.instance.clone(), args.agent_image.clone())
+            .with_agent_server(agent_server.clone()),
         settings,
     );
 

@@ -44,6 +44,8 @@ const (
 	EventKind_EVENT_KIND_CLEANED EventKind = 6
 	// The environment's failure was set, changed or cleared (see Environment.failure).
 	EventKind_EVENT_KIND_FAILURE_CHANGED EventKind = 7
+	// The agent of one of its target pods changed state (see Environment.agents).
+	EventKind_EVENT_KIND_AGENTS_CHANGED EventKind = 8
 )
 
 // Enum value maps for EventKind.
@@ -57,6 +59,7 @@ var (
 		5: "EVENT_KIND_EXPIRED",
 		6: "EVENT_KIND_CLEANED",
 		7: "EVENT_KIND_FAILURE_CHANGED",
+		8: "EVENT_KIND_AGENTS_CHANGED",
 	}
 	EventKind_value = map[string]int32{
 		"EVENT_KIND_UNSPECIFIED":     0,
@@ -67,6 +70,7 @@ var (
 		"EVENT_KIND_EXPIRED":         5,
 		"EVENT_KIND_CLEANED":         6,
 		"EVENT_KIND_FAILURE_CHANGED": 7,
+		"EVENT_KIND_AGENTS_CHANGED":  8,
 	}
 )
 
@@ -144,6 +148,73 @@ func (x Mode) Number() protoreflect.EnumNumber {
 // Deprecated: Use Mode.Descriptor instead.
 func (Mode) EnumDescriptor() ([]byte, []int) {
 	return file_preview_v1_preview_proto_rawDescGZIP(), []int{1}
+}
+
+type AgentState int32
+
+const (
+	AgentState_AGENT_STATE_UNSPECIFIED AgentState = 0
+	// Being added, starting, or running but not yet connected to previewd:
+	// keyed requests to this pod still go to staging.
+	AgentState_AGENT_STATE_ATTACHING AgentState = 1
+	// Connected to previewd and holding the environment's routes.
+	AgentState_AGENT_STATE_ROUTING AgentState = 2
+	// Agents keep failing in this pod and no more are added; `reason` has the
+	// last one's exit and log tail.
+	AgentState_AGENT_STATE_FAILED AgentState = 3
+	// The pod holds the most ephemeral containers previewd adds (they cannot
+	// be removed); no agent is added until the pod is replaced.
+	AgentState_AGENT_STATE_CAPPED AgentState = 4
+	// The pod carries another previewd instance's agent: this previewd's
+	// routes cannot reach it.
+	AgentState_AGENT_STATE_FOREIGN AgentState = 5
+)
+
+// Enum value maps for AgentState.
+var (
+	AgentState_name = map[int32]string{
+		0: "AGENT_STATE_UNSPECIFIED",
+		1: "AGENT_STATE_ATTACHING",
+		2: "AGENT_STATE_ROUTING",
+		3: "AGENT_STATE_FAILED",
+		4: "AGENT_STATE_CAPPED",
+		5: "AGENT_STATE_FOREIGN",
+	}
+	AgentState_value = map[string]int32{
+		"AGENT_STATE_UNSPECIFIED": 0,
+		"AGENT_STATE_ATTACHING":   1,
+		"AGENT_STATE_ROUTING":     2,
+		"AGENT_STATE_FAILED":      3,
+		"AGENT_STATE_CAPPED":      4,
+		"AGENT_STATE_FOREIGN":     5,
+	}
+)
+
+func (x AgentState) Enum() *AgentState {
+	p := new(AgentState)
+	*p = x
+	return p
+}
+
+func (x AgentState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AgentState) Descriptor() protoreflect.EnumDescriptor {
+	return file_preview_v1_preview_proto_enumTypes[2].Descriptor()
+}
+
+func (AgentState) Type() protoreflect.EnumType {
+	return &file_preview_v1_preview_proto_enumTypes[2]
+}
+
+func (x AgentState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AgentState.Descriptor instead.
+func (AgentState) EnumDescriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{2}
 }
 
 // One preview pod (or a set of replicas) to run in an environment.
@@ -605,7 +676,10 @@ type Environment struct {
 	// Why the environment is not as it should be (FAILED), and what previewd
 	// is doing about it: recovery or expiry failed and is retried with
 	// backoff, or its stored record is unreadable. Empty when all is well.
-	Failure       string `protobuf:"bytes,8,opt,name=failure,proto3" json:"failure,omitempty"`
+	Failure string `protobuf:"bytes,8,opt,name=failure,proto3" json:"failure,omitempty"`
+	// The agent on each running pod of the environment's targets: whether its
+	// keyed requests can reach the environment.
+	Agents        []*Agent `protobuf:"bytes,9,rep,name=agents,proto3" json:"agents,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -696,6 +770,84 @@ func (x *Environment) GetFailure() string {
 	return ""
 }
 
+func (x *Environment) GetAgents() []*Agent {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
+type Agent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The target pod.
+	Pod string `protobuf:"bytes,1,opt,name=pod,proto3" json:"pod,omitempty"`
+	// "deployment/orders".
+	Target string     `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	State  AgentState `protobuf:"varint,3,opt,name=state,proto3,enum=preview.v1.AgentState" json:"state,omitempty"`
+	// Why, for every state but ROUTING.
+	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Agent) Reset() {
+	*x = Agent{}
+	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Agent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Agent) ProtoMessage() {}
+
+func (x *Agent) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Agent.ProtoReflect.Descriptor instead.
+func (*Agent) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Agent) GetPod() string {
+	if x != nil {
+		return x.Pod
+	}
+	return ""
+}
+
+func (x *Agent) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *Agent) GetState() AgentState {
+	if x != nil {
+		return x.State
+	}
+	return AgentState_AGENT_STATE_UNSPECIFIED
+}
+
+func (x *Agent) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type Pod struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Kubernetes pod name.
@@ -723,7 +875,7 @@ type Pod struct {
 
 func (x *Pod) Reset() {
 	*x = Pod{}
-	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	mi := &file_preview_v1_preview_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -735,7 +887,7 @@ func (x *Pod) String() string {
 func (*Pod) ProtoMessage() {}
 
 func (x *Pod) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	mi := &file_preview_v1_preview_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -748,7 +900,7 @@ func (x *Pod) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pod.ProtoReflect.Descriptor instead.
 func (*Pod) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{8}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Pod) GetName() string {
@@ -849,7 +1001,7 @@ type CleanRequest struct {
 
 func (x *CleanRequest) Reset() {
 	*x = CleanRequest{}
-	mi := &file_preview_v1_preview_proto_msgTypes[9]
+	mi := &file_preview_v1_preview_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -861,7 +1013,7 @@ func (x *CleanRequest) String() string {
 func (*CleanRequest) ProtoMessage() {}
 
 func (x *CleanRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[9]
+	mi := &file_preview_v1_preview_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -874,7 +1026,7 @@ func (x *CleanRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanRequest.ProtoReflect.Descriptor instead.
 func (*CleanRequest) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{9}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CleanRequest) GetSelector() isCleanRequest_Selector {
@@ -942,7 +1094,7 @@ type CleanResponse struct {
 
 func (x *CleanResponse) Reset() {
 	*x = CleanResponse{}
-	mi := &file_preview_v1_preview_proto_msgTypes[10]
+	mi := &file_preview_v1_preview_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -954,7 +1106,7 @@ func (x *CleanResponse) String() string {
 func (*CleanResponse) ProtoMessage() {}
 
 func (x *CleanResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[10]
+	mi := &file_preview_v1_preview_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -967,7 +1119,7 @@ func (x *CleanResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanResponse.ProtoReflect.Descriptor instead.
 func (*CleanResponse) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{10}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CleanResponse) GetRemoved() []*CleanedEnvironment {
@@ -988,7 +1140,7 @@ type CleanedEnvironment struct {
 
 func (x *CleanedEnvironment) Reset() {
 	*x = CleanedEnvironment{}
-	mi := &file_preview_v1_preview_proto_msgTypes[11]
+	mi := &file_preview_v1_preview_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1000,7 +1152,7 @@ func (x *CleanedEnvironment) String() string {
 func (*CleanedEnvironment) ProtoMessage() {}
 
 func (x *CleanedEnvironment) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[11]
+	mi := &file_preview_v1_preview_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1013,7 +1165,7 @@ func (x *CleanedEnvironment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanedEnvironment.ProtoReflect.Descriptor instead.
 func (*CleanedEnvironment) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{11}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CleanedEnvironment) GetKey() string {
@@ -1040,7 +1192,7 @@ type AgentHello struct {
 
 func (x *AgentHello) Reset() {
 	*x = AgentHello{}
-	mi := &file_preview_v1_preview_proto_msgTypes[12]
+	mi := &file_preview_v1_preview_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1052,7 +1204,7 @@ func (x *AgentHello) String() string {
 func (*AgentHello) ProtoMessage() {}
 
 func (x *AgentHello) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[12]
+	mi := &file_preview_v1_preview_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1065,7 +1217,7 @@ func (x *AgentHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentHello.ProtoReflect.Descriptor instead.
 func (*AgentHello) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{12}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *AgentHello) GetNamespace() string {
@@ -1091,7 +1243,7 @@ type RouteSet struct {
 
 func (x *RouteSet) Reset() {
 	*x = RouteSet{}
-	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	mi := &file_preview_v1_preview_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1103,7 +1255,7 @@ func (x *RouteSet) String() string {
 func (*RouteSet) ProtoMessage() {}
 
 func (x *RouteSet) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	mi := &file_preview_v1_preview_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1116,7 +1268,7 @@ func (x *RouteSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteSet.ProtoReflect.Descriptor instead.
 func (*RouteSet) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{13}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RouteSet) GetRoutes() []*Route {
@@ -1143,7 +1295,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	mi := &file_preview_v1_preview_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1155,7 +1307,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	mi := &file_preview_v1_preview_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1168,7 +1320,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{14}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Route) GetKey() string {
@@ -1231,7 +1383,7 @@ type Filter struct {
 
 func (x *Filter) Reset() {
 	*x = Filter{}
-	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	mi := &file_preview_v1_preview_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1243,7 +1395,7 @@ func (x *Filter) String() string {
 func (*Filter) ProtoMessage() {}
 
 func (x *Filter) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	mi := &file_preview_v1_preview_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1256,7 +1408,7 @@ func (x *Filter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Filter.ProtoReflect.Descriptor instead.
 func (*Filter) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{15}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Filter) GetKind() isFilter_Kind {
@@ -1371,7 +1523,7 @@ type FilterList struct {
 
 func (x *FilterList) Reset() {
 	*x = FilterList{}
-	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	mi := &file_preview_v1_preview_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1383,7 +1535,7 @@ func (x *FilterList) String() string {
 func (*FilterList) ProtoMessage() {}
 
 func (x *FilterList) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	mi := &file_preview_v1_preview_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1396,7 +1548,7 @@ func (x *FilterList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FilterList.ProtoReflect.Descriptor instead.
 func (*FilterList) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{16}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *FilterList) GetFilters() []*Filter {
@@ -1441,7 +1593,7 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04kind\x18\x01 \x01(\x0e2\x15.preview.v1.EventKindR\x04kind\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12;\n" +
 	"\fenvironments\x18\x03 \x03(\v2\x17.preview.v1.EnvironmentR\fenvironments\x12!\n" +
-	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\xb2\x02\n" +
+	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\xdd\x02\n" +
 	"\vEnvironment\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x129\n" +
@@ -1452,7 +1604,13 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04mode\x18\x05 \x01(\x0e2\x10.preview.v1.ModeR\x04mode\x12#\n" +
 	"\x04pods\x18\x06 \x03(\v2\x0f.preview.v1.PodR\x04pods\x12\x18\n" +
 	"\apending\x18\a \x01(\bR\apending\x12\x18\n" +
-	"\afailure\x18\b \x01(\tR\afailure\"\x9e\x02\n" +
+	"\afailure\x18\b \x01(\tR\afailure\x12)\n" +
+	"\x06agents\x18\t \x03(\v2\x11.preview.v1.AgentR\x06agents\"w\n" +
+	"\x05Agent\x12\x10\n" +
+	"\x03pod\x18\x01 \x01(\tR\x03pod\x12\x16\n" +
+	"\x06target\x18\x02 \x01(\tR\x06target\x12,\n" +
+	"\x05state\x18\x03 \x01(\x0e2\x16.preview.v1.AgentStateR\x05state\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"\x9e\x02\n" +
 	"\x03Pod\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x1c\n" +
@@ -1504,7 +1662,7 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04kind\":\n" +
 	"\n" +
 	"FilterList\x12,\n" +
-	"\afilters\x18\x01 \x03(\v2\x12.preview.v1.FilterR\afilters*\xe3\x01\n" +
+	"\afilters\x18\x01 \x03(\v2\x12.preview.v1.FilterR\afilters*\x82\x02\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13EVENT_KIND_SNAPSHOT\x10\x01\x12\x18\n" +
@@ -1513,12 +1671,21 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x17EVENT_KIND_TTL_EXTENDED\x10\x04\x12\x16\n" +
 	"\x12EVENT_KIND_EXPIRED\x10\x05\x12\x16\n" +
 	"\x12EVENT_KIND_CLEANED\x10\x06\x12\x1e\n" +
-	"\x1aEVENT_KIND_FAILURE_CHANGED\x10\a*=\n" +
+	"\x1aEVENT_KIND_FAILURE_CHANGED\x10\a\x12\x1d\n" +
+	"\x19EVENT_KIND_AGENTS_CHANGED\x10\b*=\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
 	"MODE_STEAL\x10\x01\x12\x0f\n" +
-	"\vMODE_MIRROR\x10\x022\x8d\x02\n" +
+	"\vMODE_MIRROR\x10\x02*\xa6\x01\n" +
+	"\n" +
+	"AgentState\x12\x1b\n" +
+	"\x17AGENT_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15AGENT_STATE_ATTACHING\x10\x01\x12\x17\n" +
+	"\x13AGENT_STATE_ROUTING\x10\x02\x12\x16\n" +
+	"\x12AGENT_STATE_FAILED\x10\x03\x12\x16\n" +
+	"\x12AGENT_STATE_CAPPED\x10\x04\x12\x17\n" +
+	"\x13AGENT_STATE_FOREIGN\x10\x052\x8d\x02\n" +
 	"\x0ePreviewService\x12<\n" +
 	"\x05Start\x12\x18.preview.v1.StartRequest\x1a\x19.preview.v1.StartResponse\x12?\n" +
 	"\x06AddPod\x12\x19.preview.v1.AddPodRequest\x1a\x1a.preview.v1.AddPodResponse\x12>\n" +
@@ -1539,65 +1706,69 @@ func file_preview_v1_preview_proto_rawDescGZIP() []byte {
 	return file_preview_v1_preview_proto_rawDescData
 }
 
-var file_preview_v1_preview_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_preview_v1_preview_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_preview_v1_preview_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_preview_v1_preview_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_preview_v1_preview_proto_goTypes = []any{
 	(EventKind)(0),                // 0: preview.v1.EventKind
 	(Mode)(0),                     // 1: preview.v1.Mode
-	(*PodRequest)(nil),            // 2: preview.v1.PodRequest
-	(*StartRequest)(nil),          // 3: preview.v1.StartRequest
-	(*StartResponse)(nil),         // 4: preview.v1.StartResponse
-	(*AddPodRequest)(nil),         // 5: preview.v1.AddPodRequest
-	(*AddPodResponse)(nil),        // 6: preview.v1.AddPodResponse
-	(*StatusRequest)(nil),         // 7: preview.v1.StatusRequest
-	(*StatusEvent)(nil),           // 8: preview.v1.StatusEvent
-	(*Environment)(nil),           // 9: preview.v1.Environment
-	(*Pod)(nil),                   // 10: preview.v1.Pod
-	(*CleanRequest)(nil),          // 11: preview.v1.CleanRequest
-	(*CleanResponse)(nil),         // 12: preview.v1.CleanResponse
-	(*CleanedEnvironment)(nil),    // 13: preview.v1.CleanedEnvironment
-	(*AgentHello)(nil),            // 14: preview.v1.AgentHello
-	(*RouteSet)(nil),              // 15: preview.v1.RouteSet
-	(*Route)(nil),                 // 16: preview.v1.Route
-	(*Filter)(nil),                // 17: preview.v1.Filter
-	(*FilterList)(nil),            // 18: preview.v1.FilterList
-	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
+	(AgentState)(0),               // 2: preview.v1.AgentState
+	(*PodRequest)(nil),            // 3: preview.v1.PodRequest
+	(*StartRequest)(nil),          // 4: preview.v1.StartRequest
+	(*StartResponse)(nil),         // 5: preview.v1.StartResponse
+	(*AddPodRequest)(nil),         // 6: preview.v1.AddPodRequest
+	(*AddPodResponse)(nil),        // 7: preview.v1.AddPodResponse
+	(*StatusRequest)(nil),         // 8: preview.v1.StatusRequest
+	(*StatusEvent)(nil),           // 9: preview.v1.StatusEvent
+	(*Environment)(nil),           // 10: preview.v1.Environment
+	(*Agent)(nil),                 // 11: preview.v1.Agent
+	(*Pod)(nil),                   // 12: preview.v1.Pod
+	(*CleanRequest)(nil),          // 13: preview.v1.CleanRequest
+	(*CleanResponse)(nil),         // 14: preview.v1.CleanResponse
+	(*CleanedEnvironment)(nil),    // 15: preview.v1.CleanedEnvironment
+	(*AgentHello)(nil),            // 16: preview.v1.AgentHello
+	(*RouteSet)(nil),              // 17: preview.v1.RouteSet
+	(*Route)(nil),                 // 18: preview.v1.Route
+	(*Filter)(nil),                // 19: preview.v1.Filter
+	(*FilterList)(nil),            // 20: preview.v1.FilterList
+	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
 }
 var file_preview_v1_preview_proto_depIdxs = []int32{
-	2,  // 0: preview.v1.StartRequest.pods:type_name -> preview.v1.PodRequest
-	9,  // 1: preview.v1.StartResponse.environment:type_name -> preview.v1.Environment
-	2,  // 2: preview.v1.AddPodRequest.pod:type_name -> preview.v1.PodRequest
-	9,  // 3: preview.v1.AddPodResponse.environment:type_name -> preview.v1.Environment
+	3,  // 0: preview.v1.StartRequest.pods:type_name -> preview.v1.PodRequest
+	10, // 1: preview.v1.StartResponse.environment:type_name -> preview.v1.Environment
+	3,  // 2: preview.v1.AddPodRequest.pod:type_name -> preview.v1.PodRequest
+	10, // 3: preview.v1.AddPodResponse.environment:type_name -> preview.v1.Environment
 	0,  // 4: preview.v1.StatusEvent.kind:type_name -> preview.v1.EventKind
-	9,  // 5: preview.v1.StatusEvent.environments:type_name -> preview.v1.Environment
-	10, // 6: preview.v1.StatusEvent.pod:type_name -> preview.v1.Pod
-	19, // 7: preview.v1.Environment.created_at:type_name -> google.protobuf.Timestamp
-	19, // 8: preview.v1.Environment.expires_at:type_name -> google.protobuf.Timestamp
+	10, // 5: preview.v1.StatusEvent.environments:type_name -> preview.v1.Environment
+	12, // 6: preview.v1.StatusEvent.pod:type_name -> preview.v1.Pod
+	21, // 7: preview.v1.Environment.created_at:type_name -> google.protobuf.Timestamp
+	21, // 8: preview.v1.Environment.expires_at:type_name -> google.protobuf.Timestamp
 	1,  // 9: preview.v1.Environment.mode:type_name -> preview.v1.Mode
-	10, // 10: preview.v1.Environment.pods:type_name -> preview.v1.Pod
-	13, // 11: preview.v1.CleanResponse.removed:type_name -> preview.v1.CleanedEnvironment
-	16, // 12: preview.v1.RouteSet.routes:type_name -> preview.v1.Route
-	1,  // 13: preview.v1.Route.mode:type_name -> preview.v1.Mode
-	17, // 14: preview.v1.Route.filter:type_name -> preview.v1.Filter
-	19, // 15: preview.v1.Route.expires_at:type_name -> google.protobuf.Timestamp
-	18, // 16: preview.v1.Filter.all_of:type_name -> preview.v1.FilterList
-	18, // 17: preview.v1.Filter.any_of:type_name -> preview.v1.FilterList
-	17, // 18: preview.v1.FilterList.filters:type_name -> preview.v1.Filter
-	3,  // 19: preview.v1.PreviewService.Start:input_type -> preview.v1.StartRequest
-	5,  // 20: preview.v1.PreviewService.AddPod:input_type -> preview.v1.AddPodRequest
-	7,  // 21: preview.v1.PreviewService.Status:input_type -> preview.v1.StatusRequest
-	11, // 22: preview.v1.PreviewService.Clean:input_type -> preview.v1.CleanRequest
-	14, // 23: preview.v1.AgentService.Routes:input_type -> preview.v1.AgentHello
-	4,  // 24: preview.v1.PreviewService.Start:output_type -> preview.v1.StartResponse
-	6,  // 25: preview.v1.PreviewService.AddPod:output_type -> preview.v1.AddPodResponse
-	8,  // 26: preview.v1.PreviewService.Status:output_type -> preview.v1.StatusEvent
-	12, // 27: preview.v1.PreviewService.Clean:output_type -> preview.v1.CleanResponse
-	15, // 28: preview.v1.AgentService.Routes:output_type -> preview.v1.RouteSet
-	24, // [24:29] is the sub-list for method output_type
-	19, // [19:24] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	12, // 10: preview.v1.Environment.pods:type_name -> preview.v1.Pod
+	11, // 11: preview.v1.Environment.agents:type_name -> preview.v1.Agent
+	2,  // 12: preview.v1.Agent.state:type_name -> preview.v1.AgentState
+	15, // 13: preview.v1.CleanResponse.removed:type_name -> preview.v1.CleanedEnvironment
+	18, // 14: preview.v1.RouteSet.routes:type_name -> preview.v1.Route
+	1,  // 15: preview.v1.Route.mode:type_name -> preview.v1.Mode
+	19, // 16: preview.v1.Route.filter:type_name -> preview.v1.Filter
+	21, // 17: preview.v1.Route.expires_at:type_name -> google.protobuf.Timestamp
+	20, // 18: preview.v1.Filter.all_of:type_name -> preview.v1.FilterList
+	20, // 19: preview.v1.Filter.any_of:type_name -> preview.v1.FilterList
+	19, // 20: preview.v1.FilterList.filters:type_name -> preview.v1.Filter
+	4,  // 21: preview.v1.PreviewService.Start:input_type -> preview.v1.StartRequest
+	6,  // 22: preview.v1.PreviewService.AddPod:input_type -> preview.v1.AddPodRequest
+	8,  // 23: preview.v1.PreviewService.Status:input_type -> preview.v1.StatusRequest
+	13, // 24: preview.v1.PreviewService.Clean:input_type -> preview.v1.CleanRequest
+	16, // 25: preview.v1.AgentService.Routes:input_type -> preview.v1.AgentHello
+	5,  // 26: preview.v1.PreviewService.Start:output_type -> preview.v1.StartResponse
+	7,  // 27: preview.v1.PreviewService.AddPod:output_type -> preview.v1.AddPodResponse
+	9,  // 28: preview.v1.PreviewService.Status:output_type -> preview.v1.StatusEvent
+	14, // 29: preview.v1.PreviewService.Clean:output_type -> preview.v1.CleanResponse
+	17, // 30: preview.v1.AgentService.Routes:output_type -> preview.v1.RouteSet
+	26, // [26:31] is the sub-list for method output_type
+	21, // [21:26] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_preview_v1_preview_proto_init() }
@@ -1605,12 +1776,12 @@ func file_preview_v1_preview_proto_init() {
 	if File_preview_v1_preview_proto != nil {
 		return
 	}
-	file_preview_v1_preview_proto_msgTypes[9].OneofWrappers = []any{
+	file_preview_v1_preview_proto_msgTypes[10].OneofWrappers = []any{
 		(*CleanRequest_Key)(nil),
 		(*CleanRequest_Glob)(nil),
 		(*CleanRequest_AllExpired)(nil),
 	}
-	file_preview_v1_preview_proto_msgTypes[15].OneofWrappers = []any{
+	file_preview_v1_preview_proto_msgTypes[16].OneofWrappers = []any{
 		(*Filter_Header)(nil),
 		(*Filter_Path)(nil),
 		(*Filter_Method)(nil),
@@ -1623,8 +1794,8 @@ func file_preview_v1_preview_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_preview_v1_preview_proto_rawDesc), len(file_preview_v1_preview_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   17,
+			NumEnums:      3,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

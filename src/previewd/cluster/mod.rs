@@ -1,8 +1,10 @@
-//! Cluster operations, through kube-rs: reading targets (`targets`),
+//! Cluster operations, through kube-rs: reading targets (`targets`), the
+//! agents in a target pod (`agents`, pure functions),
 //! building preview pods (`pods`, pure functions), the owner objects and
 //! deletes by label (`objects`), pod states (`state`) and the pod watch
 //! (`watch`). Names and labels are in `names`.
 
+pub mod agents;
 pub mod names;
 pub mod objects;
 pub mod pods;
@@ -52,11 +54,19 @@ pub struct Cluster {
     pub instance: String,
     /// The preview-agent image; without it no agent is attached or added.
     pub agent_image: Option<String>,
+    /// The URL our agents are given: an agent given another is another
+    /// previewd's.
+    pub agent_server: Option<String>,
 }
 
 impl Cluster {
     pub fn new(client: Client, pull_policy: Option<String>, instance: String, agent_image: Option<String>) -> Self {
-        Cluster { client, pull_policy, instance, agent_image }
+        Cluster { client, pull_policy, instance, agent_image, agent_server: None }
+    }
+
+    pub fn with_agent_server(mut self, server: Option<String>) -> Self {
+        self.agent_server = server;
+        self
     }
 
     /// Label selector for everything this instance manages, plus `extra`.

@@ -27,6 +27,17 @@ impl Cluster {
         Ok(sel.map(|s| (label_selector(&s), String::new())))
     }
 
+    /// The running pods of a target (not preview pods).
+    pub async fn target_pods(&self, ns: &str, kind: WorkloadKind, name: &str) -> Result<Vec<Pod>, KubeError> {
+        let Some((labels, fields)) = self.target_selector(ns, kind, name).await? else { return Ok(Vec::new()) };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let mut lp = ::kube::api::ListParams::default().labels(&labels);
+        if !fields.is_empty() {
+            lp = lp.fields(&fields);
+        }
+        Ok(api.list(&lp).await.map_err(KubeError::api(format!("list pods of {}/{name}", kind.as_str())))?.items)
+    }
+
     pub async fn ensure_namespace(&self, ns: &str) -> Result<(), KubeError> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         match api.get_opt(ns).await.map_err(KubeError::api(format!("get namespace {ns}")))? {

@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 pub use error::Error;
-pub use view::{AgentPlan, Event, Selector, TargetRef, glob_match};
+pub use view::{AgentPlan, Event, PodAgents, Selector, TargetRef, glob_match};
 
 use crate::model::Key;
 use crate::previewd::cluster::Cluster;
@@ -123,7 +123,11 @@ impl Manager {
     pub fn render_metrics(&self) -> String {
         let gauges = {
             let view = self.view();
-            Gauges { environments: view.envs.len(), pods: view.envs.values().map(|e| e.pods.len()).sum() }
+            Gauges {
+                environments: view.envs.len(),
+                pods: view.envs.values().map(|e| e.pods.len()).sum(),
+                agent_pods: Manager::agent_counts(&view).into_iter().map(|(s, n)| (agent_label(s), n)).collect(),
+            }
         };
         self.metrics.render(gauges)
     }
@@ -157,5 +161,17 @@ impl Manager {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The `state` label of `preview_agent_pods`.
+fn agent_label(s: crate::model::AgentState) -> &'static str {
+    use crate::model::AgentState::*;
+    match s {
+        Attaching => "attaching",
+        Routing => "routing",
+        Failed => "failed",
+        Capped => "capped",
+        Foreign => "foreign",
     }
 }

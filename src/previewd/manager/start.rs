@@ -10,10 +10,11 @@ use super::{Error, Manager};
 use crate::config::{self, PodConfig};
 use crate::filter::FilterSpec;
 use crate::model::{
-    EnvRecord, FieldError, Key, Mode, PodRecord, PodRequest, StartRequest, Started, Target, Ttl, now_ms,
+    EnvRecord, FieldError, Key, Mode, PodRecord, PodRequest, StartRequest, Started, Target, Ttl, WorkloadKind, now_ms,
     validate_dns_label,
 };
 use crate::previewd::cluster::KubeError;
+use crate::previewd::cluster::agents;
 use crate::previewd::cluster::pods::{self, PodPlan};
 use crate::previewd::store::StoreError;
 use crate::proto;
@@ -175,6 +176,7 @@ impl Manager {
         self.set_failure(&key, None);
         let mut environment = self.publish_settled(&rec, ttl_extended);
         environment.failure = None;
+        warnings.extend(self.agent_warnings(&rec).await);
         Ok(Started { key, environment, warnings })
     }
 
@@ -365,6 +367,46 @@ fn expires(now: i64, t: Ttl) -> Option<i64> {
     match t {
         Ttl::Infinite => None,
         Ttl::Finite(d) => Some(now + d.as_millis() as i64),
+    }
+}
+
+impl Manager {
+    /// Start's warnings about target pods whose keyed requests cannot reach
+    /// the environment: another previewd's agent, agents that keep failing,
+    /// or the container cap. Read from the cluster, so they are there on the
+    /// first Start on a target too; a failed read only loses the warning.
+    async fn agent_warnings(&self, rec: &EnvRecord) -> Vec<String> {
+        let Some(server) = self.cluster.agent_server.as_deref() else { return Vec::new() };
+        let mut targets: Vec<(WorkloadKind, &str)> = rec
+            .pods
+            .iter()
+            .filter_map(|p| match &p.target {
+                Target::Workload { kind, name, .. } => Some((*kind, name.as_str())),
+                Target::Targetless => None,
+            })
+            .collect();
+        targets.sort();
+        targets.dedup();
+        let mut out = Vec::new();
+        for (kind, name) in targets {
+            let pods = match self.cluster.target_pods(&rec.namespace, kind, name).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading target pods for warnings");
+                    continue;
+                }
+            };
+            for p in &pods {
+                if let Some((state, why)) = agents::pod_agent(p, server).filter(|(s, _)| s.is_stuck()) {
+                    let pod = p.metadata.name.as_deref().unwrap_or_default();
+                    out.push(format!(
+                        "{}/{name}: pod {pod}: {why}; keyed requests to it stay on staging ({state:?})",
+                        kind.as_str()
+                    ));
+                }
+            }
+        }
+        out
     }
 }
 

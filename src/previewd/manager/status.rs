@@ -2,14 +2,14 @@
 //! are told. Every change to the view is published with the next sequence
 //! number while the view's lock is held, so watchers see one order.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::broadcast;
 
 use super::Manager;
-use super::view::{AgentPlan, Event, Selector, TargetRef};
-use crate::model::{EnvRecord, EnvStatus, Route, WorkloadKind};
+use super::view::{AgentPlan, Event, PodAgents, Selector, TargetRef, View};
+use crate::model::{AgentState, EnvRecord, EnvStatus, Route, WorkloadKind};
 use crate::{proto, wire};
 
 impl Manager {
@@ -69,6 +69,59 @@ impl Manager {
     /// Every workload that an environment (settled or being set up) previews.
     pub fn targets(&self) -> BTreeSet<TargetRef> {
         self.view().targets()
+    }
+
+    /// Records what `attach` read about the agents on `target`'s running pods
+    /// (empty: the target is no longer watched) and tells watchers of every
+    /// environment whose agents changed.
+    pub fn set_pod_agents(&self, target: &TargetRef, pods: PodAgents) {
+        let mut view = self.view();
+        if view.pod_agents.get(target).map_or(pods.is_empty(), |old| *old == pods) {
+            return;
+        }
+        if pods.is_empty() {
+            view.pod_agents.remove(target);
+        } else {
+            view.pod_agents.insert(target.clone(), pods);
+        }
+        self.publish_agents(&mut view);
+    }
+
+    /// An agent's route stream opened (`up`) or closed.
+    pub fn agent_connected(&self, namespace: &str, pod: &str, up: bool) {
+        let mut view = self.view();
+        let k = (namespace.to_string(), pod.to_string());
+        let n = view.connected.get(&k).copied().unwrap_or(0);
+        match (up, n) {
+            (true, n) => view.connected.insert(k, n + 1),
+            (false, 0 | 1) => view.connected.remove(&k),
+            (false, n) => view.connected.insert(k, n - 1),
+        };
+        self.publish_agents(&mut view);
+    }
+
+    fn publish_agents(&self, view: &mut View) {
+        for env in view.refresh_agents() {
+            view.publish(&self.events, proto::EventKind::AgentsChanged, vec![env], None);
+        }
+    }
+
+    /// Agent pods by state, for the metrics page (a live agent of ours that
+    /// is not connected counts as attaching).
+    pub(super) fn agent_counts(view: &View) -> BTreeMap<AgentState, usize> {
+        let mut out = BTreeMap::new();
+        for ((ns, _, _), pods) in &view.pod_agents {
+            for (pod, (state, _)) in pods {
+                let state = match state {
+                    AgentState::Routing if !view.connected.contains_key(&(ns.clone(), pod.clone())) => {
+                        AgentState::Attaching
+                    }
+                    s => *s,
+                };
+                *out.entry(state).or_default() += 1;
+            }
+        }
+        out
     }
 
     /// What the agents on `target`'s pods should do now.

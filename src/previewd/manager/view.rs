@@ -8,7 +8,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::broadcast;
 
-use crate::model::{EnvRecord, EnvStatus, Key, PodState, Route, Target, WorkloadKind};
+use crate::model::{AgentState, AgentStatus, EnvRecord, EnvStatus, Key, PodState, Route, Target, WorkloadKind};
 use crate::previewd::cluster::names::LABEL_KEY;
 use crate::previewd::cluster::state::pod_state;
 use crate::{proto, wire};
@@ -27,7 +27,15 @@ pub(super) struct View {
     pub seq: u64,
     /// Pod states seen before their environment's record (watch races Start).
     pub orphans: HashMap<String, PodState>,
+    /// Per target, each running pod's agent as `attach` last read it
+    /// (`Routing` there means "a live agent of ours").
+    pub pod_agents: BTreeMap<TargetRef, PodAgents>,
+    /// Open route streams per agent pod (namespace, pod).
+    pub connected: BTreeMap<(String, String), usize>,
 }
+
+/// A target's running pods → their agent's state and why.
+pub type PodAgents = BTreeMap<String, (AgentState, String)>;
 
 /// Filters Status requests and events: a key glob and a namespace (empty: any).
 #[derive(Debug, Clone, Default)]
@@ -113,10 +121,51 @@ impl View {
     /// Puts `rec` into the view, with any pod states seen before it.
     pub fn upsert(&mut self, rec: &EnvRecord) -> &mut EnvStatus {
         let pods = self.take_orphans(rec);
+        let agents = self.agents_for(rec);
         let entry = self.envs.entry(rec.key.clone()).or_insert_with(|| EnvStatus::new(rec.clone()));
         entry.record = rec.clone();
         entry.pods.extend(pods);
+        entry.agents = agents;
         entry
+    }
+
+    /// The agents on the running pods of `rec`'s targets. A live agent is
+    /// routing once its route stream is open.
+    pub fn agents_for(&self, rec: &EnvRecord) -> Vec<AgentStatus> {
+        let mut out = Vec::new();
+        for (kind, name) in rec.pods.iter().filter_map(|p| match &p.target {
+            Target::Workload { kind, name, .. } => Some((*kind, name.clone())),
+            Target::Targetless => None,
+        }) {
+            let target = (rec.namespace.clone(), kind, name.clone());
+            for (pod, (state, why)) in self.pod_agents.get(&target).into_iter().flatten() {
+                let connected = self.connected.contains_key(&(rec.namespace.clone(), pod.clone()));
+                let (state, reason) = match state {
+                    AgentState::Routing if !connected => {
+                        (AgentState::Attaching, "the agent runs but is not connected to previewd yet".to_string())
+                    }
+                    s => (*s, why.clone()),
+                };
+                out.push(AgentStatus { target: format!("{}/{name}", kind.as_str()), pod: pod.clone(), state, reason });
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Recomputes every environment's agents; returns those that changed.
+    pub fn refresh_agents(&mut self) -> Vec<proto::Environment> {
+        let fresh: Vec<(Key, Vec<AgentStatus>)> =
+            self.envs.iter().map(|(k, e)| (k.clone(), self.agents_for(&e.record))).collect();
+        let mut changed = Vec::new();
+        for (key, agents) in fresh {
+            if let Some(env) = self.envs.get_mut(&key).filter(|e| e.agents != agents) {
+                env.agents = agents;
+                changed.push(wire::environment(env));
+            }
+        }
+        changed
     }
 
     pub fn take_orphans(&mut self, rec: &EnvRecord) -> BTreeMap<String, PodState> {

@@ -20,12 +20,22 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_EXPIRED: _ClassVar[EventKind]
     EVENT_KIND_CLEANED: _ClassVar[EventKind]
     EVENT_KIND_FAILURE_CHANGED: _ClassVar[EventKind]
+    EVENT_KIND_AGENTS_CHANGED: _ClassVar[EventKind]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODE_UNSPECIFIED: _ClassVar[Mode]
     MODE_STEAL: _ClassVar[Mode]
     MODE_MIRROR: _ClassVar[Mode]
+
+class AgentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGENT_STATE_UNSPECIFIED: _ClassVar[AgentState]
+    AGENT_STATE_ATTACHING: _ClassVar[AgentState]
+    AGENT_STATE_ROUTING: _ClassVar[AgentState]
+    AGENT_STATE_FAILED: _ClassVar[AgentState]
+    AGENT_STATE_CAPPED: _ClassVar[AgentState]
+    AGENT_STATE_FOREIGN: _ClassVar[AgentState]
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_SNAPSHOT: EventKind
 EVENT_KIND_ENV_ADDED: EventKind
@@ -34,9 +44,16 @@ EVENT_KIND_TTL_EXTENDED: EventKind
 EVENT_KIND_EXPIRED: EventKind
 EVENT_KIND_CLEANED: EventKind
 EVENT_KIND_FAILURE_CHANGED: EventKind
+EVENT_KIND_AGENTS_CHANGED: EventKind
 MODE_UNSPECIFIED: Mode
 MODE_STEAL: Mode
 MODE_MIRROR: Mode
+AGENT_STATE_UNSPECIFIED: AgentState
+AGENT_STATE_ATTACHING: AgentState
+AGENT_STATE_ROUTING: AgentState
+AGENT_STATE_FAILED: AgentState
+AGENT_STATE_CAPPED: AgentState
+AGENT_STATE_FOREIGN: AgentState
 
 class PodRequest(_message.Message):
     __slots__ = ("config", "image", "target", "namespace", "name")
@@ -111,7 +128,7 @@ class StatusEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., sequence: _Optional[int] = ..., environments: _Optional[_Iterable[_Union[Environment, _Mapping]]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ...) -> None: ...
 
 class Environment(_message.Message):
-    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending", "failure")
+    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending", "failure", "agents")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +137,7 @@ class Environment(_message.Message):
     PODS_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
     key: str
     namespace: str
     created_at: _timestamp_pb2.Timestamp
@@ -128,7 +146,20 @@ class Environment(_message.Message):
     pods: _containers.RepeatedCompositeFieldContainer[Pod]
     pending: bool
     failure: str
-    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ..., failure: _Optional[str] = ...) -> None: ...
+    agents: _containers.RepeatedCompositeFieldContainer[Agent]
+    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ..., failure: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ...) -> None: ...
+
+class Agent(_message.Message):
+    __slots__ = ("pod", "target", "state", "reason")
+    POD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    pod: str
+    target: str
+    state: AgentState
+    reason: str
+    def __init__(self, pod: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[_Union[AgentState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Pod(_message.Message):
     __slots__ = ("name", "target", "container", "image", "phase", "ready", "restarts", "node", "ip", "last_error", "reason", "group")
