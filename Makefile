@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start
+.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz fuzz-tools chaos lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -97,16 +97,27 @@ demo: images        ## the main job: a preview of orders on the local cluster
 
 # From `preview start` to the first keyed request answered by the preview.
 bench-start: images
-	cargo test --release --features system-tests --test e2e bench_start -- --ignored --nocapture --test-threads 1
+	cargo test --release --features system-tests --test e2e bench_ -- --ignored --nocapture --test-threads 1
+
+chaos: images       ## the chaos suite on the real cluster (make test runs it too)
+	cargo test --features system-tests --test chaos -- --nocapture --test-threads 1
 
 bench-agent: deps   ## agent vs direct vs nginx, in network namespaces (no cluster needed)
 	cargo test --release --features system-tests --test bench_agent -- --ignored --nocapture --test-threads 1
 
-# Coverage-guided fuzzing of protocol detection, filter matching and the
-# agent's HTTP/1 fast-path parsers (needs a nightly toolchain and
-# `cargo install cargo-fuzz`); bounded in time.
+# Coverage-guided fuzzing (nightly toolchain; cargo-fuzz is installed into
+# the cache): Start's request checks (config), protocol detection, filter
+# matching and the agent's HTTP/1 fast-path parsers. Bounded in time: each
+# target runs FUZZ_SECONDS; seeds are in fuzz/seeds/<target>.
+CARGO_FUZZ_VERSION := 0.13.2
 FUZZ_SECONDS ?= 60
-fuzz:
-	cd fuzz && CARGO_TARGET_DIR=$(PREVIEW_CACHE)/fuzz-target cargo +nightly fuzz run detect -- -max_total_time=$(FUZZ_SECONDS)
-	cd fuzz && CARGO_TARGET_DIR=$(PREVIEW_CACHE)/fuzz-target cargo +nightly fuzz run filter -- -max_total_time=$(FUZZ_SECONDS)
-	cd fuzz && CARGO_TARGET_DIR=$(PREVIEW_CACHE)/fuzz-target cargo +nightly fuzz run h1 -- -max_total_time=$(FUZZ_SECONDS)
+FUZZ_TARGETS ?= config detect filter h1
+fuzz-tools:
+	@test -x $(PREVIEW_CACHE)/tools/bin/cargo-fuzz || CARGO_TARGET_DIR=$(PREVIEW_CACHE)/cargo-install-target \
+	  cargo install cargo-fuzz --version $(CARGO_FUZZ_VERSION) --locked --root $(PREVIEW_CACHE)/tools
+fuzz: fuzz-tools
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; seeds=; [ -d fuzz/seeds/$$t ] && seeds=fuzz/seeds/$$t; \
+	  PATH=$(PREVIEW_CACHE)/tools/bin:$$PATH CARGO_TARGET_DIR=$(PREVIEW_CACHE)/fuzz-target \
+	    cargo +nightly fuzz run $$t fuzz/corpus/$$t $$seeds -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done

@@ -1,4 +1,4 @@
-//! Issue 5's chaos tests, in a test binary of their own so that they run
+//! Chaos tests (issues 5 and 14; `make chaos`), in a test binary of their own so that they run
 //! after the other cluster tests, on a quieter machine: the gaps they
 //! measure are what they report.
 
@@ -102,6 +102,100 @@ async fn chaos_sigkill_of_the_agent_recovers_and_is_reattached() -> Result<()> {
     d.stop().await
 }
 
+/// previewd as its own process (so it can be SIGKILLed), on the node
+/// address, its log in `data/previewd.log`.
+fn spawn_previewd(ns: &TestNs, port: u16, data: &std::path::Path) -> Result<std::process::Child> {
+    std::process::Command::new(env!("CARGO_BIN_EXE_previewd"))
+        .args(["--listen", &format!("198.18.255.254:{port}"), "--agent-image", AGENT_IMAGE])
+        .args(["--image-pull-policy", "Never", "--instance", &ns.name, "--default-namespace", &ns.name])
+        .arg("--data-dir")
+        .arg(data)
+        .env("KUBECONFIG", common::kubeconfig_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(data.join("previewd.log"))?)
+        .spawn()
+        .context("starting previewd")
+}
+
+async fn connect(
+    addr: &str,
+) -> Result<preview::proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>> {
+    eventually("previewd", Duration::from_secs(30), || async { Ok(preview::cli::connect(addr).await.ok()) }).await
+}
+
+/// Chaos case 4: a preview namespace deleted while previewd is down. It
+/// starts, serves, shows that environment FAILED (or has cleaned it), and the
+/// other environment is untouched.
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
+#[tokio::test]
+async fn chaos_a_namespace_deleted_while_previewd_is_down() -> Result<()> {
+    let ns = TestNs::new("chaos-delns").await?;
+    let gone = TestNs::new("chaos-delns-gone").await?;
+    for n in [&ns, &gone] {
+        echo_app(n, "orders", "v1", 1, &[]).await?;
+        ready_pods(n, "app=orders", 1).await?;
+    }
+    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
+    let data = tempfile::tempdir()?;
+    let addr = format!("http://198.18.255.254:{port}");
+    let mut pd = spawn_previewd(&ns, port, data.path())?;
+    let mut c = connect(&addr).await?;
+    let elsewhere = serde_json::json!({"target": {"path": "deployment/orders", "namespace": gone.name}}).to_string();
+    c.start(start_req(&elsewhere, V2, "dn1")).await?;
+    c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, "dn2")).await?;
+    pd.kill()?; // SIGKILL
+    pd.wait()?;
+    let namespaces = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(common::client().await?);
+    namespaces.delete(&gone.name, &Default::default()).await?;
+    eventually("the namespace to be gone", Duration::from_secs(120), || async {
+        Ok(namespaces.get_opt(&gone.name).await?.is_none().then_some(()))
+    })
+    .await?;
+    let mut pd = spawn_previewd(&ns, port, data.path())?;
+    let result = async {
+        let mut c = connect(&addr).await?;
+        let envs = eventually("dn1 to show FAILED or be cleaned", Duration::from_secs(30), || {
+            let mut c = c.clone();
+            async move {
+                let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
+                let envs = snap.context("snapshot")?.environments;
+                let settled = envs.iter().find(|e| e.key == "dn1").is_none_or(|e| !e.failure.is_empty());
+                Ok(settled.then_some(envs))
+            }
+        })
+        .await?;
+        match envs.iter().find(|e| e.key == "dn1") {
+            Some(e) => eprintln!("dn1 FAILED: {}", e.failure),
+            None => eprintln!("dn1 was cleaned"),
+        }
+        let dn2 = envs.iter().find(|e| e.key == "dn2").context("dn2 is gone")?;
+        ensure!(dn2.failure.is_empty(), "dn2 failed too: {}", dn2.failure);
+        // Still serving: a new environment starts, and Clean takes both.
+        c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, "dn3")).await?;
+        let removed = c
+            .clean(preview::proto::CleanRequest {
+                selector: Some(preview::proto::clean_request::Selector::Glob("dn*".into())),
+            })
+            .await?
+            .into_inner()
+            .removed;
+        let keys: Vec<&str> = removed.iter().map(|r| r.key.as_str()).collect();
+        ensure!(keys.contains(&"dn2") && keys.contains(&"dn3"), "{removed:?}");
+        // A FAILED environment whose namespace is gone is cleaned too.
+        ensure!(envs.iter().all(|e| e.key != "dn1") || keys.contains(&"dn1"), "dn1 not cleaned: {removed:?}");
+        let after = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
+        ensure!(after.context("snapshot")?.environments.is_empty(), "environments left after Clean");
+        Ok(())
+    }
+    .await;
+    let _ = pd.kill();
+    let _ = pd.wait();
+    if result.is_err() {
+        eprintln!("{}", std::fs::read_to_string(data.path().join("previewd.log")).unwrap_or_default());
+    }
+    result
+}
+
 #[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
@@ -110,22 +204,9 @@ async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
     ready_pods(&ns, "app=orders", 1).await?;
     let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
     let data = tempfile::tempdir()?;
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_previewd"))
-            .args(["--listen", &format!("198.18.255.254:{port}"), "--agent-image", AGENT_IMAGE])
-            .args(["--image-pull-policy", "Never", "--instance", &ns.name, "--default-namespace", &ns.name])
-            .arg("--data-dir")
-            .arg(data.path())
-            .env("KUBECONFIG", common::kubeconfig_path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(data.path().join("previewd.log"))?)
-            .spawn()
-            .context("starting previewd")
-    };
+    let spawn = || spawn_previewd(&ns, port, data.path());
     let addr = format!("http://198.18.255.254:{port}");
-    let connect = || async {
-        eventually("previewd", Duration::from_secs(30), || async { Ok(preview::cli::connect(&addr).await.ok()) }).await
-    };
+    let connect = || connect(&addr);
     let mut pd = spawn()?;
     let mut c = connect().await?;
     c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, "pd1")).await?;

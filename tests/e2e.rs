@@ -554,3 +554,42 @@ async fn bench_start() -> Result<()> {
     }
     d.stop().await
 }
+
+/// `make bench-start` also measures how many preview sessions one target pod
+/// survives: 25 sessions (Start, a keyed request answered by the preview,
+/// Clean, redirects gone) one after another, more than the cap of 20
+/// ephemeral containers. With the agent lingering between sessions, every
+/// session is routed and the pod gains one container in all.
+#[tokio::test]
+#[ignore = "measurement: run with `make bench-start`"]
+async fn bench_sessions_on_one_pod() -> Result<()> {
+    const SESSIONS: usize = 25;
+    let ns = TestNs::new("bench-sessions").await?;
+    echo_app(&ns, "orders", "v1", 1, &[]).await?;
+    ready_pods(&ns, "app=orders", 1).await?;
+    let d = previewd(&ns).await?;
+    let mut c = d.client().await?;
+    let ip = cluster_ip(&ns, "orders").await?;
+    let cfg = config("deployment/orders", serde_json::json!({}));
+    let t = Instant::now();
+    for i in 0..SESSIONS {
+        let key = format!("s{i}");
+        c.start(start_req(&cfg, V2, &key)).await?;
+        until(&ip, Some(&key), &["v2"], Duration::from_secs(60)).await?;
+        c.clean(preview::proto::CleanRequest {
+            selector: Some(preview::proto::clean_request::Selector::Key(key.clone())),
+        })
+        .await?;
+        no_rules_left(&ns, "orders").await?;
+        ensure!(call(&ip, Some(&key)).await? == chain(&["v1"]), "session {i} left routing behind");
+    }
+    let pod = &target_pods(&ns, "orders").await?[0];
+    let containers = agents(pod).len();
+    println!(
+        "sessions: {SESSIONS} sessions on one pod in {:.1} s, each routed; ephemeral containers added: {containers} \
+         (before agents lingered: one per session, and none routed after the cap of 20)",
+        t.elapsed().as_secs_f64()
+    );
+    ensure!(containers == 1, "{containers} containers for {SESSIONS} sessions");
+    d.stop().await
+}

@@ -108,6 +108,48 @@ pub fn interpret(mut doc: Value, key: &Key) -> Result<PodConfig> {
     })
 }
 
+/// A Start request, read and checked without the cluster: its key (given,
+/// from a config, or new), each pod's config, and its TTL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadStart {
+    pub key: Key,
+    pub configs: Vec<PodConfig>,
+    pub ttl: Option<Ttl>,
+}
+
+/// Reads a Start request's configs, key and TTL. Errors name the field,
+/// prefixed with `pods[i]` when there are several pods.
+pub fn read_start(req: &crate::model::StartRequest) -> Result<ReadStart> {
+    if req.pods.is_empty() {
+        return Err(FieldError::new("pods", "at least one pod is required"));
+    }
+    let at = |i: usize| if req.pods.len() > 1 { format!("pods[{i}]") } else { String::new() };
+    let docs = req
+        .pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| parse_document(&p.config).map_err(|e| e.within(&at(i))))
+        .collect::<Result<Vec<_>>>()?;
+    let key = if !req.key.is_empty() {
+        Key::parse("key", &req.key)?
+    } else {
+        let mut from_doc = None;
+        for (i, d) in docs.iter().enumerate() {
+            if let Some(k) = document_key(d).map_err(|e| e.within(&at(i)))? {
+                from_doc.get_or_insert(k);
+            }
+        }
+        from_doc.unwrap_or_else(Key::generate)
+    };
+    let configs = docs
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| interpret(d, &key).map_err(|e| e.within(&at(i))))
+        .collect::<Result<Vec<_>>>()?;
+    let ttl = if req.ttl.is_empty() { configs.iter().find_map(|c| c.ttl) } else { Some(Ttl::parse("ttl", &req.ttl)?) };
+    Ok(ReadStart { key, configs, ttl })
+}
+
 /// mirrord's top-level fields that previewd does not act on.
 const MIRRORD_ROOT: &[&str] = &[
     "accept_invalid_certificates",

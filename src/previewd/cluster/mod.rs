@@ -29,8 +29,17 @@ pub enum KubeError {
     ContainerNotFound { target: String, container: String, available: String },
     #[error("{target} has no containers")]
     NoContainers { target: String },
-    #[error("kubernetes API: {action}: {source}")]
+    #[error("kubernetes API: {action}: {}", short(source))]
     Api { action: String, source: ::kube::Error },
+}
+
+/// An API server refusal as its message and code (the whole Status object,
+/// as kube prints it, buries the message in Status and logs).
+fn short(e: &::kube::Error) -> String {
+    match e {
+        ::kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        other => other.to_string(),
+    }
 }
 
 impl KubeError {

@@ -21,34 +21,7 @@ use crate::proto;
 
 impl Manager {
     pub async fn start(&self, req: StartRequest) -> Result<Started, Error> {
-        if req.pods.is_empty() {
-            return Err(invalid("pods", "at least one pod is required"));
-        }
-        let at = |i: usize| if req.pods.len() > 1 { format!("pods[{i}]") } else { String::new() };
-        let docs = req
-            .pods
-            .iter()
-            .enumerate()
-            .map(|(i, p)| config::parse_document(&p.config).map_err(|e| e.within(&at(i))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let key = if !req.key.is_empty() {
-            Key::parse("key", &req.key)?
-        } else {
-            let mut from_doc = None;
-            for (i, d) in docs.iter().enumerate() {
-                if let Some(k) = config::document_key(d).map_err(|e| e.within(&at(i)))? {
-                    from_doc.get_or_insert(k);
-                }
-            }
-            from_doc.unwrap_or_else(Key::generate)
-        };
-        let configs = docs
-            .into_iter()
-            .enumerate()
-            .map(|(i, d)| config::interpret(d, &key).map_err(|e| e.within(&at(i))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let ttl =
-            if req.ttl.is_empty() { configs.iter().find_map(|c| c.ttl) } else { Some(Ttl::parse("ttl", &req.ttl)?) };
+        let config::ReadStart { key, configs, ttl } = config::read_start(&req)?;
         let ttl = ttl.map(|t| self.check_ttl(t)).transpose()?;
 
         let _guard = self.lock_key(&key).await;
