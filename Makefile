@@ -100,7 +100,7 @@ bench-start: images
 	cargo test --release --features system-tests --test e2e bench_ -- --ignored --nocapture --test-threads 1
 
 chaos: images       ## the chaos suite on the real cluster (make test runs it too)
-	cargo test --features system-tests --test chaos -- --nocapture --test-threads 1
+	CHAOS_ROUNDS=20 cargo test --features system-tests --test chaos -- --nocapture --test-threads 1
 
 bench-agent: deps   ## agent vs direct vs nginx, in network namespaces (no cluster needed)
 	cargo test --release --features system-tests --test bench_agent -- --ignored --nocapture --test-threads 1

@@ -123,6 +123,119 @@ async fn connect(
     eventually("previewd", Duration::from_secs(30), || async { Ok(preview::cli::connect(addr).await.ok()) }).await
 }
 
+/// Chaos case 1: SIGKILL previewd at a random moment of each of N Starts and
+/// N Cleans (N = `CHAOS_ROUNDS`: 20 under `make chaos`, 4 in `make test`),
+/// restarting it each time. Then: no orphan pod or owner object, no missing
+/// pod, and no cleaned environment brought back.
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
+#[tokio::test]
+async fn chaos_sigkill_of_previewd_at_random_moments() -> Result<()> {
+    use std::collections::BTreeSet;
+    let rounds: usize = std::env::var("CHAOS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let ns = TestNs::new("chaos-kill").await?;
+    echo_app(&ns, "orders", "v1", 1, &[]).await?;
+    ready_pods(&ns, "app=orders", 1).await?;
+    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
+    let data = tempfile::tempdir()?;
+    let addr = format!("http://198.18.255.254:{port}");
+    // xorshift, seeded from the clock and printed, so a failure can be replayed.
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
+    let mut x = seed;
+    let mut next_ms = move |max: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % max
+    };
+    let (mut done, mut cut) = (0, 0);
+    let mut cleaned: BTreeSet<String> = BTreeSet::new();
+    for i in 0..rounds * 2 {
+        let key = format!("k{}", i / 2);
+        let mut pd = spawn_previewd(&ns, port, data.path())?;
+        let mut c = connect(&addr).await?;
+        let op = {
+            let key = key.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, &key)).await.map(|_| ())
+                } else {
+                    let sel = preview::proto::clean_request::Selector::Key(key);
+                    c.clean(preview::proto::CleanRequest { selector: Some(sel) }).await.map(|_| ())
+                }
+            })
+        };
+        // The kill lands at a random moment of the call (or after it).
+        tokio::time::sleep(Duration::from_millis(next_ms(250))).await;
+        pd.kill()?; // SIGKILL
+        pd.wait()?;
+        match op.await? {
+            Ok(()) => {
+                done += 1;
+                if i % 2 == 1 {
+                    cleaned.insert(key);
+                }
+            }
+            Err(_) => cut += 1,
+        }
+    }
+    eprintln!("chaos kill (seed {seed:#x}): {} calls, {done} answered before the kill, {cut} cut by it", rounds * 2);
+    let mut pd = spawn_previewd(&ns, port, data.path())?;
+    let result = async {
+        let mut c = connect(&addr).await?;
+        // Recovery finished what was begun: every environment settles.
+        let envs = eventually("every environment to settle", Duration::from_secs(60), || {
+            let mut c = c.clone();
+            async move {
+                let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
+                let envs = snap.context("snapshot")?.environments;
+                Ok(envs.iter().all(|e| !e.pending && e.failure.is_empty()).then_some(envs))
+            }
+        })
+        .await?;
+        let live: BTreeSet<String> = envs.iter().map(|e| e.key.clone()).collect();
+        let back: Vec<&String> = cleaned.intersection(&live).collect();
+        ensure!(back.is_empty(), "cleaned environments brought back: {back:?}");
+        // Pods and owner objects match the environments exactly.
+        let (orphans, missing) = eventually("pods to match the environments", Duration::from_secs(60), || async {
+            let pods = ns.api::<Pod>().list(&ListParams::default().labels("preview.dev/key")).await?;
+            let cms = ns
+                .api::<k8s_openapi::api::core::v1::ConfigMap>()
+                .list(&ListParams::default().labels("preview.dev/key"))
+                .await?;
+            let alive = |p: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| p.is_none();
+            let mut orphans = 0;
+            let mut have = BTreeSet::new();
+            for p in pods.items.iter().filter(|p| alive(&p.metadata.deletion_timestamp)) {
+                have.insert(p.metadata.name.clone().unwrap_or_default());
+                let key =
+                    p.metadata.labels.as_ref().and_then(|l| l.get("preview.dev/key")).cloned().unwrap_or_default();
+                orphans += usize::from(!live.contains(&key));
+            }
+            for cm in cms.items.iter().filter(|c| alive(&c.metadata.deletion_timestamp)) {
+                let key =
+                    cm.metadata.labels.as_ref().and_then(|l| l.get("preview.dev/key")).cloned().unwrap_or_default();
+                orphans += usize::from(!live.contains(&key));
+            }
+            let missing = envs.iter().flat_map(|e| &e.pods).filter(|p| !have.contains(&p.name)).count();
+            Ok((orphans == 0 && missing == 0).then_some((orphans, missing)))
+        })
+        .await?;
+        eprintln!("chaos kill: {} environments left, {orphans} orphan objects, {missing} missing pods", live.len());
+        c.clean(preview::proto::CleanRequest {
+            selector: Some(preview::proto::clean_request::Selector::Glob("*".into())),
+        })
+        .await?;
+        Ok(())
+    }
+    .await;
+    let _ = pd.kill();
+    let _ = pd.wait();
+    if result.is_err() {
+        eprintln!("{}", std::fs::read_to_string(data.path().join("previewd.log")).unwrap_or_default());
+    }
+    result
+}
+
 /// Chaos case 4: a preview namespace deleted while previewd is down. It
 /// starts, serves, shows that environment FAILED (or has cleaned it), and the
 /// other environment is untouched.
