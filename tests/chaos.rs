@@ -117,6 +117,16 @@ fn spawn_previewd(ns: &TestNs, port: u16, data: &std::path::Path) -> Result<std:
         .context("starting previewd")
 }
 
+/// Kills the previewd a test started; on failure, prints its log.
+fn stop_previewd(mut pd: std::process::Child, data: &std::path::Path, result: Result<()>) -> Result<()> {
+    let _ = pd.kill();
+    let _ = pd.wait();
+    if result.is_err() {
+        eprintln!("{}", std::fs::read_to_string(data.join("previewd.log")).unwrap_or_default());
+    }
+    result
+}
+
 async fn connect(
     addr: &str,
 ) -> Result<preview::proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>> {
@@ -179,7 +189,7 @@ async fn chaos_sigkill_of_previewd_at_random_moments() -> Result<()> {
         }
     }
     eprintln!("chaos kill (seed {seed:#x}): {} calls, {done} answered before the kill, {cut} cut by it", rounds * 2);
-    let mut pd = spawn_previewd(&ns, port, data.path())?;
+    let pd = spawn_previewd(&ns, port, data.path())?;
     let result = async {
         let mut c = connect(&addr).await?;
         // Recovery finished what was begun: every environment settles.
@@ -228,12 +238,7 @@ async fn chaos_sigkill_of_previewd_at_random_moments() -> Result<()> {
         Ok(())
     }
     .await;
-    let _ = pd.kill();
-    let _ = pd.wait();
-    if result.is_err() {
-        eprintln!("{}", std::fs::read_to_string(data.path().join("previewd.log")).unwrap_or_default());
-    }
-    result
+    stop_previewd(pd, data.path(), result)
 }
 
 /// Chaos case 4: a preview namespace deleted while previewd is down. It
@@ -264,7 +269,7 @@ async fn chaos_a_namespace_deleted_while_previewd_is_down() -> Result<()> {
         Ok(namespaces.get_opt(&gone.name).await?.is_none().then_some(()))
     })
     .await?;
-    let mut pd = spawn_previewd(&ns, port, data.path())?;
+    let pd = spawn_previewd(&ns, port, data.path())?;
     let result = async {
         let mut c = connect(&addr).await?;
         let envs = eventually("dn1 to show FAILED or be cleaned", Duration::from_secs(30), || {
@@ -301,12 +306,7 @@ async fn chaos_a_namespace_deleted_while_previewd_is_down() -> Result<()> {
         Ok(())
     }
     .await;
-    let _ = pd.kill();
-    let _ = pd.wait();
-    if result.is_err() {
-        eprintln!("{}", std::fs::read_to_string(data.path().join("previewd.log")).unwrap_or_default());
-    }
-    result
+    stop_previewd(pd, data.path(), result)
 }
 
 #[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
@@ -332,7 +332,7 @@ async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
         ensure!(call(&ip, Some("pd1")).await? == chain(&["v2"]));
         ensure!(call(&ip, None).await? == chain(&["v1"]));
     }
-    let mut pd = spawn()?;
+    let pd = spawn()?;
     let result = async {
         let mut c = connect().await?;
         let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
@@ -360,10 +360,5 @@ async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
         Ok(())
     }
     .await;
-    let _ = pd.kill();
-    let _ = pd.wait();
-    if result.is_err() {
-        eprintln!("{}", std::fs::read_to_string(data.path().join("previewd.log")).unwrap_or_default());
-    }
-    result
+    stop_previewd(pd, data.path(), result)
 }

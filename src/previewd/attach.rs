@@ -240,6 +240,23 @@ mod tests {
         }
     }
 
+    /// Three agents in a row that exited 1 (say, a taken port), each cleaned up after.
+    fn failing() -> Pod {
+        pod(&[
+            ("preview-agent-1", Some(1)),
+            ("preview-cleanup-2", Some(0)),
+            ("preview-agent-3", Some(1)),
+            ("preview-cleanup-4", Some(0)),
+            ("preview-agent-5", Some(1)),
+            ("preview-cleanup-6", Some(0)),
+        ])
+    }
+
+    /// As many ended agents as the cap allows.
+    fn at_cap() -> Vec<(String, Option<i32>)> {
+        (1..=MAX_CONTAINERS).map(|i| (format!("preview-agent-{i}"), Some(0))).collect()
+    }
+
     #[test]
     fn the_agent_lifecycle() {
         use Action::*;
@@ -260,14 +277,7 @@ mod tests {
         let debug = pod(&[("debugger", Option::None), ("preview-agent-1", Some(0))]);
         assert_eq!(next_action(&debug, true), Attach("preview-agent-2".into()));
         // Agents that keep failing (exit 1: say the port is taken) stop being added.
-        let failing = pod(&[
-            ("preview-agent-1", Some(1)),
-            ("preview-cleanup-2", Some(0)),
-            ("preview-agent-3", Some(1)),
-            ("preview-cleanup-4", Some(0)),
-            ("preview-agent-5", Some(1)),
-            ("preview-cleanup-6", Some(0)),
-        ]);
+        let failing = failing();
         assert_eq!(next_action(&failing, true), None);
         // Killed ones (137) do not count: they are re-attached.
         let killed = pod(&[
@@ -284,8 +294,7 @@ mod tests {
         pending.status.as_mut().unwrap().phase = Some("Pending".into());
         assert_eq!(next_action(&pending, true), None);
         // The cap.
-        let many: Vec<(String, Option<i32>)> =
-            (1..=MAX_CONTAINERS).map(|i| (format!("preview-agent-{i}"), Some(0))).collect();
+        let many = at_cap();
         let many: Vec<(&str, Option<i32>)> = many.iter().map(|(n, c)| (n.as_str(), *c)).collect();
         assert_eq!(next_action(&pod(&many), true), None);
         // At the cap, a killed agent's rules are still cleaned up.
@@ -302,19 +311,11 @@ mod tests {
         assert_eq!(state(&pod(&[])), Some(Attaching));
         assert_eq!(state(&pod(&[("preview-agent-1", Option::None)])), Some(Routing));
         assert_eq!(state(&pod(&[("preview-agent-1", Some(0))])), Some(Attaching));
-        let failing = pod(&[
-            ("preview-agent-1", Some(1)),
-            ("preview-cleanup-2", Some(0)),
-            ("preview-agent-3", Some(1)),
-            ("preview-cleanup-4", Some(0)),
-            ("preview-agent-5", Some(1)),
-            ("preview-cleanup-6", Some(0)),
-        ]);
+        let failing = failing();
         let (st, why) = agents::pod_agent(&failing, "http://us:7443").unwrap();
         assert_eq!(st, Failed);
         assert!(why.contains("3 agents in a row failed") && why.contains("exit code 1"), "{why}");
-        let many: Vec<(String, Option<i32>)> =
-            (1..=MAX_CONTAINERS).map(|i| (format!("preview-agent-{i}"), Some(0))).collect();
+        let many = at_cap();
         let many: Vec<(&str, Option<i32>)> = many.iter().map(|(n, c)| (n.as_str(), *c)).collect();
         let (st, why) = agents::pod_agent(&pod(&many), "http://us:7443").unwrap();
         assert_eq!(st, Capped);
