@@ -27,6 +27,12 @@ pub(super) fn check_fields(
         }
         let mut known: Vec<&str> = ours.to_vec();
         known.sort_unstable();
+        if name.is_empty() {
+            // Found by the fuzzer: an empty key would be named by nothing.
+            let at = if prefix.is_empty() { "config" } else { prefix };
+            let why = format!("a field with an empty name; expected one of: {}", known.join(", "));
+            return Err(FieldError::new(at, why));
+        }
         return Err(FieldError::new(path, format!("unknown field; expected one of: {}", known.join(", "))));
     }
     Ok(())

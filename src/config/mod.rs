@@ -337,4 +337,12 @@ feature:
             let _ = parse_document(&text).and_then(|v| interpret(v, &key));
         }
     }
+
+    #[test]
+    fn an_empty_field_name_is_named_by_where_it_is() {
+        let e = parse("\"\": 1").unwrap_err();
+        assert_eq!((e.field.as_str(), e.message.contains("empty name")), ("config", true), "{e:?}");
+        let e = parse(r#"{"feature": {"network": {"": true}}}"#).unwrap_err();
+        assert_eq!(e.field, "feature.network", "{e:?}");
+    }
 }
