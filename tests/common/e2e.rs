@@ -221,17 +221,3 @@ pub async fn no_rules_left(ns: &TestNs, app: &str) -> Result<()> {
     })
     .await
 }
-
-/// Every agent in the target's pods has exited and no rule is left.
-pub async fn all_agents_gone(ns: &TestNs, app: &str) -> Result<()> {
-    eventually("agents to exit and rules to go", Duration::from_secs(30), || async {
-        for p in target_pods(ns, app).await? {
-            let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
-            if agents(&p).iter().any(|(_, running, exit)| *running || exit.is_none()) || chains_in_pod(&ip)? != 0 {
-                return Ok(None);
-            }
-        }
-        Ok(Some(()))
-    })
-    .await
-}
