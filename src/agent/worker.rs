@@ -1,6 +1,6 @@
 //! The worker: binds, installs the interception rules, routes every
 //! connection through the proxy, follows route changes (ports included),
-//! lingers idle with no rules while no route is left (so the next
+//! lingers idle with no redirect while no route is left (so the next
 //! environment on the target reuses it), and removes its rules when it ends.
 
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use super::routes::{RouteTable, SharedRoutes};
 use super::source::RouteSource;
 use crate::model::{Route, now_ms};
 
-/// The worker: listens, installs the rules, routes until SIGTERM, removes
-/// the rules while no route is left, and exits once idle for `--linger`.
+/// The worker: listens, installs the rules, routes until SIGTERM, drops its
+/// redirects while no route is left, and exits once idle for `--linger`.
 pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     let chain = args.chain.clone().unwrap_or_else(intercept::chain_name);
     // Bind first: if another agent holds the port, touch nothing.
@@ -114,7 +114,8 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
                 // Connections already through us go on, passed through.
                 let want = if table.is_empty() { Vec::new() } else { wanted_ports(&args.ports, &table) };
                 if want != ports {
-                    let (b, c, (old, new), to) = (backend.clone(), chain.clone(), (ports.clone(), want.clone()), args.listen.port());
+                    let (b, c, to) = (backend.clone(), chain.clone(), args.listen.port());
+                    let (old, new) = (ports.clone(), want.clone());
                     // iptables and conntrack block: keep them off the data-plane thread.
                     let changed = tokio::task::spawn_blocking(move || set_ports(&b, &c, &old, &new, to))
                         .await
@@ -153,12 +154,10 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Moves the rules from intercepting `old` to `new` (empty: no redirect),
-/// and forgets conntrack state for newly intercepted ports. The chain and
-/// the jump to it stay: while the nat hook has a rule, connections already
-/// redirected to us keep their translation (the kernel drops the hook with
-/// the last nat rule, and their packets would then reach the app's port and
-/// be reset).
+/// Moves the redirects from `old` ports to `new` (empty: none), and forgets
+/// conntrack state for newly intercepted ports. The chain, the jump to it
+/// and its first rule stay (see `Direction::rules`): they keep conntrack on,
+/// so connections already redirected to us keep their translation.
 fn set_ports(b: &Backend, chain: &str, old: &[u16], new: &[u16], to: u16) -> Result<(), intercept::InterceptError> {
     b.update(chain, &Direction::Inbound(new.to_vec()), to)?;
     new.iter().filter(|p| !old.contains(p)).for_each(|p| intercept::flush_conntrack(*p));

@@ -111,14 +111,8 @@ impl Manager {
     pub(super) fn agent_counts(view: &View) -> BTreeMap<AgentState, usize> {
         let mut out = BTreeMap::new();
         for ((ns, _, _), pods) in &view.pod_agents {
-            for (pod, (state, _)) in pods {
-                let state = match state {
-                    AgentState::Routing if !view.connected.contains_key(&(ns.clone(), pod.clone())) => {
-                        AgentState::Attaching
-                    }
-                    s => *s,
-                };
-                *out.entry(state).or_default() += 1;
+            for (pod, (state, why)) in pods {
+                *out.entry(view.agent_state(ns, pod, *state, why).0).or_default() += 1;
             }
         }
         out

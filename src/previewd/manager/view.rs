@@ -139,19 +139,24 @@ impl View {
         }) {
             let target = (rec.namespace.clone(), kind, name.clone());
             for (pod, (state, why)) in self.pod_agents.get(&target).into_iter().flatten() {
-                let connected = self.connected.contains_key(&(rec.namespace.clone(), pod.clone()));
-                let (state, reason) = match state {
-                    AgentState::Routing if !connected => {
-                        (AgentState::Attaching, "the agent runs but is not connected to previewd yet".to_string())
-                    }
-                    s => (*s, why.clone()),
-                };
+                let (state, reason) = self.agent_state(&rec.namespace, pod, *state, why);
                 out.push(AgentStatus { target: format!("{}/{name}", kind.as_str()), pod: pod.clone(), state, reason });
             }
         }
         out.sort();
         out.dedup();
         out
+    }
+
+    /// What Status says of a pod's agent: `attach` reads a live agent of ours
+    /// as `Routing`; it routes once its route stream is open.
+    pub fn agent_state(&self, ns: &str, pod: &str, state: AgentState, why: &str) -> (AgentState, String) {
+        match state {
+            AgentState::Routing if !self.connected.contains_key(&(ns.to_string(), pod.to_string())) => {
+                (AgentState::Attaching, "the agent runs but is not connected to previewd yet".to_string())
+            }
+            s => (s, why.to_string()),
+        }
     }
 
     /// Recomputes every environment's agents; returns those that changed.
