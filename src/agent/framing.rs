@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use super::routes::RouteTable;
-use super::state::idempotent;
+use super::state::{CREDENTIAL_HEADERS, idempotent};
 use crate::filter::RequestView;
 use crate::model::Mode;
 
@@ -284,15 +284,14 @@ pub fn response_head(buf: &[u8], head_request: bool) -> Result<Option<ResponseHe
     Ok(Some(ResponseHead { len, close: close || body == Body::Eof, body, interim }))
 }
 
-/// Which side of an exchange failed.
-/// A request head without its `Authorization`, `Proxy-Authorization` and
-/// `Cookie` lines: what a mirror copy carries.
+/// A request head without its [`CREDENTIAL_HEADERS`] lines: what a mirror
+/// copy carries.
 pub fn without_credentials(head: &[u8]) -> Vec<u8> {
-    const DROP: [&[u8]; 3] = [b"authorization", b"proxy-authorization", b"cookie"];
     let mut out = Vec::with_capacity(head.len());
     for line in head.split_inclusive(|b| *b == b'\n') {
         let name = line.split(|b| *b == b':').next().unwrap_or_default();
-        let drop = line.contains(&b':') && DROP.iter().any(|d| name.trim_ascii().eq_ignore_ascii_case(d));
+        let drop = line.contains(&b':')
+            && CREDENTIAL_HEADERS.iter().any(|h| name.trim_ascii().eq_ignore_ascii_case(h.as_str().as_bytes()));
         if !drop {
             out.extend_from_slice(line);
         }

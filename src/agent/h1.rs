@@ -27,6 +27,7 @@ use super::state::{MIRROR_MAX_BODY, MirrorCopy, Proxy};
 
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Which side of an exchange failed.
 #[derive(Debug)]
 enum Fail {
     Client,

@@ -30,7 +30,8 @@ use super::mirror::mirror_sender;
 use super::routes::SharedRoutes;
 pub use super::state::Proxy;
 use super::state::{
-    InFlight, MIRROR_MAX_BODY, MIRROR_MAX_BYTES, MIRROR_QUEUE, MirrorCopy, ProxyBody, empty, full, idempotent,
+    CREDENTIAL_HEADERS, InFlight, MIRROR_MAX_BODY, MIRROR_MAX_BYTES, MIRROR_QUEUE, MirrorCopy, ProxyBody, empty, full,
+    idempotent,
 };
 use crate::model::{Key, Mode};
 
@@ -208,9 +209,7 @@ impl Proxy {
                         *copy.uri_mut() = parts.uri.clone();
                         *copy.version_mut() = parts.version;
                         *copy.headers_mut() = parts.headers.clone();
-                        // A preview gets no one's credentials.
-                        for h in [http::header::AUTHORIZATION, http::header::PROXY_AUTHORIZATION, http::header::COOKIE]
-                        {
+                        for h in CREDENTIAL_HEADERS {
                             copy.headers_mut().remove(h);
                         }
                         let original = Request::from_parts(parts, full(bytes));

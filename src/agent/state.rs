@@ -23,6 +23,9 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Mirror only bodies with a known length up to this size.
 pub const MIRROR_MAX_BODY: u64 = 1 << 20;
+/// Headers a mirror copy never carries: a preview gets no one's credentials.
+pub const CREDENTIAL_HEADERS: [http::HeaderName; 3] =
+    [http::header::AUTHORIZATION, http::header::PROXY_AUTHORIZATION, http::header::COOKIE];
 /// Copies waiting to be sent; more are dropped and counted.
 pub const MIRROR_QUEUE: usize = 1024;
 /// Bytes of copies queued or in flight, by default; more are dropped and counted.

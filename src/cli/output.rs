@@ -70,8 +70,7 @@ pub fn table(envs: &[proto::Environment], wide: bool, colour: bool, now_ms: i64)
                 Ok(proto::AgentState::Failed | proto::AgentState::Capped | proto::AgentState::Foreign)
             )
         }) {
-            let state = proto::AgentState::try_from(a.state).map_or("unknown", |s| s.as_str_name());
-            let state = state.trim_start_matches("AGENT_STATE_").to_lowercase();
+            let state = agent_state_name(a.state);
             let mut r = vec![e.key.clone(), a.pod.clone(), a.target.clone(), e.namespace.clone(), "(agent)".into()];
             r.push(format!("agent {state}: {}", a.reason));
             if wide {
@@ -121,6 +120,12 @@ pub fn table(envs: &[proto::Environment], wide: bool, colour: bool, now_ms: i64)
 
 const STATUS_COLUMN: usize = 5;
 
+/// An agent state as the table and JSON name it: `routing`, `foreign`…
+fn agent_state_name(state: i32) -> String {
+    proto::AgentState::try_from(state)
+        .map_or("unknown".to_string(), |s| s.as_str_name().trim_start_matches("AGENT_STATE_").to_lowercase())
+}
+
 fn human(secs: u64) -> String {
     match secs {
         s if s >= 3600 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
@@ -147,8 +152,7 @@ pub fn env_json(e: &proto::Environment) -> Value {
         })).collect::<Vec<_>>(),
         "agents": e.agents.iter().map(|a| json!({
             "pod": a.pod, "target": a.target, "reason": a.reason,
-            "state": proto::AgentState::try_from(a.state)
-                .map_or("unknown".to_string(), |s| s.as_str_name().trim_start_matches("AGENT_STATE_").to_lowercase()),
+            "state": agent_state_name(a.state),
         })).collect::<Vec<_>>(),
     })
 }

@@ -17,6 +17,17 @@ pub enum AgentState {
 }
 
 impl AgentState {
+    /// Its name in metrics and the CLI's JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Attaching => "attaching",
+            AgentState::Routing => "routing",
+            AgentState::Failed => "failed",
+            AgentState::Capped => "capped",
+            AgentState::Foreign => "foreign",
+        }
+    }
+
     /// States in which keyed requests to the pod never reach this previewd's
     /// environments, whatever happens next (Start warns about them).
     pub fn is_stuck(self) -> bool {

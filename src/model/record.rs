@@ -1,10 +1,12 @@
 //! Environments as previewd remembers them (the store's records) and pod
 //! states as Status reports them.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use super::key::Key;
-use super::target::{Mode, Target};
+use super::target::{Mode, Target, WorkloadKind};
 use crate::filter::FilterSpec;
 
 /// One environment as previewd remembers it.
@@ -45,6 +47,17 @@ pub struct PodRecord {
 impl EnvRecord {
     pub fn expired_at(&self, now_ms: i64) -> bool {
         self.expires_at_ms.is_some_and(|t| t <= now_ms)
+    }
+
+    /// The workloads its pods preview, each once (targetless pods have none).
+    pub fn workloads(&self) -> BTreeSet<(WorkloadKind, &str)> {
+        self.pods
+            .iter()
+            .filter_map(|p| match &p.target {
+                Target::Workload { kind, name, .. } => Some((*kind, name.as_str())),
+                Target::Targetless => None,
+            })
+            .collect()
     }
 
     /// Every replica's pod name.

@@ -6,7 +6,7 @@
 //! attach an agent when routes exist and none is live; after an agent died
 //! abnormally, run `preview-agent cleanup` first; otherwise nothing. An agent
 //! serves every environment on its target. When previewd sends it an empty
-//! route set it removes its rules and lingers idle (`--agent-linger`), so the
+//! route set it removes its redirects and lingers idle (`--agent-linger`), so the
 //! next environment on the target reuses it instead of adding a container.
 
 use std::collections::{BTreeMap, HashMap};

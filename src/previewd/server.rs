@@ -62,7 +62,7 @@ pub struct ServerArgs {
     /// [default: http://<--listen> when that is not a loopback or wildcard address].
     #[arg(long, env = "PREVIEW_AGENT_SERVER")]
     pub agent_server: Option<String>,
-    /// How long an agent stays attached, idle and with no rules, after the
+    /// How long an agent stays attached, idle and with no redirects, after the
     /// last environment on its target is gone. A new environment on the
     /// target within it reuses the agent instead of adding another
     /// ephemeral container (they cannot be removed). 0s: agents leave at once.

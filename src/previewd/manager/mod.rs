@@ -126,7 +126,7 @@ impl Manager {
             Gauges {
                 environments: view.envs.len(),
                 pods: view.envs.values().map(|e| e.pods.len()).sum(),
-                agent_pods: Manager::agent_counts(&view).into_iter().map(|(s, n)| (agent_label(s), n)).collect(),
+                agent_pods: Manager::agent_counts(&view).into_iter().map(|(s, n)| (s.as_str(), n)).collect(),
             }
         };
         self.metrics.render(gauges)
@@ -161,17 +161,5 @@ impl Manager {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// The `state` label of `preview_agent_pods`.
-fn agent_label(s: crate::model::AgentState) -> &'static str {
-    use crate::model::AgentState::*;
-    match s {
-        Attaching => "attaching",
-        Routing => "routing",
-        Failed => "failed",
-        Capped => "capped",
-        Foreign => "foreign",
     }
 }

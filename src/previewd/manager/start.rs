@@ -10,7 +10,7 @@ use super::{Error, Manager};
 use crate::config::{self, PodConfig};
 use crate::filter::FilterSpec;
 use crate::model::{
-    EnvRecord, FieldError, Key, Mode, PodRecord, PodRequest, StartRequest, Started, Target, Ttl, WorkloadKind, now_ms,
+    EnvRecord, FieldError, Key, Mode, PodRecord, PodRequest, StartRequest, Started, Target, Ttl, now_ms,
     validate_dns_label,
 };
 use crate::previewd::cluster::KubeError;
@@ -350,18 +350,8 @@ impl Manager {
     /// first Start on a target too; a failed read only loses the warning.
     async fn agent_warnings(&self, rec: &EnvRecord) -> Vec<String> {
         let Some(server) = self.cluster.agent_server.as_deref() else { return Vec::new() };
-        let mut targets: Vec<(WorkloadKind, &str)> = rec
-            .pods
-            .iter()
-            .filter_map(|p| match &p.target {
-                Target::Workload { kind, name, .. } => Some((*kind, name.as_str())),
-                Target::Targetless => None,
-            })
-            .collect();
-        targets.sort();
-        targets.dedup();
         let mut out = Vec::new();
-        for (kind, name) in targets {
+        for (kind, name) in rec.workloads() {
             let pods = match self.cluster.target_pods(&rec.namespace, kind, name).await {
                 Ok(p) => p,
                 Err(e) => {

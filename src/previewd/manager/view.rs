@@ -133,18 +133,14 @@ impl View {
     /// routing once its route stream is open.
     pub fn agents_for(&self, rec: &EnvRecord) -> Vec<AgentStatus> {
         let mut out = Vec::new();
-        for (kind, name) in rec.pods.iter().filter_map(|p| match &p.target {
-            Target::Workload { kind, name, .. } => Some((*kind, name.clone())),
-            Target::Targetless => None,
-        }) {
-            let target = (rec.namespace.clone(), kind, name.clone());
+        for (kind, name) in rec.workloads() {
+            let target = (rec.namespace.clone(), kind, name.to_string());
             for (pod, (state, why)) in self.pod_agents.get(&target).into_iter().flatten() {
                 let (state, reason) = self.agent_state(&rec.namespace, pod, *state, why);
                 out.push(AgentStatus { target: format!("{}/{name}", kind.as_str()), pod: pod.clone(), state, reason });
             }
         }
         out.sort();
-        out.dedup();
         out
     }
 
@@ -244,10 +240,8 @@ impl View {
     pub fn targets(&self) -> BTreeSet<TargetRef> {
         let mut out = BTreeSet::new();
         for env in self.envs.values() {
-            for p in &env.record.pods {
-                if let Target::Workload { kind, name, .. } = &p.target {
-                    out.insert((env.record.namespace.clone(), *kind, name.clone()));
-                }
+            for (kind, name) in env.record.workloads() {
+                out.insert((env.record.namespace.clone(), kind, name.to_string()));
             }
         }
         out
