@@ -577,6 +577,65 @@ fn connections_open_before_the_rules_do_not_bypass_the_agent() -> Result<()> {
     client.join().map_err(|_| anyhow::anyhow!("client panicked"))?
 }
 
+/// The race behind stop 12's CI failure, made deterministic: a connection
+/// open to the app before the agent, whose first packet after the agent's
+/// rules comes from the app (a response in flight at attach). If conntrack
+/// picks the connection up from that packet, the client's packets then match
+/// it as replies and reach the app around the agent for as long as the
+/// connection lives. The agent resets such connections when it starts.
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs root (network namespaces): make test")]
+#[test]
+fn a_response_in_flight_at_attach_does_not_keep_its_connection_around_the_agent() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut net = Net::new()?;
+    net.set_routes(serde_json::json!([route("alpha", "steal", "198.18.101.2")]))?;
+    let (accepted_tx, accepted_rx) = std::sync::mpsc::channel::<()>();
+    let (write_tx, write_rx) = std::sync::mpsc::channel::<()>();
+    // The app: accepts one connection, then writes to it only when told.
+    let app = net.thread_in("p", move || async move {
+        let l = tokio::net::TcpListener::bind((POD, 8080)).await?;
+        accepted_tx.send(())?;
+        let (mut s, _) = l.accept().await?;
+        tokio::task::spawn_blocking(move || write_rx.recv_timeout(Duration::from_secs(60))).await??;
+        // Fails once the agent reset the connection; either way, what the
+        // client reads decides.
+        let _ = s.write_all(b"from the app\n").await;
+        Ok(())
+    });
+    accepted_rx.recv_timeout(Duration::from_secs(30))?;
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel::<()>();
+    let client = net.client_thread(move || async move {
+        let mut s = tokio::net::TcpStream::connect((POD, 8080)).await?;
+        connected_tx.send(())?;
+        tokio::task::spawn_blocking(move || go_rx.recv_timeout(Duration::from_secs(60))).await??;
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Err(_) => anyhow::bail!("the old connection hung: neither data nor a reset in 10 s"),
+            Ok(Ok(n)) if n > 0 => {
+                anyhow::bail!("the old connection still reaches the app: {:?}", String::from_utf8_lossy(&buf[..n]))
+            }
+            // Reset (or closed): the client reconnects, through the agent.
+            Ok(_) => Ok(()),
+        }
+    });
+    connected_rx.recv_timeout(Duration::from_secs(30))?;
+    let agent = net.agent()?;
+    // The agent logs "intercepting" once its rules are in and old
+    // connections are dealt with.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while !net.log(agent).contains("intercepting") {
+        ensure!(std::time::Instant::now() < end, "the agent did not start in 30 s:\n{}", net.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Now the app's packet is the connection's first since the rules.
+    write_tx.send(())?;
+    go_tx.send(())?;
+    let r = client.join().map_err(|_| anyhow::anyhow!("client panicked"))?;
+    app.join().map_err(|_| anyhow::anyhow!("app panicked"))??;
+    r.map_err(|e| e.context(net.logs()))
+}
+
 /// New connections made while the rules go in (handshakes in flight when
 /// conntrack is flushed) each end: answered, or reset so the client retries.
 /// None is left half-open, established on the client and unknown to the pod.

@@ -5,7 +5,8 @@
 //!
 //! Process code (`cli`, `guard`, `worker`, `outbound`, `source`) is kept
 //! apart from the proxy (`proxy`, `h1`, `framing`, `mirror`, `state`,
-//! `detect`, `routes`) and the rules (`intercept`). `run` is a small guard process
+//! `detect`, `routes`) and the rules (`intercept`, and `sockdiag`, which
+//! resets connections made to the app before them). `run` is a small guard process
 //! that starts the worker and removes the worker's rules whatever way it
 //! ends (exit, SIGTERM, panic, SIGKILL of the worker). `cleanup` removes
 //! rules left when both were killed.
@@ -22,6 +23,7 @@ mod mirror;
 mod outbound;
 pub mod proxy;
 pub mod routes;
+mod sockdiag;
 mod source;
 mod state;
 mod worker;

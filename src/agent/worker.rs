@@ -14,6 +14,7 @@ use super::intercept::{self, Backend, Direction};
 use super::metrics::Metrics;
 use super::proxy::Proxy;
 use super::routes::{RouteTable, SharedRoutes};
+use super::sockdiag;
 use super::source::RouteSource;
 use crate::model::{Route, now_ms};
 
@@ -57,9 +58,7 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
         tracing::warn!(?stale, "removed rules left by a dead agent");
     }
     backend.install(&chain, &Direction::Inbound(ports.clone()), args.listen.port())?;
-    for p in &ports {
-        intercept::flush_conntrack(*p);
-    }
+    ports.iter().for_each(|p| take_over(*p));
     tracing::info!(%chain, ?ports, listen = %args.listen, "intercepting");
 
     tokio::spawn(serve_admin(admin, routes.clone(), metrics.clone()));
@@ -160,8 +159,25 @@ pub async fn worker(args: WorkerArgs) -> Result<(), AgentError> {
 /// so connections already redirected to us keep their translation.
 fn set_ports(b: &Backend, chain: &str, old: &[u16], new: &[u16], to: u16) -> Result<(), intercept::InterceptError> {
     b.update(chain, &Direction::Inbound(new.to_vec()), to)?;
-    new.iter().filter(|p| !old.contains(p)).for_each(|p| intercept::flush_conntrack(*p));
+    new.iter().filter(|p| !old.contains(p)).for_each(|p| take_over(*p));
     Ok(())
+}
+
+/// Once `port`'s redirect is in: connections made before it go through the
+/// agent from now on, or are reset (the client reconnects, through us).
+/// conntrack is flushed first, then the app's sockets from outside the pod
+/// are reset: a response in flight after the flush would otherwise keep its
+/// connection around the agent (see `sockdiag`). A request in flight on such
+/// a connection fails, as any connection reset would make it.
+fn take_over(port: u16) {
+    intercept::flush_conntrack(port);
+    match sockdiag::reset_direct(port) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(port, reset = n, "reset connections made straight to the app before the redirect"),
+        Err(e) => {
+            tracing::warn!(port, error = %e, "could not reset old connections; they may reach the app around the agent")
+        }
+    }
 }
 
 /// The ports to intercept: the flag's, or every port the routes name.

@@ -142,7 +142,7 @@ async fn watch_pods(manager: &Arc<Manager>, target: &TargetRef, image: String, s
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => {
-                    tracing::debug!(error = %e, "target pod watch; retrying");
+                    tracing::warn!(namespace = %ns, error = %e, "target pod watch failed; retrying");
                     continue;
                 }
                 None => return,

@@ -127,8 +127,13 @@ pub async fn pod_ip(ns: &TestNs, name: &str) -> Result<String> {
 pub async fn until(ip: &str, key: Option<&str>, want: &[&str], within: Duration) -> Result<Duration> {
     let t = Instant::now();
     let want = chain(want);
+    // A wrong answer or a failed call is kept as the last error, for the
+    // timeout's message.
     eventually(&format!("{key:?} to see {want:?}"), within, || async {
-        Ok(call(ip, key).await.ok().filter(|c| *c == want).map(|_| ()))
+        match call(ip, key).await? {
+            c if c == want => Ok(Some(())),
+            c => Err(anyhow::anyhow!("saw {c:?}")),
+        }
     })
     .await?;
     Ok(t.elapsed())

@@ -158,6 +158,11 @@ impl Net {
         r.map_err(|e| e.context(self.logs()))
     }
 
+    /// Process `idx`'s whole log.
+    pub fn log(&self, idx: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{idx}.log"))).unwrap_or_default()
+    }
+
     /// The last lines of every process's log, for a failure's message.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -179,7 +184,16 @@ impl Net {
         &self,
         f: impl FnOnce() -> Fut + Send + 'static,
     ) -> std::thread::JoinHandle<Result<T>> {
-        let path = format!("/var/run/netns/{}", self.ns("c"));
+        self.thread_in("c", f)
+    }
+
+    /// Starts `f` on a thread inside namespace `which` ("c", "p" or "v").
+    pub fn thread_in<T: Send + 'static, Fut: std::future::Future<Output = Result<T>>>(
+        &self,
+        which: &str,
+        f: impl FnOnce() -> Fut + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
+        let path = format!("/var/run/netns/{}", self.ns(which));
         std::thread::spawn(move || {
             let fd = std::fs::File::open(&path)?;
             // SAFETY: setns on this thread only, with an fd we own.
