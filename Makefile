@@ -84,9 +84,11 @@ lint: deps          ## formatting and clippy, warnings are errors
 
 # The whole suite: every tier (unit, API, manager, layout, then the tests that
 # need the cluster or root, with the system-tests feature; parallel, one
-# namespace each), then the cluster's own down/up lifecycle checks.
+# namespace each), then the tests that must run alone (chaos case 3 restarts
+# the API server), then the cluster's own down/up lifecycle checks.
 test: lint generate-check images
 	cargo test --features system-tests --no-fail-fast -- --test-threads 4
+	cargo test --features system-tests --test chaos -- --ignored --test-threads 1
 	deploy/local/test-lifecycle.sh
 
 bench-core: images
@@ -100,7 +102,7 @@ bench-start: images
 	cargo test --release --features system-tests --test e2e bench_ -- --ignored --nocapture --test-threads 1
 
 chaos: images       ## the chaos suite on the real cluster (make test runs it too)
-	CHAOS_ROUNDS=20 cargo test --features system-tests --test chaos -- --nocapture --test-threads 1
+	CHAOS_ROUNDS=20 cargo test --features system-tests --test chaos -- --nocapture --test-threads 1 --include-ignored
 
 bench-agent: deps   ## agent vs direct vs nginx, in network namespaces (no cluster needed)
 	cargo test --release --features system-tests --test bench_agent -- --ignored --nocapture --test-threads 1

@@ -1,33 +1,44 @@
 //! Agent benchmark (`make bench-agent`; ignored by `cargo test`). One run, in
-//! network namespaces, measures the same app process three ways: directly (a
-//! port the agent does not intercept), through preview-agent, and through
-//! nginx (from Debian) routing on the same header. Prints added latency at 1k
-//! and 5k rps, max throughput as ratios, agent RSS and CPU per 1k rps, and the
-//! original's p99 with mirroring on and off. A fourth path, nginx's stream
-//! module copying bytes without parsing HTTP, shows what one user-space hop
-//! costs on this machine at all.
+//! network namespaces, measures the same app process through several paths:
 //!
-//! The machine's noise drifts over seconds, so the paths are measured
-//! in interleaved rounds (order rotating) rather than one after the other.
-//! Bounded: every round runs a fixed time against addresses in our namespaces.
+//! - direct: a port of the app the agent does not intercept (:8081);
+//! - agent: the intercepted port (:8080), unkeyed requests passed through;
+//! - floor: a byte relay (nginx's stream module, parsing nothing) behind the
+//!   same kind of nat REDIRECT as the agent (:8084 → :8083 → the app), what
+//!   any interception costs on this machine;
+//! - nginx: nginx routing on the same header (:8082), the bar for throughput;
+//! - steal: keyed requests through the agent to the preview pod (v2).
+//!
+//! Then h2c, 64 KiB bodies and a new connection per request (agent against
+//! direct), the original's p99 with mirroring on and off at 5k rps, and 1,
+//! 100 and 1000 environments on the target.
+//!
+//! Load is open loop in wrk2's sense: each connection has a schedule of
+//! intended send times, and latency is measured from the intended time, so a
+//! stall counts against every request it delayed (no coordinated omission).
+//! Every answer's status is checked; failures are counted and printed.
+//! The machine's noise drifts over seconds, so paths are measured in
+//! interleaved rounds, order rotating. Bounded: every round runs a fixed
+//! time at a fixed rate (or closed loop), against our namespaces only.
+//!
+//! The last line is the summary:
+//! `agent: p99 added X.XX x floor at 1k rps, throughput Y.YY x nginx, steal p99 Z.ZZ x passthrough, rss N MiB, 1000 envs W.WW x 1 env`
 
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use common::netns::{Net, POD, sh};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::time::Instant;
 
 /// Rounds per measurement and the time each path runs in a round: 3 s per
 /// path in all, 3 000 samples at 1k rps.
 const ROUNDS: u32 = 6;
-/// The mirror figure compares two p99s whose difference is small against the
-/// machine's noise, so it gets four times the samples (12 000 per mode).
-const MIRROR_ROUNDS: u32 = 24;
 const ROUND: Duration = Duration::from_millis(500);
 const TICKS_PER_S: f64 = 100.0; // USER_HZ
 
@@ -35,7 +46,55 @@ fn route(key: &str, mode: &str, dest: &str) -> serde_json::Value {
     serde_json::json!({"key": key, "mode": mode, "filter": {"key": key}, "destination": dest})
 }
 
-async fn conn(addr: SocketAddr) -> Result<Conn> {
+/// What each request of a phase is.
+#[derive(Clone)]
+struct Req {
+    key: Option<String>,
+    body: Bytes,
+    proto: Proto,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    /// HTTP/1.1 on a kept-alive connection.
+    H1,
+    /// h2c with prior knowledge (gRPC's transport).
+    H2,
+    /// HTTP/1.1, a new connection per request (connect included).
+    Fresh,
+}
+
+impl Req {
+    fn get(key: Option<&str>) -> Req {
+        Req { key: key.map(String::from), body: Bytes::new(), proto: Proto::H1 }
+    }
+
+    fn build(&self) -> Result<http::Request<Full<Bytes>>> {
+        let method = if self.body.is_empty() { "GET" } else { "POST" };
+        let mut b = http::Request::builder().method(method).uri("/b");
+        if self.proto == Proto::H2 {
+            b = b.uri(format!("http://{POD}/b"));
+        } else {
+            b = b.header("host", POD);
+        }
+        if self.proto == Proto::Fresh {
+            b = b.header("connection", "close");
+        }
+        if let Some(k) = &self.key {
+            b = b.header("baggage", format!("preview-key={k}"));
+        }
+        Ok(b.body(Full::new(self.body.clone()))?)
+    }
+}
+
+/// One client connection (none for `Fresh`: each request makes its own).
+enum Client {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    Fresh,
+}
+
+async fn h1(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
     let s = tokio::net::TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let (send, c) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
@@ -43,125 +102,157 @@ async fn conn(addr: SocketAddr) -> Result<Conn> {
     Ok(send)
 }
 
-async fn one(send: &mut Conn, key: Option<&str>) -> Result<Duration> {
-    let mut b = http::Request::get("/b").header("host", POD);
-    if let Some(k) = key {
-        b = b.header("baggage", format!("preview-key={k}"));
+impl Client {
+    async fn open(addr: SocketAddr, proto: Proto) -> Result<Client> {
+        Ok(match proto {
+            Proto::H1 => Client::H1(h1(addr).await?),
+            Proto::H2 => {
+                let s = tokio::net::TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                let (send, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await?;
+                tokio::spawn(c);
+                Client::H2(send)
+            }
+            Proto::Fresh => Client::Fresh,
+        })
     }
-    let t = Instant::now();
-    send.ready().await?;
-    let resp = send.send_request(b.body(Full::new(Bytes::new()))?).await?;
-    resp.into_body().collect().await?;
-    Ok(t.elapsed())
+
+    /// Sends `req` and reads the whole answer; its status.
+    async fn one(&mut self, addr: SocketAddr, req: &Req) -> Result<http::StatusCode> {
+        let r = req.build()?;
+        let resp = match self {
+            Client::H1(s) => {
+                s.ready().await?;
+                s.send_request(r).await?
+            }
+            Client::H2(s) => {
+                s.ready().await?;
+                s.send_request(r).await?
+            }
+            Client::Fresh => h1(addr).await?.send_request(r).await?,
+        };
+        let status = resp.status();
+        resp.into_body().collect().await?;
+        Ok(status)
+    }
 }
 
-type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
-/// Opens `n` keep-alive connections and sends one request on each, so that
-/// rounds measure steady-state requests, not connection setup.
-async fn open(addr: SocketAddr, n: usize) -> Result<Vec<Conn>> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let mut s = conn(addr).await?;
-        one(&mut s, None).await?;
-        out.push(s);
-    }
-    Ok(out)
+/// What one connection gave in one round.
+#[derive(Default)]
+struct Run {
+    lat: Vec<Duration>,
+    failed: u64,
 }
 
-/// Load on each connection for `time`: fixed-rate (`rps` shared by all) or
-/// closed loop. Returns the connections and the latencies.
+/// Load on one connection for `time`: at `interval` between intended sends
+/// (open loop; latency from the intended time), or back to back (closed).
 async fn drive(
     addr: SocketAddr,
-    sends: Vec<Conn>,
-    key: Option<&'static str>,
-    rps: Option<u64>,
+    mut c: Client,
+    req: Req,
+    interval: Option<Duration>,
     time: Duration,
-) -> Result<(Vec<Conn>, Vec<Duration>)> {
-    let conns = sends.len() as u64;
-    let mut tasks = Vec::new();
-    for mut send in sends {
-        tasks.push(tokio::spawn(async move {
-            let mut tick = rps.map(|r| {
-                let mut t = tokio::time::interval(Duration::from_nanos(1_000_000_000 * conns / r));
-                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                t
-            });
-            let end = Instant::now() + time;
-            let mut lat = Vec::new();
-            while Instant::now() < end {
-                if let Some(t) = &mut tick {
-                    t.tick().await;
-                }
-                match one(&mut send, key).await {
-                    Ok(d) => lat.push(d),
-                    // The server closed the keep-alive connection: reconnect.
-                    Err(_) => send = conn(addr).await?,
-                }
+) -> Result<(Client, Run)> {
+    let start = Instant::now();
+    let end = start + time;
+    let mut run = Run::default();
+    for k in 0u32.. {
+        let intended = match interval {
+            Some(iv) => start + iv * k,
+            None => Instant::now(),
+        };
+        if intended >= end {
+            break;
+        }
+        tokio::time::sleep_until(intended).await;
+        match c.one(addr, &req).await {
+            Ok(s) if s.is_success() => run.lat.push(intended.elapsed()),
+            Ok(_) => run.failed += 1,
+            Err(_) => {
+                run.failed += 1;
+                c = Client::open(addr, req.proto).await?;
             }
-            Ok::<_, anyhow::Error>((send, lat))
-        }));
+        }
     }
-    let (mut sends, mut all) = (Vec::new(), Vec::new());
-    for t in tasks {
-        let (s, l) = t.await??;
-        sends.push(s);
-        all.extend(l);
-    }
-    Ok((sends, all))
+    Ok((c, run))
 }
 
-/// One path under test: where to send, the process whose CPU it costs, and
-/// an optional key (mirror phases).
+/// One path under test: where to send, what, and the process whose CPU it
+/// costs (if any).
 struct Path {
+    name: &'static str,
     addr: SocketAddr,
-    key: Option<&'static str>,
+    req: Req,
     pid: Option<String>,
+}
+
+impl Path {
+    fn new(name: &'static str, addr: SocketAddr, req: Req) -> Path {
+        Path { name, addr, req, pid: None }
+    }
 }
 
 /// What a path gave over all rounds.
 #[derive(Default)]
 struct Sample {
     lat: Vec<Duration>,
-    requests: u64,
+    failed: u64,
     cpu_ticks: u64,
     secs: f64,
 }
 
 impl Sample {
+    /// Percentile in µs.
     fn p(&self, pct: usize) -> f64 {
         let v = &self.lat;
+        if v.is_empty() {
+            return f64::NAN;
+        }
         v[(v.len() * pct / 100).min(v.len() - 1)].as_secs_f64() * 1e6
     }
     fn rps(&self) -> f64 {
-        self.requests as f64 / self.secs
+        self.lat.len() as f64 / self.secs
     }
     /// CPU ms per second of load, scaled to 1k rps.
     fn cpu_per_1k(&self) -> f64 {
         self.cpu_ticks as f64 / TICKS_PER_S * 1000.0 / self.secs / (self.rps() / 1000.0)
     }
+    fn line(&self, name: &str, base: Option<&Sample>) -> String {
+        let added = base.map_or(String::new(), |b| {
+            format!(" (added p50 {:+.0} µs, p99 {:+.0} µs)", self.p(50) - b.p(50), self.p(99) - b.p(99))
+        });
+        format!(
+            "  {name:<8} p50 {:>6.0} µs p99 {:>6.0} µs{added} | {} ok, {} failed",
+            self.p(50),
+            self.p(99),
+            self.lat.len(),
+            self.failed
+        )
+    }
 }
 
-enum Load {
-    Rate {
-        rps: u64,
-        conns: usize,
-    },
-    /// 32 connections, each sending its next request as soon as the last is answered.
-    Closed,
+/// Load per path: `rps` over `conns` connections, or closed loop on `conns`.
+#[derive(Clone, Copy)]
+struct Load {
+    rps: Option<u64>,
+    conns: usize,
 }
 
 /// Runs every path for [`ROUND`], `rounds` times, rotating the order so
 /// that no path always follows another. Connections stay open across rounds.
 async fn interleaved(paths: &[Path], load: Load, rounds: u32) -> Result<Vec<Sample>> {
-    let (rps, conns) = match load {
-        Load::Rate { rps, conns } => (Some(rps), conns),
-        Load::Closed => (None, 32),
-    };
+    let interval = load.rps.map(|r| Duration::from_nanos(1_000_000_000 * load.conns as u64 / r));
     let mut out: Vec<Sample> = paths.iter().map(|_| Sample::default()).collect();
-    let mut sends = Vec::new();
+    let mut clients: Vec<Vec<Client>> = Vec::new();
     for p in paths {
-        sends.push(open(p.addr, conns).await?);
+        let mut cs = Vec::new();
+        for _ in 0..load.conns {
+            let mut c = Client::open(p.addr, p.req.proto).await?;
+            // One request first: rounds measure steady state, not setup.
+            c.one(p.addr, &p.req).await.with_context(|| format!("{}: first request", p.name))?;
+            cs.push(c);
+        }
+        clients.push(cs);
     }
     for round in 0..rounds as usize {
         for i in 0..paths.len() {
@@ -169,15 +260,20 @@ async fn interleaved(paths: &[Path], load: Load, rounds: u32) -> Result<Vec<Samp
             let path = &paths[idx];
             let cpu0 = path.pid.as_deref().map(proc_stat).transpose()?.map_or(0, |s| s.0);
             let t = Instant::now();
-            let (s, lat) = drive(path.addr, std::mem::take(&mut sends[idx]), path.key, rps, ROUND).await?;
-            let secs = t.elapsed().as_secs_f64();
-            let cpu1 = path.pid.as_deref().map(proc_stat).transpose()?.map_or(0, |s| s.0);
-            sends[idx] = s;
+            let tasks: Vec<_> = std::mem::take(&mut clients[idx])
+                .into_iter()
+                .map(|c| tokio::spawn(drive(path.addr, c, path.req.clone(), interval, ROUND)))
+                .collect();
             let s = &mut out[idx];
-            s.requests += lat.len() as u64;
-            s.lat.extend(lat);
+            for task in tasks {
+                let (c, run) = task.await??;
+                clients[idx].push(c);
+                s.lat.extend(run.lat);
+                s.failed += run.failed;
+            }
+            s.secs += t.elapsed().as_secs_f64();
+            let cpu1 = path.pid.as_deref().map(proc_stat).transpose()?.map_or(0, |s| s.0);
             s.cpu_ticks += cpu1 - cpu0;
-            s.secs += secs;
         }
     }
     for s in &mut out {
@@ -199,6 +295,36 @@ fn proc_stat(pid: &str) -> Result<(u64, u64)> {
         .context("rss")?
         .parse()?;
     Ok((cpu, rss))
+}
+
+/// Waits, bounded, until a request keyed `key` through the agent gets the
+/// preview's answer: the agent has that route set.
+async fn routed(addr: SocketAddr, key: &str) -> Result<()> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let req = http::Request::get("/")
+            .header("host", POD)
+            .header("baggage", format!("preview-key={key}"))
+            .body(Full::new(Bytes::new()))?;
+        if let Ok(mut s) = h1(addr).await
+            && let Ok(resp) = s.send_request(req).await
+            && resp.into_body().collect().await?.to_bytes().windows(4).any(|w| w == b"\"v2\"")
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < end, "the agent never routed {key}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `n` environments on the target, each a steal route of its own key; the
+/// probe key is `e{n}-0`.
+fn envs(n: usize) -> serde_json::Value {
+    let mut routes: Vec<serde_json::Value> =
+        (0..n).map(|i| route(&format!("e{n}-{i}"), "steal", "198.18.101.2")).collect();
+    routes.push(route("bench", "steal", "198.18.101.2"));
+    routes.push(route("m", "mirror", "198.18.101.3"));
+    serde_json::Value::Array(routes)
 }
 
 #[test]
@@ -234,101 +360,209 @@ stream {{ server {{ listen 8083; proxy_pass 127.0.0.1:8081; }} }}
     )?;
     let ns_p = net.ns("p");
     let nginx_idx = net.spawn(&ns_p, &["nginx", "-c", conf.to_str().context("path")?, "-g", "daemon off;"])?;
-    net.set_routes(serde_json::json!([route("bench", "steal", "198.18.101.2"), route("m", "mirror", "198.18.101.3")]))?;
+    // The floor's REDIRECT: the same nat rule the agent installs, to a relay.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns_p,
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-m",
+        "tcp",
+        "--dport",
+        "8084",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "8083",
+    ])?;
+    net.set_routes(envs(1))?;
     let agent_idx = net.agent()?;
-    // The agent intercepts :8080; :8081 is the same app, never intercepted.
-    let through_agent: SocketAddr = format!("{POD}:8080").parse()?;
+    let agent: SocketAddr = format!("{POD}:8080").parse()?;
     let direct: SocketAddr = format!("{POD}:8081").parse()?;
-    let through_nginx: SocketAddr = format!("{POD}:8082").parse()?;
-    // nginx's stream module: one user-space hop that copies bytes and parses
-    // nothing, the floor for any proxy on this machine.
-    let through_l4: SocketAddr = format!("{POD}:8083").parse()?;
-    net.client(move || async move {
-        for _ in 0..100 {
-            if let Ok(mut s) = conn(through_agent).await {
-                let req = http::Request::get("/")
-                    .header("host", POD)
-                    .header("x-preview-key", "bench")
-                    .body(Full::new(Bytes::new()))?;
-                if let Ok(resp) = s.send_request(req).await
-                    && resp.into_body().collect().await?.to_bytes().windows(4).any(|w| w == b"\"v2\"")
-                {
-                    return Ok(());
+    let nginx: SocketAddr = format!("{POD}:8082").parse()?;
+    let floor: SocketAddr = format!("{POD}:8084").parse()?;
+    net.client(move || async move { routed(agent, "bench").await })?;
+    let guard = net.procs[agent_idx].id().to_string();
+    let worker = sh(&["pgrep", "-P", &guard])?.trim().to_string();
+    let nginx_worker = sh(&["pgrep", "-P", &net.procs[nginx_idx].id().to_string()])?.trim().to_string();
+
+    let mut main = vec![
+        Path::new("direct", direct, Req::get(None)),
+        Path { pid: Some(worker.clone()), ..Path::new("agent", agent, Req::get(None)) },
+        Path::new("floor", floor, Req::get(None)),
+        Path { pid: Some(nginx_worker.clone()), ..Path::new("nginx", nginx, Req::get(None)) },
+        Path::new("steal", agent, Req::get(Some("bench"))),
+    ];
+    let closed: Vec<Path> = main.drain(..4).collect();
+    let steal = main.pop().context("steal path")?;
+    let (guard2, worker2) = (guard.clone(), worker.clone());
+    let routes_path = net.routes_path();
+    let set_routes = move |v: serde_json::Value| -> Result<()> {
+        let tmp = routes_path.with_extension("tmp");
+        std::fs::write(&tmp, v.to_string())?;
+        std::fs::rename(tmp, &routes_path)?;
+        Ok(())
+    };
+
+    let out = net.client(move || async move {
+        let mut rss_max = 0u64;
+        let mut rss = || -> Result<u64> {
+            let now = proc_stat(&guard2)?.1 + proc_stat(&worker2)?.1;
+            rss_max = rss_max.max(now);
+            Ok(now)
+        };
+        let mut paths: Vec<Path> = closed;
+        paths.push(steal);
+        let at1k = interleaved(&paths, Load { rps: Some(1000), conns: 2 }, ROUNDS).await?;
+        rss()?;
+        paths.pop();
+        let max = interleaved(&paths, Load { rps: None, conns: 32 }, ROUNDS).await?;
+        rss()?;
+        let pair =
+            |name: &'static str, req: Req| [Path::new("direct", direct, req.clone()), Path::new(name, agent, req)];
+        let h2 = interleaved(
+            &pair("agent", Req { proto: Proto::H2, ..Req::get(None) }),
+            Load { rps: Some(1000), conns: 2 },
+            ROUNDS,
+        )
+        .await?;
+        let big = interleaved(
+            &pair("agent", Req { body: Bytes::from(vec![b'x'; 64 << 10]), ..Req::get(None) }),
+            Load { rps: Some(500), conns: 2 },
+            ROUNDS,
+        )
+        .await?;
+        rss()?;
+        let fresh = interleaved(
+            &pair("agent", Req { proto: Proto::Fresh, ..Req::get(None) }),
+            Load { rps: Some(500), conns: 2 },
+            ROUNDS,
+        )
+        .await?;
+        // The original's p99 with its copy sent to the preview, and without.
+        let mirror = interleaved(
+            &[Path::new("on", agent, Req::get(Some("m"))), Path::new("off", agent, Req::get(None))],
+            Load { rps: Some(5000), conns: 8 },
+            ROUNDS,
+        )
+        .await?;
+        rss()?;
+        // 1, 100 and 1000 environments on the target, rotating; unkeyed
+        // requests (what every staging request pays) against direct.
+        let sizes = [1usize, 100, 1000];
+        let mut by_size: Vec<Vec<Sample>> = sizes.iter().map(|_| vec![Sample::default(), Sample::default()]).collect();
+        for round in 0..ROUNDS as usize {
+            for i in 0..sizes.len() {
+                let idx = (i + round) % sizes.len();
+                set_routes(envs(sizes[idx]))?;
+                routed(agent, &format!("e{}-0", sizes[idx])).await?;
+                let s = interleaved(&pair("agent", Req::get(None)), Load { rps: Some(1000), conns: 2 }, 1).await?;
+                for (acc, got) in by_size[idx].iter_mut().zip(s) {
+                    acc.lat.extend(got.lat);
+                    acc.failed += got.failed;
+                    acc.secs += got.secs;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        anyhow::bail!("agent never came up")
-    })?;
-    let worker = sh(&["pgrep", "-P", &net.procs[agent_idx].id().to_string()])?.trim().to_string();
-    let nginx_worker = sh(&["pgrep", "-P", &net.procs[nginx_idx].id().to_string()])?.trim().to_string();
-    let paths = [
-        Path { addr: direct, key: None, pid: None },
-        Path { addr: through_agent, key: None, pid: Some(worker.clone()) },
-        Path { addr: through_nginx, key: None, pid: Some(nginx_worker.clone()) },
-        Path { addr: through_l4, key: None, pid: Some(nginx_worker) },
-    ];
-    let mirror =
-        [Path { addr: through_agent, key: Some("m"), pid: None }, Path { addr: through_agent, key: None, pid: None }];
-
-    let (r1k, r5k, max, mir) = net.client(move || async move {
-        // Warm every path: pools, caches.
-        for p in &paths {
-            drive(p.addr, open(p.addr, 1).await?, None, Some(500), Duration::from_millis(300)).await?;
+        for v in &mut by_size {
+            for s in v.iter_mut() {
+                s.lat.sort();
+            }
         }
-        Ok((
-            interleaved(&paths, Load::Rate { rps: 1000, conns: 2 }, ROUNDS).await?,
-            interleaved(&paths, Load::Rate { rps: 5000, conns: 8 }, ROUNDS).await?,
-            interleaved(&paths, Load::Closed, ROUNDS).await?,
-            interleaved(&mirror, Load::Rate { rps: 1000, conns: 2 }, MIRROR_ROUNDS).await?,
-        ))
+        rss()?;
+        Ok((at1k, max, h2, big, fresh, mirror, by_size, rss_max))
     })?;
-    let (_, rss_end) = proc_stat(&worker)?;
+    let (at1k, max, h2, big, fresh, mirror, by_size, rss_max) = out;
+    let rss_end = proc_stat(&guard)?.1 + proc_stat(&worker)?.1;
 
     println!(
-        "\n== bench-agent: {ROUNDS} interleaved rounds of {ROUND:?} per path ({MIRROR_ROUNDS} for mirror); client, agent, app and nginx share this machine's cores =="
+        "\n== bench-agent: {ROUNDS} interleaved rounds of {ROUND:?} per path; open loop, latency from the intended send; client, agent, app and nginx share this machine's 2 cores =="
     );
-    for (name, s) in [("1k rps", &r1k), ("5k rps", &r5k)] {
-        let (d, a, n, l) = (&s[0], &s[1], &s[2], &s[3]);
+    let (d, a, f, n, s) = (&at1k[0], &at1k[1], &at1k[2], &at1k[3], &at1k[4]);
+    println!("HTTP/1.1 GET, kept alive, 1k rps over 2 connections:");
+    for (name, x) in [("direct", d), ("agent", a), ("floor", f), ("nginx", n), ("steal", s)] {
+        println!("{}", x.line(name, (name != "direct").then_some(d)));
+    }
+    let agent_added = a.p(99) - d.p(99);
+    let floor_added = f.p(99) - d.p(99);
+    println!(
+        "  agent p99 added {agent_added:.0} µs vs the floor's {floor_added:.0} µs = {:.2}x (goal <= 1.5x); steal p99 {:.2}x passthrough (goal <= 2x)",
+        agent_added / floor_added,
+        s.p(99) / a.p(99)
+    );
+    let (md, ma, mf, mn) = (&max[0], &max[1], &max[2], &max[3]);
+    println!(
+        "max throughput, 32 connections closed loop: direct {:.0} rps | agent {:.0} rps = {:.2}x nginx (goal >= 1.0x) | floor {:.0} rps | nginx {:.0} rps | failed: agent {}, nginx {}",
+        md.rps(),
+        ma.rps(),
+        ma.rps() / mn.rps(),
+        mf.rps(),
+        mn.rps(),
+        ma.failed,
+        mn.failed
+    );
+    println!(
+        "CPU per 1k rps: agent {:.0} ms/s, nginx {:.0} ms/s at 1k rps; agent {:.0} ms/s, nginx {:.0} ms/s closed loop",
+        a.cpu_per_1k(),
+        n.cpu_per_1k(),
+        ma.cpu_per_1k(),
+        mn.cpu_per_1k()
+    );
+    for (what, v) in [
+        ("h2c GET, 1k rps, 2 connections", &h2),
+        ("HTTP/1.1 POST 64 KiB, 500 rps, 2 connections", &big),
+        ("HTTP/1.1 GET, a new connection per request, 500 rps", &fresh),
+    ] {
+        println!("{what}:");
+        println!("{}", v[0].line("direct", None));
+        println!("{}", v[1].line("agent", Some(&v[0])));
+    }
+    let (on, off) = (&mirror[0], &mirror[1]);
+    println!(
+        "mirror, 5k rps over 8 connections: original p99 {:.0} µs with a copy to the preview, {:.0} µs without = {:+.1}% (goal <= +10%); p50 {:+.1}% | failed: {} on, {} off | n={}",
+        on.p(99),
+        off.p(99),
+        (on.p(99) / off.p(99) - 1.0) * 100.0,
+        (on.p(50) / off.p(50) - 1.0) * 100.0,
+        on.failed,
+        off.failed,
+        on.lat.len()
+    );
+    println!("environments on the target, unkeyed GET at 1k rps ({ROUNDS} rotating rounds each):");
+    let added = |v: &Vec<Sample>| v[1].p(50) - v[0].p(50);
+    for (size, v) in [1usize, 100, 1000].iter().zip(&by_size) {
         println!(
-            "unmatched, {name}: direct p50 {:.0} µs p99 {:.0} µs | agent added p50 {:+.0} µs, p99 {:+.0} µs{} | nginx added p50 {:+.0} µs, p99 {:+.0} µs | byte-copy floor (nginx stream) added p50 {:+.0} µs, p99 {:+.0} µs | n={}",
-            d.p(50),
-            d.p(99),
-            a.p(50) - d.p(50),
-            a.p(99) - d.p(99),
-            if name == "1k rps" { " (goal p99 <= 100 µs)" } else { "" },
-            n.p(50) - d.p(50),
-            n.p(99) - d.p(99),
-            l.p(50) - d.p(50),
-            l.p(99) - d.p(99),
-            a.lat.len()
+            "  {size:>4} envs: agent p50 added {:+.0} µs, p99 added {:+.0} µs | failed {}",
+            added(v),
+            v[1].p(99) - v[0].p(99),
+            v[1].failed
         );
     }
-    let (d, a, n, l) = (&max[0], &max[1], &max[2], &max[3]);
+    let envs_ratio = added(&by_size[2]) / added(&by_size[0]);
     println!(
-        "max throughput (32 conns, closed loop): direct {:.0} rps | agent {:.0} rps = {:.2}x direct, {:.2}x nginx (goal >= 1.0x nginx) | nginx {:.0} rps | byte-copy floor {:.0} rps",
-        d.rps(),
-        a.rps(),
-        a.rps() / d.rps(),
-        a.rps() / n.rps(),
-        n.rps(),
-        l.rps()
+        "agent RSS (guard + worker): {:.1} MiB at the end, {:.1} MiB at most between phases (goal <= 12 MiB)",
+        rss_end as f64 / 1024.0,
+        rss_max as f64 / 1024.0
     );
+    let failed: u64 =
+        [&at1k, &max, &h2, &big, &fresh, &mirror].iter().flat_map(|v| v.iter()).map(|s| s.failed).sum::<u64>()
+            + by_size.iter().flatten().map(|s| s.failed).sum::<u64>();
+    println!("failed requests in all: {failed}");
     println!(
-        "CPU per 1k rps: agent {:.0} ms/s, nginx {:.0} ms/s at 1k rps; agent {:.0} ms/s, nginx {:.0} ms/s at max",
-        r1k[1].cpu_per_1k(),
-        r1k[2].cpu_per_1k(),
-        a.cpu_per_1k(),
-        n.cpu_per_1k()
-    );
-    println!("agent RSS at the end {:.1} MiB (goal <= 12 MiB)", rss_end as f64 / 1024.0);
-    println!(
-        "mirror, 1k rps: original p99 {:.0} µs with mirroring on, {:.0} µs off = {:+.1}% (goal <= +10%); p50 {:+.1}% | n={}",
-        mir[0].p(99),
-        mir[1].p(99),
-        (mir[0].p(99) / mir[1].p(99) - 1.0) * 100.0,
-        (mir[0].p(50) / mir[1].p(50) - 1.0) * 100.0,
-        mir[0].lat.len()
+        "agent: p99 added {:.2} x floor at 1k rps, throughput {:.2} x nginx, steal p99 {:.2} x passthrough, rss {:.0} MiB, 1000 envs {:.2} x 1 env",
+        agent_added / floor_added,
+        ma.rps() / mn.rps(),
+        s.p(99) / a.p(99),
+        rss_max.max(rss_end) as f64 / 1024.0,
+        envs_ratio
     );
     Ok(())
 }

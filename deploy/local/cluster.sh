@@ -451,10 +451,22 @@ status() {
   return $rc
 }
 
+# restart etcd|kube-apiserver: stop it (TERM, then KILL) and start it again,
+# as after a crash and its supervisor (the chaos suite's case 3).
+restart() {
+  case "${1:-}" in
+    etcd) stop_one etcd; etcd_up ;;
+    kube-apiserver) stop_one kube-apiserver; apiserver_up ;;
+    *) die "restart: etcd or kube-apiserver" ;;
+  esac
+  log "restarted $1"
+}
+
 case "${1:-}" in
   up) shift; up "$@" ;;
+  restart) shift; restart "$@" ;;
   down) down ;;
   status) status ;;
   kubeconfig) echo "$KC" ;;
-  *) die "usage: cluster.sh up [--api-only] | down | status | kubeconfig" ;;
+  *) die "usage: cluster.sh up [--api-only] | down | restart etcd|kube-apiserver | status | kubeconfig" ;;
 esac

@@ -113,7 +113,7 @@ pub struct WorkerArgs {
     pub namespace: Option<String>,
     /// Bytes of mirror copies that may be queued or in flight at once;
     /// copies past it are dropped and counted (`mirror_dropped`).
-    #[arg(long, env = "PREVIEW_AGENT_MIRROR_MAX_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "PREVIEW_AGENT_MIRROR_MAX_BYTES", default_value_t = super::state::MIRROR_MAX_BYTES as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub mirror_max_bytes: u64,
     /// How long to stay attached, idle and with no rules, once no route is
     /// left: a new environment on this target within it reuses this agent

@@ -1,6 +1,8 @@
 //! The mirror sender: sends queued copies to preview pods once staging's
 //! requests in flight are done (at most `MIRROR_DEFER` later), with bounded
-//! concurrency; their answers are read and dropped.
+//! concurrency (a copy finding every slot busy is dropped and counted, so a
+//! flood sheds copies instead of slowing staging); their answers are read
+//! and dropped.
 
 use std::sync::Arc;
 
@@ -29,7 +31,14 @@ pub(super) async fn mirror_sender(
         inflight.idle_within(MIRROR_DEFER).await;
         let mut next = Some(first);
         while let Some(MirrorJob { key, copy, to, charge }) = next.take().or_else(|| rx.try_recv().ok()) {
-            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            // All copies' slots busy: the preview, or this thread, is not
+            // keeping up, and a copy waiting here would hold its bytes and
+            // then compete with staging. Drop it and count it instead.
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                metrics.mirror_dropped(&key);
+                drop(charge);
+                continue;
+            };
             let (h1, h2, metrics, pool) = (h1.clone(), h2.clone(), metrics.clone(), pool.clone());
             tokio::spawn(async move {
                 let mut req = match copy {

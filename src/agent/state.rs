@@ -28,10 +28,15 @@ pub const CREDENTIAL_HEADERS: [http::HeaderName; 3] =
     [http::header::AUTHORIZATION, http::header::PROXY_AUTHORIZATION, http::header::COOKIE];
 /// Copies waiting to be sent; more are dropped and counted.
 pub const MIRROR_QUEUE: usize = 1024;
-/// Bytes of copies queued or in flight, by default; more are dropped and counted.
-pub const MIRROR_MAX_BYTES: usize = 64 << 20;
-/// Copies in flight at once.
-pub(super) const MIRROR_CONCURRENCY: usize = 64;
+/// Bytes of copies queued or in flight, by default; more are dropped and
+/// counted. This is memory the agent holds, so it is what keeps the agent
+/// within 32 MiB under a mirror flood (chaos case 6); `--mirror-max-bytes`
+/// raises it where the pod has the memory.
+pub const MIRROR_MAX_BYTES: usize = 16 << 20;
+/// Copies in flight at once; one finding none free is dropped. More would
+/// not send faster (copies compete for the same CPU as staging), only hold
+/// more bytes and slow staging down under a flood.
+pub(super) const MIRROR_CONCURRENCY: usize = 16;
 /// How long queued copies wait for staging requests to finish first.
 pub const MIRROR_DEFER: Duration = Duration::from_millis(2);
 

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::model::Key;
 use crate::previewd::cluster::KubeError;
 use crate::previewd::manager::{AgentPlan, CleanSelector, Error, Manager, Selector};
+use crate::previewd::store::StoreError;
 use crate::proto::preview_service_server::PreviewService;
 use crate::proto::{self, clean_request};
 use crate::wire;
@@ -33,6 +34,8 @@ impl From<Error> for Status {
                 KubeError::Api { source: ::kube::Error::Api(s), .. } if s.code == 422 => Status::invalid_argument(msg),
                 KubeError::Api { .. } => Status::unavailable(msg),
             },
+            Error::Store(StoreError::Full { .. }) => Status::resource_exhausted(msg),
+            Error::Store(StoreError::Io { .. }) => Status::unavailable(msg),
             Error::Store(_) => Status::internal(msg),
         }
     }

@@ -3,9 +3,14 @@
 //! All table definitions live here. Every helper runs its transaction inside
 //! `spawn_blocking`, commits on Ok and aborts (drops) on Err, and never holds a
 //! transaction across an `.await`.
+//!
+//! After an I/O error (a full volume, say) redb refuses every later operation
+//! until the database is reopened, so the store drops it then and the next
+//! call opens it again: once space is freed, previewd writes again without a
+//! restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -18,6 +23,12 @@ const ENVS: TableDefinition<&str, &[u8]> = TableDefinition::new("environments_v1
 pub enum StoreError {
     #[error("store at {path}: {source}")]
     Open { path: PathBuf, source: redb::DatabaseError },
+    /// The volume holding the store is full (ENOSPC or a quota).
+    #[error("store: the volume holding {path} is full ({message}); free space there and retry")]
+    Full { path: PathBuf, message: String },
+    /// Another I/O error; the next call reopens the database.
+    #[error("store: I/O error on {path}: {message}")]
+    Io { path: PathBuf, message: String },
     #[error("store: {0}")]
     Db(String),
     #[error("store record {key:?} is corrupt: {source}")]
@@ -26,35 +37,134 @@ pub enum StoreError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// A redb error, with its storage error when it has one (I/O is told apart).
+struct DbError(String, Option<StorageKind>);
+
+enum StorageKind {
+    Full,
+    Io,
+}
+
+fn storage_kind(e: &redb::StorageError) -> Option<StorageKind> {
+    match e {
+        redb::StorageError::Io(io)
+            if io.kind() == std::io::ErrorKind::StorageFull
+                || io.kind() == std::io::ErrorKind::QuotaExceeded
+                || io.raw_os_error() == Some(libc::ENOSPC) =>
+        {
+            Some(StorageKind::Full)
+        }
+        redb::StorageError::Io(_) | redb::StorageError::PreviousIo => Some(StorageKind::Io),
+        _ => None,
+    }
+}
+
 macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self { StoreError::Db(e.to_string()) }
+    ($($t:ident),*) => {$(
+        impl From<redb::$t> for DbError {
+            fn from(e: redb::$t) -> Self {
+                let kind = match &e { redb::$t::Storage(s) => storage_kind(s), _ => None };
+                DbError(e.to_string(), kind)
+            }
         }
     )*};
 }
-db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(TransactionError, TableError, CommitError);
+
+impl From<redb::StorageError> for DbError {
+    fn from(e: redb::StorageError) -> Self {
+        let kind = storage_kind(&e);
+        DbError(e.to_string(), kind)
+    }
+}
+
+impl From<redb::SetDurabilityError> for DbError {
+    fn from(e: redb::SetDurabilityError) -> Self {
+        DbError(e.to_string(), None)
+    }
+}
 
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// None after an I/O error: the next call reopens.
+    db: Mutex<Option<Arc<Database>>>,
+}
+
+impl Inner {
+    fn error(&self, e: DbError) -> StoreError {
+        let path = self.path.clone();
+        match e.1 {
+            Some(StorageKind::Full) => StoreError::Full { path, message: e.0 },
+            Some(StorageKind::Io) => StoreError::Io { path, message: e.0 },
+            None => StoreError::Db(e.0),
+        }
+    }
+
+    /// The open database, opening it again after an I/O error. Blocking.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        // A poisoned lock only means a panic elsewhere; the Option is still whole.
+        let mut slot = self.db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        let db = Arc::new(open(&self.path)?);
+        *slot = Some(db.clone());
+        tracing::info!(path = %self.path.display(), "store reopened after an I/O error");
+        Ok(db)
+    }
+
+    /// Runs `f` on the database; after an I/O error drops it, so the next
+    /// call reopens it (redb fails every operation until then).
+    fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, StoreError> {
+        let db = self.db()?;
+        f(&db).map_err(|e| {
+            let err = self.error(e);
+            if matches!(err, StoreError::Full { .. } | StoreError::Io { .. }) {
+                let mut slot = self.db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if slot.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &db)) {
+                    *slot = None;
+                }
+            }
+            err
+        })
+    }
+}
+
+/// Opens (or creates) the database at `path` with its table. Blocking.
+fn open(path: &Path) -> Result<Database, StoreError> {
+    let db = Database::create(path).map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
+    let table = || -> Result<(), DbError> {
+        let tx = db.begin_write()?;
+        tx.open_table(ENVS)?;
+        tx.commit()?;
+        Ok(())
+    };
+    table().map_err(|e| {
+        let inner = Inner { path: path.to_path_buf(), db: Mutex::new(None) };
+        inner.error(e)
+    })?;
+    Ok(db)
 }
 
 impl Store {
     /// Opens (or creates) the database file `previewd.redb` in `dir`.
     pub async fn open(dir: &Path) -> Result<Store, StoreError> {
         let path = dir.join("previewd.redb");
-        let db = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
-                .map_err(|e| StoreError::Db(format!("creating {}: {e}", path.display())))?;
-            let db = Database::create(&path).map_err(|source| StoreError::Open { path, source })?;
-            let tx = db.begin_write()?;
-            tx.open_table(ENVS)?;
-            tx.commit()?;
-            Ok::<_, StoreError>(db)
+        let db = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || {
+                std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
+                    .map_err(|e| StoreError::Db(format!("creating {}: {e}", path.display())))?;
+                open(&path)
+            }
         })
         .await??;
-        Ok(Store { db: Arc::new(db) })
+        Ok(Store { inner: Arc::new(Inner { path, db: Mutex::new(Some(Arc::new(db))) }) })
     }
 
     /// Runs `f` in one write transaction: committed if it returns Ok.
@@ -63,20 +173,22 @@ impl Store {
     async fn write<T: Send + 'static>(
         &self,
         durable: bool,
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
+        let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut tx = db.begin_write()?;
-            if !durable {
-                tx.set_durability(redb::Durability::None).map_err(|e| StoreError::Db(e.to_string()))?;
-            }
-            let out = {
-                let mut table = tx.open_table(ENVS)?;
-                f(&mut table)?
-            };
-            tx.commit()?;
-            Ok(out)
+            inner.with(|db| {
+                let mut tx = db.begin_write()?;
+                if !durable {
+                    tx.set_durability(redb::Durability::None)?;
+                }
+                let out = {
+                    let mut table = tx.open_table(ENVS)?;
+                    f(&mut table)?
+                };
+                tx.commit()?;
+                Ok(out)
+            })
         })
         .await?
     }
@@ -111,19 +223,21 @@ impl Store {
     /// Every record. One that does not parse does not stop the others: it
     /// comes back as an error naming its key.
     pub async fn load_all(&self) -> Result<Vec<Result<EnvRecord, StoreError>>, StoreError> {
-        let db = self.db.clone();
+        let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_read()?;
-            let table = tx.open_table(ENVS)?;
-            let mut out = Vec::new();
-            for row in table.iter()? {
-                let (k, v) = row?;
-                out.push(
-                    serde_json::from_slice(v.value())
-                        .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source }),
-                );
-            }
-            Ok(out)
+            inner.with(|db| {
+                let tx = db.begin_read()?;
+                let table = tx.open_table(ENVS)?;
+                let mut out = Vec::new();
+                for row in table.iter()? {
+                    let (k, v) = row?;
+                    out.push(
+                        serde_json::from_slice(v.value())
+                            .map_err(|source| StoreError::Corrupt { key: k.value().to_string(), source }),
+                    );
+                }
+                Ok(out)
+            })
         })
         .await?
     }
@@ -166,6 +280,19 @@ mod tests {
                 template: serde_json::json!({"spec": {}}),
             }],
         }
+    }
+
+    #[test]
+    fn a_full_volume_and_other_io_errors_are_told_apart() {
+        let io = |code| redb::StorageError::Io(std::io::Error::from_raw_os_error(code));
+        assert!(matches!(storage_kind(&io(libc::ENOSPC)), Some(StorageKind::Full)));
+        assert!(matches!(storage_kind(&io(libc::EDQUOT)), Some(StorageKind::Full)));
+        assert!(matches!(storage_kind(&io(libc::EIO)), Some(StorageKind::Io)));
+        assert!(matches!(storage_kind(&redb::StorageError::PreviousIo), Some(StorageKind::Io)));
+        assert!(storage_kind(&redb::StorageError::Corrupted("x".into())).is_none());
+        let inner = Inner { path: "/v/previewd.redb".into(), db: Mutex::new(None) };
+        let e = inner.error(DbError::from(redb::CommitError::Storage(io(libc::ENOSPC))));
+        assert!(e.to_string().contains("the volume holding /v/previewd.redb is full"), "{e}");
     }
 
     #[tokio::test]

@@ -125,7 +125,11 @@ impl Net {
     }
 
     pub fn agent_with(&mut self, extra: &[&str]) -> Result<usize> {
-        let agent = env!("CARGO_BIN_EXE_preview-agent");
+        self.agent_bin(env!("CARGO_BIN_EXE_preview-agent"), extra)
+    }
+
+    /// The agent from the binary at `agent` (the release build, say).
+    pub fn agent_bin(&mut self, agent: &str, extra: &[&str]) -> Result<usize> {
         let routes = self.routes_path();
         let p = self.ns("p");
         let mut args = vec![agent, "run", "--ports", "8080,9000,9090", "--routes", routes.to_str().unwrap_or_default()];

@@ -53,7 +53,8 @@ impl Manager {
         result
     }
 
-    async fn remove_locked(&self, key: &Key, why: proto::EventKind) -> Result<Option<Cleaned>, Error> {
+    /// `remove` with the key's lock already held (a failed Start's undo).
+    pub(super) async fn remove_locked(&self, key: &Key, why: proto::EventKind) -> Result<Option<Cleaned>, Error> {
         let rec = self.view().envs.get(key).map(|e| e.record.clone());
         if why == proto::EventKind::Expired && !rec.as_ref().is_some_and(|r| r.expired_at(now_ms())) {
             return Ok(None); // extended by a Start while we waited for the lock

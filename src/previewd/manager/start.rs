@@ -264,33 +264,35 @@ impl Manager {
     }
 
     /// Restores the state before a failed Start: the previous record and its
-    /// pods, or nothing at all for a new environment. Best effort; what it
-    /// cannot undo now, `recover` finds by label at the next start.
+    /// pods, or nothing at all for a new environment. What it cannot undo now
+    /// (the API server away, say) marks the environment FAILED, and the
+    /// reaper's retry carries the undo on: a new one is removed as by Clean
+    /// (tombstone first, so it never comes back), an existing one is
+    /// reconciled to its previous record.
     async fn rollback(&self, attempted: &EnvRecord, previous: Option<&EnvRecord>) {
-        let result = async {
-            match previous {
-                None => {
-                    self.cluster.delete_env(&attempted.key).await?;
-                    self.store.delete(&attempted.key).await?;
-                    self.publish_removed(&attempted.key, proto::EventKind::Cleaned);
-                }
-                Some(prev) => {
+        let key = &attempted.key;
+        let result = match previous {
+            None => self.remove_locked(key, proto::EventKind::Cleaned).await.map(|_| ()),
+            Some(prev) => {
+                async {
+                    // The view and the store first: a retry reconciles to them.
+                    if let Some(v) = self.view().envs.get_mut(key) {
+                        v.record = prev.clone();
+                    }
+                    self.store.put(prev).await?;
                     let keep: Vec<&String> = prev.pod_names().collect();
                     for name in attempted.pod_names().filter(|n| !keep.contains(n)) {
                         self.cluster.delete_pod(&attempted.namespace, name).await?;
                     }
                     self.cluster.put_owner(prev).await?;
-                    self.store.put(prev).await?;
-                    if let Some(v) = self.view().envs.get_mut(&prev.key) {
-                        v.record = prev.clone();
-                    }
+                    Ok::<_, Error>(())
                 }
+                .await
             }
-            Ok::<_, Error>(())
-        }
-        .await;
+        };
         if let Err(e) = result {
-            tracing::error!(key = %attempted.key, error = %e, "rollback incomplete; the next start reconciles it");
+            tracing::error!(key = %key, error = %e, "rollback incomplete; retrying");
+            self.set_failure(key, Some(format!("a failed start's undo did not finish: {e}; retrying")));
         }
     }
 
