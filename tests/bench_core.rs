@@ -6,6 +6,8 @@
 //!
 //! Preview pods clone a Deployment with 0 replicas whose template cannot be
 //! scheduled, so 1000 of them cost the API server objects, not containers.
+//! previewd runs with `--agent-image`, so attach's work is in the figures
+//! (with no target pod running, no container is attached).
 
 mod common;
 
@@ -68,17 +70,21 @@ async fn bench_core() -> Result<()> {
     }
 
     let data = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    // On the node address, which agents in pods can reach (--agent-image needs it).
+    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_previewd"))
         .env("KUBECONFIG", kubeconfig_path())
         .env("RUST_LOG", "warn")
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args(["--listen", &format!("198.18.255.254:{port}"), "--data-dir"])
         .arg(data.path())
         .args(["--default-namespace", &ns.name, "--instance", &ns.name])
+        // Attach included: the attach task watches each target, and Start
+        // reads the target's pods for agent warnings.
+        .args(["--agent-image", "preview.local/agent:dev", "--image-pull-policy", "Never"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let addr = format!("http://127.0.0.1:{port}");
+    let addr = format!("http://198.18.255.254:{port}");
     let result = async {
         let mut c = eventually("previewd", Duration::from_secs(30), || async {
             match preview::cli::connect(&addr).await {

@@ -132,7 +132,10 @@ impl Manager {
         self.store.put(&rec).await?;
         self.pause_point("after-intent").await;
         self.publish_upsert(&rec, is_new);
-        if let Err(e) = self.realize(&rec).await {
+        // The agent warnings read the target's pods, independent of what
+        // realize creates: read them meanwhile, off Start's critical path.
+        let (realized, agent_warnings) = tokio::join!(self.realize(&rec), self.agent_warnings(&rec));
+        if let Err(e) = realized {
             // Nothing half-made: undo what this request added, keep what was.
             tracing::warn!(key = %key, error = %e, "start failed; rolling back");
             self.rollback(&rec, existing.as_ref()).await;
@@ -149,7 +152,7 @@ impl Manager {
         self.set_failure(&key, None);
         let mut environment = self.publish_settled(&rec, ttl_extended);
         environment.failure = None;
-        warnings.extend(self.agent_warnings(&rec).await);
+        warnings.extend(agent_warnings);
         Ok(Started { key, environment, warnings })
     }
 
