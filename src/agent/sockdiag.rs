@@ -62,9 +62,11 @@ impl Sock {
 /// reconnects, now through the agent. Returns how many were reset.
 pub fn reset_direct(port: u16) -> io::Result<usize> {
     let nl = Netlink::open()?;
-    let mut found = Vec::new();
-    for family in [libc::AF_INET, libc::AF_INET6] {
-        found.extend(nl.dump(family as u8)?);
+    let mut found = nl.dump(libc::AF_INET as u8)?;
+    // A kernel without IPv6 cannot list it; the IPv4 sockets still go.
+    match nl.dump(libc::AF_INET6 as u8) {
+        Ok(v6) => found.extend(v6),
+        Err(e) => tracing::debug!(error = %e, "listing IPv6 sockets"),
     }
     let mut reset = 0;
     for s in found.iter().filter(|s| s.local_port() == port && !s.peer_is_local()) {

@@ -95,16 +95,19 @@ struct Inner {
     db: Mutex<Option<Arc<Database>>>,
 }
 
-impl Inner {
-    fn error(&self, e: DbError) -> StoreError {
-        let path = self.path.clone();
-        match e.1 {
-            Some(StorageKind::Full) => StoreError::Full { path, message: e.0 },
-            Some(StorageKind::Io) => StoreError::Io { path, message: e.0 },
-            None => StoreError::Db(e.0),
+impl DbError {
+    /// The store's error for it, naming the file when it is the volume's fault.
+    fn at(self, path: &Path) -> StoreError {
+        let path = path.to_path_buf();
+        match self.1 {
+            Some(StorageKind::Full) => StoreError::Full { path, message: self.0 },
+            Some(StorageKind::Io) => StoreError::Io { path, message: self.0 },
+            None => StoreError::Db(self.0),
         }
     }
+}
 
+impl Inner {
     /// The open database, opening it again after an I/O error. Blocking.
     fn db(&self) -> Result<Arc<Database>, StoreError> {
         // A poisoned lock only means a panic elsewhere; the Option is still whole.
@@ -123,7 +126,7 @@ impl Inner {
     fn with<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, StoreError> {
         let db = self.db()?;
         f(&db).map_err(|e| {
-            let err = self.error(e);
+            let err = e.at(&self.path);
             if matches!(err, StoreError::Full { .. } | StoreError::Io { .. }) {
                 let mut slot = self.db.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if slot.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &db)) {
@@ -144,10 +147,7 @@ fn open(path: &Path) -> Result<Database, StoreError> {
         tx.commit()?;
         Ok(())
     };
-    table().map_err(|e| {
-        let inner = Inner { path: path.to_path_buf(), db: Mutex::new(None) };
-        inner.error(e)
-    })?;
+    table().map_err(|e| e.at(path))?;
     Ok(db)
 }
 
@@ -290,8 +290,7 @@ mod tests {
         assert!(matches!(storage_kind(&io(libc::EIO)), Some(StorageKind::Io)));
         assert!(matches!(storage_kind(&redb::StorageError::PreviousIo), Some(StorageKind::Io)));
         assert!(storage_kind(&redb::StorageError::Corrupted("x".into())).is_none());
-        let inner = Inner { path: "/v/previewd.redb".into(), db: Mutex::new(None) };
-        let e = inner.error(DbError::from(redb::CommitError::Storage(io(libc::ENOSPC))));
+        let e = DbError::from(redb::CommitError::Storage(io(libc::ENOSPC))).at(Path::new("/v/previewd.redb"));
         assert!(e.to_string().contains("the volume holding /v/previewd.redb is full"), "{e}");
     }
 
