@@ -102,6 +102,24 @@ async fn chaos_sigkill_of_the_agent_recovers_and_is_reattached() -> Result<()> {
     d.stop().await
 }
 
+/// A chaos test's ground: a namespace with one ready `orders` pod (v1), and
+/// a port on the node address and a store directory for a previewd process
+/// of the test's own.
+struct Ground {
+    ns: TestNs,
+    port: u16,
+    data: tempfile::TempDir,
+    addr: String,
+}
+
+async fn ground(name: &str) -> Result<Ground> {
+    let ns = TestNs::new(name).await?;
+    echo_app(&ns, "orders", "v1", 1, &[]).await?;
+    ready_pods(&ns, "app=orders", 1).await?;
+    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
+    Ok(Ground { ns, port, data: tempfile::tempdir()?, addr: format!("http://198.18.255.254:{port}") })
+}
+
 /// previewd as its own process (so it can be SIGKILLed), on the node
 /// address, its log in `data/previewd.log`.
 fn spawn_previewd(ns: &TestNs, port: u16, data: &std::path::Path) -> Result<std::process::Child> {
@@ -152,12 +170,7 @@ async fn connect(addr: &str) -> Result<PreviewClient> {
 async fn chaos_sigkill_of_previewd_at_random_moments() -> Result<()> {
     use std::collections::BTreeSet;
     let rounds: usize = std::env::var("CHAOS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-    let ns = TestNs::new("chaos-kill").await?;
-    echo_app(&ns, "orders", "v1", 1, &[]).await?;
-    ready_pods(&ns, "app=orders", 1).await?;
-    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
-    let data = tempfile::tempdir()?;
-    let addr = format!("http://198.18.255.254:{port}");
+    let Ground { ns, port, data, addr } = ground("chaos-kill").await?;
     // xorshift, seeded from the clock and printed, so a failure can be replayed.
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64 | 1;
     let mut x = seed;
@@ -322,13 +335,8 @@ async fn chaos_a_namespace_deleted_while_previewd_is_down() -> Result<()> {
 #[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
 #[tokio::test]
 async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
-    let ns = TestNs::new("e2e-pdkill").await?;
-    echo_app(&ns, "orders", "v1", 1, &[]).await?;
-    ready_pods(&ns, "app=orders", 1).await?;
-    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
-    let data = tempfile::tempdir()?;
+    let Ground { ns, port, data, addr } = ground("e2e-pdkill").await?;
     let spawn = || spawn_previewd(&ns, port, data.path());
-    let addr = format!("http://198.18.255.254:{port}");
     let connect = || connect(&addr);
     let mut pd = spawn()?;
     let mut c = connect().await?;
@@ -423,13 +431,9 @@ impl Drop for Tmpfs {
 #[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster and root: make test")]
 #[tokio::test]
 async fn chaos_full_store_volume() -> Result<()> {
-    let ns = TestNs::new("chaos-full").await?;
-    echo_app(&ns, "orders", "v1", 1, &[]).await?;
-    ready_pods(&ns, "app=orders", 1).await?;
+    // The store on the tmpfs; the log in the ground's directory.
+    let Ground { ns, port, data: logs, addr } = ground("chaos-full").await?;
     let vol = Tmpfs::mount(8)?;
-    let logs = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
-    let addr = format!("http://198.18.255.254:{port}");
     let mut pd = spawn_previewd_at(&ns, port, vol.path(), logs.path())?;
     let cfg = config("deployment/orders", serde_json::json!({}));
     let result = async {
@@ -475,12 +479,7 @@ async fn chaos_full_store_volume() -> Result<()> {
 #[ignore = "times a gap: runs alone (make chaos, and make test after the parallel tests)"]
 #[tokio::test]
 async fn chaos_sigkill_of_the_agent_while_previewd_is_down() -> Result<()> {
-    let ns = TestNs::new("chaos-down").await?;
-    echo_app(&ns, "orders", "v1", 1, &[]).await?;
-    ready_pods(&ns, "app=orders", 1).await?;
-    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
-    let data = tempfile::tempdir()?;
-    let addr = format!("http://198.18.255.254:{port}");
+    let Ground { ns, port, data, addr } = ground("chaos-down").await?;
     let ip = cluster_ip(&ns, "orders").await?;
     let mut pd = spawn_previewd(&ns, port, data.path())?;
     let routed = async {
@@ -562,12 +561,7 @@ async fn chaos_apiserver_and_etcd_restart_during_starts() -> Result<()> {
     use std::collections::BTreeSet;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let ns = TestNs::new("chaos-api").await?;
-    echo_app(&ns, "orders", "v1", 1, &[]).await?;
-    ready_pods(&ns, "app=orders", 1).await?;
-    let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
-    let data = tempfile::tempdir()?;
-    let addr = format!("http://198.18.255.254:{port}");
+    let Ground { ns, port, data, addr } = ground("chaos-api").await?;
     let pd = spawn_previewd(&ns, port, data.path())?;
     let result = async {
         let c = connect(&addr).await?;
