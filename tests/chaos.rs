@@ -161,6 +161,19 @@ async fn connect(addr: &str) -> Result<PreviewClient> {
     eventually("previewd", Duration::from_secs(30), || async { Ok(preview::cli::connect(addr).await.ok()) }).await
 }
 
+/// The environments of Status's first message (the snapshot).
+async fn snapshot(c: &mut PreviewClient) -> Result<Vec<preview::proto::Environment>> {
+    let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
+    Ok(snap.context("snapshot")?.environments)
+}
+
+/// Cleans every environment.
+async fn clean_all(c: &mut PreviewClient) -> Result<()> {
+    let sel = preview::proto::clean_request::Selector::Glob("*".into());
+    c.clean(preview::proto::CleanRequest { selector: Some(sel) }).await?;
+    Ok(())
+}
+
 /// Chaos case 1: SIGKILL previewd at a random moment of each of N Starts and
 /// N Cleans (N = `CHAOS_ROUNDS`: 20 under `make chaos`, 4 in `make test`),
 /// restarting it each time. Then: no orphan pod or owner object, no missing
@@ -219,8 +232,7 @@ async fn chaos_sigkill_of_previewd_at_random_moments() -> Result<()> {
         let envs = eventually("every environment to settle", Duration::from_secs(60), || {
             let mut c = c.clone();
             async move {
-                let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
-                let envs = snap.context("snapshot")?.environments;
+                let envs = snapshot(&mut c).await?;
                 Ok(envs.iter().all(|e| !e.pending && e.failure.is_empty()).then_some(envs))
             }
         })
@@ -254,10 +266,7 @@ async fn chaos_sigkill_of_previewd_at_random_moments() -> Result<()> {
         })
         .await?;
         eprintln!("chaos kill: {} environments left, {orphans} orphan objects, {missing} missing pods", live.len());
-        c.clean(preview::proto::CleanRequest {
-            selector: Some(preview::proto::clean_request::Selector::Glob("*".into())),
-        })
-        .await?;
+        clean_all(&mut c).await?;
         Ok(())
     }
     .await;
@@ -298,8 +307,7 @@ async fn chaos_a_namespace_deleted_while_previewd_is_down() -> Result<()> {
         let envs = eventually("dn1 to show FAILED or be cleaned", Duration::from_secs(30), || {
             let mut c = c.clone();
             async move {
-                let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
-                let envs = snap.context("snapshot")?.environments;
+                let envs = snapshot(&mut c).await?;
                 let settled = envs.iter().find(|e| e.key == "dn1").is_none_or(|e| !e.failure.is_empty());
                 Ok(settled.then_some(envs))
             }
@@ -324,8 +332,7 @@ async fn chaos_a_namespace_deleted_while_previewd_is_down() -> Result<()> {
         ensure!(keys.contains(&"dn2") && keys.contains(&"dn3"), "{removed:?}");
         // A FAILED environment whose namespace is gone is cleaned too.
         ensure!(envs.iter().all(|e| e.key != "dn1") || keys.contains(&"dn1"), "dn1 not cleaned: {removed:?}");
-        let after = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
-        ensure!(after.context("snapshot")?.environments.is_empty(), "environments left after Clean");
+        ensure!(snapshot(&mut c).await?.is_empty(), "environments left after Clean");
         Ok(())
     }
     .await;
@@ -353,8 +360,7 @@ async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
     let pd = spawn()?;
     let result = async {
         let mut c = connect().await?;
-        let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
-        let envs = snap.context("snapshot")?.environments;
+        let envs = snapshot(&mut c).await?;
         ensure!(envs.len() == 1 && envs[0].key == "pd1", "{envs:?}");
         // The agent's stream is back: a new environment on the target reaches it.
         c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, "pd2")).await?;
@@ -439,10 +445,7 @@ async fn chaos_full_store_volume() -> Result<()> {
     let result = async {
         let mut c = connect(&addr).await?;
         let keys = |mut c: PreviewClient| async move {
-            let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
-            Ok::<Vec<String>, anyhow::Error>(
-                snap.context("snapshot")?.environments.into_iter().map(|e| e.key).collect(),
-            )
+            Ok::<Vec<String>, anyhow::Error>(snapshot(&mut c).await?.into_iter().map(|e| e.key).collect())
         };
         c.start(start_req(&cfg, V2, "full1")).await?;
         let filled = vol.fill()?;
@@ -461,10 +464,7 @@ async fn chaos_full_store_volume() -> Result<()> {
         std::fs::remove_file(vol.path().join("filler"))?;
         c.start(start_req(&cfg, V2, "full3")).await?;
         ensure!(keys(c.clone()).await? == ["full1", "full3"]);
-        c.clean(preview::proto::CleanRequest {
-            selector: Some(preview::proto::clean_request::Selector::Glob("*".into())),
-        })
-        .await?;
+        clean_all(&mut c).await?;
         Ok(())
     }
     .await;
@@ -624,8 +624,7 @@ async fn chaos_apiserver_and_etcd_restart_during_starts() -> Result<()> {
         let envs = eventually("environments to be the completed Starts", Duration::from_secs(120), || {
             let (mut c, ok) = (c.clone(), ok.clone());
             async move {
-                let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
-                let envs = snap.context("snapshot")?.environments;
+                let envs = snapshot(&mut c).await?;
                 let keys: BTreeSet<String> = envs.iter().map(|e| e.key.clone()).collect();
                 let settled = envs.iter().all(|e| !e.pending && e.failure.is_empty());
                 Ok((keys == ok && settled).then_some(envs))
@@ -646,11 +645,7 @@ async fn chaos_apiserver_and_etcd_restart_during_starts() -> Result<()> {
         })
         .await?;
         eprintln!("chaos restart: {} environments, pods match", envs.len());
-        let mut c = c.clone();
-        c.clean(preview::proto::CleanRequest {
-            selector: Some(preview::proto::clean_request::Selector::Glob("*".into())),
-        })
-        .await?;
+        clean_all(&mut c.clone()).await?;
         Ok(())
     }
     .await;
