@@ -74,8 +74,19 @@ preflight() {
   fi
 }
 
+# Fully exited: no such process, or a zombie with no thread left. A killed multi-threaded
+# process (kubelet, containerd) shows its leader as a zombie while other threads are still
+# exiting, and those hold its files, so its ports, until the last one is gone.
+exited() {
+  kill -0 "$1" 2>/dev/null || return 0
+  [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" = Z ] && [ "$(ls "/proc/$1/task" 2>/dev/null | wc -l)" -le 1 ]
+}
+
 check_ports() { # check_ports NAME: fail if one of NAME's ports is taken
-  local name=$1 port line
+  local name=$1 port line p
+  # Our own dead process may still be closing its ports: give it up to 10 s.
+  p=$(pid_of "$name")
+  if [ -n "$p" ] && ! alive "$name"; then wait_for "$name (pid $p) to finish exiting" 10 exited "$p" || true; fi
   for port in ${PORTS[$name]}; do
     line=$(ss -ltnpH "sport = :$port" 2>/dev/null | head -1)
     [ -z "$line" ] || die "port $port (for $name) is already in use: $line; stop that process or change the port"
