@@ -12,7 +12,7 @@ use common::e2e::*;
 use common::{Previewd, TestNs, echo_app, eventually, ready_pods, start_req};
 use preview::proto::{self, AgentState};
 
-type Client = proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>;
+type Client = preview::cli::Client;
 
 /// Waits until `key`'s environment shows one agent in `state`; returns it.
 async fn agent_in(c: &Client, key: &str, state: AgentState, within: Duration) -> Result<proto::Agent> {

@@ -92,10 +92,14 @@ async fn routes_stream_from_previewd_survive_its_absence_until_expiry() -> Resul
     // Its log says when it loses previewd's stream (JSON lines, at info).
     let logs = tempfile::tempdir()?;
     let log = logs.path().join("agent.log");
+    // The proof and CA previewd would put in the agent's env in the pod.
+    let (proof, ca) = agent_trust(&ns, &target_name).await?;
     let mut agent = Command::new("ip")
         .args(["netns", "exec", &link.ns, env!("CARGO_BIN_EXE_preview-agent"), "run", "--ports", "8080"])
         .args(["--linger", "1s"])
         .args(["--server", &d.addr, "--pod", &target_name, "--namespace", &ns.name])
+        .env("PREVIEW_AGENT_PROOF", proof)
+        .env("PREVIEW_CA", ca)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)

@@ -39,11 +39,13 @@ async fn harness() -> Result<Harness> {
     let manager = Manager::new(Store::open(dir.path()).await?, cluster, settings);
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-    let svc = PreviewServiceServer::new(Api::new(manager.clone(), stopping));
+    let svc = PreviewServiceServer::new(Api::new(manager.clone(), stopping, 16));
+    // The edge layer, as previewd has it: with auth off it names the caller anonymous.
+    let auth = preview::previewd::auth::layer::AuthLayer(Arc::new(preview::previewd::auth::Auth::off()));
     tokio::spawn(async move {
         let incoming = tokio_stream::once(Ok::<_, std::io::Error>(server_io));
         // Ends when the test's client goes away.
-        let _ = Server::builder().add_service(svc).serve_with_incoming(incoming).await;
+        let _ = Server::builder().layer(auth).add_service(svc).serve_with_incoming(incoming).await;
     });
     let mut client_io = Some(client_io);
     let channel = Endpoint::try_from("http://in-memory")?
@@ -102,7 +104,7 @@ async fn start_status_clean_and_the_codes_at_the_edge() -> Result<()> {
         .into_inner()
         .removed;
     ensure!(removed.len() == 1 && removed[0].objects.len() == 2, "{removed:?}");
-    ensure!(h.fake.names("pods", "shop").is_empty() && h.fake.names("configmaps", "shop").is_empty());
+    ensure!(h.fake.names("pods", "shop").is_empty() && h.fake.names("previewenvironments", "shop").is_empty());
     Ok(())
 }
 

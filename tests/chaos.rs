@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use common::e2e::*;
-use common::{TestNs, echo_app, eventually, ready_pods, start_req};
+use common::{TestNs, echo_app, env_objects, eventually, ready_pods, start_req};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 
@@ -117,7 +117,8 @@ async fn ground(name: &str) -> Result<Ground> {
     echo_app(&ns, "orders", "v1", 1, &[]).await?;
     ready_pods(&ns, "app=orders", 1).await?;
     let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
-    Ok(Ground { ns, port, data: tempfile::tempdir()?, addr: format!("http://198.18.255.254:{port}") })
+    common::ensure_system_ns().await?;
+    Ok(Ground { ns, port, data: tempfile::tempdir()?, addr: format!("https://198.18.255.254:{port}") })
 }
 
 /// previewd as its own process (so it can be SIGKILLed), on the node
@@ -136,6 +137,7 @@ fn spawn_previewd_at(
     std::process::Command::new(env!("CARGO_BIN_EXE_previewd"))
         .args(["--listen", &format!("198.18.255.254:{port}"), "--agent-image", AGENT_IMAGE])
         .args(["--image-pull-policy", "Never", "--instance", &ns.name, "--default-namespace", &ns.name])
+        .args(["--system-namespace", common::SYSTEM_NS, "--max-envs-per-user", "1000"])
         .arg("--data-dir")
         .arg(data)
         .env("KUBECONFIG", common::kubeconfig_path())
@@ -155,23 +157,16 @@ fn stop_previewd(mut pd: std::process::Child, data: &std::path::Path, result: Re
     result
 }
 
-type PreviewClient = preview::proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>;
+type PreviewClient = preview::cli::Client;
 
 async fn connect(addr: &str) -> Result<PreviewClient> {
-    eventually("previewd", Duration::from_secs(30), || async { Ok(preview::cli::connect(addr).await.ok()) }).await
+    eventually("previewd", Duration::from_secs(30), || async { Ok(common::connect(addr).await.ok()) }).await
 }
 
 /// The environments of Status's first message (the snapshot).
 async fn snapshot(c: &mut PreviewClient) -> Result<Vec<preview::proto::Environment>> {
     let snap = c.status(preview::proto::StatusRequest::default()).await?.into_inner().message().await?;
     Ok(snap.context("snapshot")?.environments)
-}
-
-/// Cleans every environment.
-async fn clean_all(c: &mut PreviewClient) -> Result<()> {
-    let sel = preview::proto::clean_request::Selector::Glob("*".into());
-    c.clean(preview::proto::CleanRequest { selector: Some(sel) }).await?;
-    Ok(())
 }
 
 /// Chaos case 1: SIGKILL previewd at a random moment of each of N Starts and
@@ -243,10 +238,7 @@ async fn chaos_sigkill_of_previewd_at_random_moments() -> Result<()> {
         // Pods and owner objects match the environments exactly.
         let (orphans, missing) = eventually("pods to match the environments", Duration::from_secs(60), || async {
             let pods = ns.api::<Pod>().list(&ListParams::default().labels("preview.dev/key")).await?;
-            let cms = ns
-                .api::<k8s_openapi::api::core::v1::ConfigMap>()
-                .list(&ListParams::default().labels("preview.dev/key"))
-                .await?;
+            let cms = env_objects(&ns, &ListParams::default().labels("preview.dev/key")).await?;
             let alive = |p: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| p.is_none();
             let mut orphans = 0;
             let mut have = BTreeSet::new();
@@ -256,7 +248,7 @@ async fn chaos_sigkill_of_previewd_at_random_moments() -> Result<()> {
                     p.metadata.labels.as_ref().and_then(|l| l.get("preview.dev/key")).cloned().unwrap_or_default();
                 orphans += usize::from(!live.contains(&key));
             }
-            for cm in cms.items.iter().filter(|c| alive(&c.metadata.deletion_timestamp)) {
+            for cm in cms.iter().filter(|c| alive(&c.metadata.deletion_timestamp)) {
                 let key =
                     cm.metadata.labels.as_ref().and_then(|l| l.get("preview.dev/key")).cloned().unwrap_or_default();
                 orphans += usize::from(!live.contains(&key));
@@ -287,7 +279,8 @@ async fn chaos_a_namespace_deleted_while_previewd_is_down() -> Result<()> {
     }
     let port = std::net::TcpListener::bind("198.18.255.254:0")?.local_addr()?.port();
     let data = tempfile::tempdir()?;
-    let addr = format!("http://198.18.255.254:{port}");
+    common::ensure_system_ns().await?;
+    let addr = format!("https://198.18.255.254:{port}");
     let mut pd = spawn_previewd(&ns, port, data.path())?;
     let mut c = connect(&addr).await?;
     let elsewhere = serde_json::json!({"target": {"path": "deployment/orders", "namespace": gone.name}}).to_string();
@@ -376,11 +369,8 @@ async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
         // Nothing orphaned: no preview pod or owner object is left.
         let left = ns.api::<Pod>().list(&ListParams::default().labels("preview.dev/key")).await?;
         ensure!(left.items.iter().all(|p| p.metadata.deletion_timestamp.is_some()), "{} pods left", left.items.len());
-        let cms = ns
-            .api::<k8s_openapi::api::core::v1::ConfigMap>()
-            .list(&ListParams::default().labels("preview.dev/key"))
-            .await?;
-        ensure!(cms.items.is_empty(), "{} owner objects left", cms.items.len());
+        let cms = env_objects(&ns, &ListParams::default().labels("preview.dev/key")).await?;
+        ensure!(cms.is_empty(), "{} owner objects left", cms.len());
         Ok(())
     }
     .await;
@@ -456,8 +446,7 @@ async fn chaos_full_store_volume() -> Result<()> {
         // Nothing half-made: no pod, no owner object for full2.
         let sel = ListParams::default().labels("preview.dev/key=full2");
         ensure!(ns.api::<Pod>().list(&sel).await?.items.is_empty(), "a pod of full2 was made");
-        let cms = ns.api::<k8s_openapi::api::core::v1::ConfigMap>().list(&sel).await?;
-        ensure!(cms.items.is_empty(), "an owner object of full2 was made");
+        ensure!(env_objects(&ns, &sel).await?.is_empty(), "an owner object of full2 was made");
         // Still serving, and still knowing full1.
         ensure!(keys(c.clone()).await? == ["full1"]);
         ensure!(pd.try_wait()?.is_none(), "previewd exited");

@@ -147,21 +147,7 @@ async fn two_environments_on_one_target_and_a_multi_pod_environment() -> Result<
         ensure!(call(&ip, None).await? == chain(&["v1", "v1", "v1"]));
     }
     // Each key reached its own preview pod of orders.
-    let who = |key: &'static str| {
-        let ip = ip.clone();
-        async move {
-            let s = tokio::net::TcpStream::connect((ip.as_str(), 8080)).await?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await?;
-            tokio::spawn(conn);
-            let r = http::Request::get("/")
-                .header("baggage", format!("preview-key={key}"))
-                .body(Full::new(Bytes::new()))?;
-            let v: serde_json::Value =
-                serde_json::from_slice(&send.send_request(r).await?.into_body().collect().await?.to_bytes())?;
-            anyhow::Ok(v["downstream"]["pod"].as_str().unwrap_or_default().to_string())
-        }
-    };
-    let (a, b) = (who("alpha").await?, who("beta").await?);
+    let (a, b) = (orders_pod(&ip, Some("alpha")).await?, orders_pod(&ip, Some("beta")).await?);
     ensure!(a.contains("alpha") && b.contains("beta"), "alpha → {a}, beta → {b}");
     // One agent serves both environments on orders.
     ensure!(agents(&target_pods(&ns, "orders").await?[0]).len() == 1);
@@ -182,6 +168,37 @@ async fn two_environments_on_one_target_and_a_multi_pod_environment() -> Result<
     for _ in 0..5 {
         ensure!(call(&ip, Some("beta")).await? == chain(&["v1", "v1", "v1"]));
     }
+    d.stop().await
+}
+
+/// Issue 13's precedence: k1 (the default filter) and k2 (an admin's
+/// `header_filter: "."`, which matches every request) on orders. A request
+/// carrying k1's key reaches k1's pod and never k2's; only requests without a
+/// key go to k2's catch-all, and staging keeps nothing it should not lose.
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster: make test")]
+#[tokio::test]
+async fn a_keyed_request_never_reaches_another_environments_catch_all_filter() -> Result<()> {
+    let ns = TestNs::new("e2e-prec").await?;
+    demo_chain(&ns, false).await?;
+    let d = previewd(&ns).await?;
+    let mut c = d.client().await?;
+    let ip = cluster_ip(&ns, "frontend").await?;
+    c.start(start_req(&config("deployment/orders", serde_json::json!({})), V2, "k1")).await?;
+    let catch_all = serde_json::json!({"feature": {"network": {"incoming": {"http_filter": {"header_filter": "."}}}}});
+    c.start(start_req(&config("deployment/orders", catch_all), V2, "k2")).await?;
+    eventually("k1 and the catch-all to be routed", Duration::from_secs(60), || async {
+        let (a, b) = (orders_pod(&ip, Some("k1")).await?, orders_pod(&ip, None).await?);
+        Ok((a.contains("-k1-") && b.contains("-k2-")).then_some(()))
+    })
+    .await?;
+    for _ in 0..50 {
+        let a = orders_pod(&ip, Some("k1")).await?;
+        ensure!(a.contains("-k1-"), "a request with k1's key reached {a}");
+        // Another key, of no environment here: staging, not the catch-all.
+        let other = orders_pod(&ip, Some("nobody")).await?;
+        ensure!(!other.contains("-k2-") && !other.contains("-k1-"), "a request with another key reached {other}");
+    }
+    clean_all(&mut c).await?;
     d.stop().await
 }
 

@@ -1,6 +1,8 @@
 //! previewd installed in the local cluster from deploy/previewd (issue 6),
-//! and every client against it: grpcurl, the Go and Python clients, and the
-//! CLI with nothing but a kubeconfig (port-forward through the API server).
+//! and every client against it over TLS: grpcurl with the CA and a bearer
+//! token, the Go and Python clients with a service account's token, and the
+//! CLI with nothing but a kubeconfig (port-forward through the API server),
+//! the admin's (a client certificate) and a token kubeconfig.
 //! Also: non-root with a read-only root filesystem, metrics, and state that
 //! survives the deletion of previewd's pod (the PVC).
 //!
@@ -20,6 +22,8 @@ use kube::api::{Api, DeleteParams, ListParams};
 
 const SYSTEM_NS: &str = "preview-system";
 const IMAGE: &str = "preview.local/echo:v2";
+/// The name previewd's certificate carries for its Service.
+const SERVER_NAME: &str = "previewd.preview-system.svc";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -88,10 +92,18 @@ fn cli(args: &[&str]) -> Command {
     c
 }
 
-/// `grpcurl -plaintext [-d DATA] ADDR VERB...`, as in the README.
-fn grpcurl(addr: &str, data: Option<&str>, verb: &[&str]) -> Command {
+/// How grpcurl reaches the in-cluster previewd: its CA, the name in its
+/// certificate (the address is the Service's IP), and a bearer token.
+struct Grpcurl {
+    ca: std::path::PathBuf,
+    token: String,
+}
+
+/// `grpcurl -cacert CA -servername NAME -H 'authorization: Bearer …' [-d DATA] ADDR VERB...`, as in the README.
+fn grpcurl(g: &Grpcurl, addr: &str, data: Option<&str>, verb: &[&str]) -> Command {
     let mut c = Command::new(tools().join("bin/grpcurl"));
-    c.arg("-plaintext");
+    c.arg("-cacert").arg(&g.ca).args(["-servername", SERVER_NAME]);
+    c.args(["-H", &format!("authorization: Bearer {}", g.token)]);
     if let Some(d) = data {
         c.args(["-d", d]);
     }
@@ -129,8 +141,36 @@ async fn installed_previewd_serves_every_client() -> Result<()> {
         async move { Ok(tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ())) }
     })
     .await?;
+    // Who calls: a `ci` service account with preview-user in the test
+    // namespace (and what the edit role gives: pods, targets), by a token
+    // for audience previewd; and previewd's CA, from its ConfigMap.
+    identity::service_account(&ns, "ci").await?;
+    identity::bind(&ns, "ci-preview", "ClusterRole", "preview-user", identity::sa(&ns, "ci")).await?;
+    identity::grant(&ns, "ci-workloads", identity::workload_rules(), identity::sa(&ns, "ci")).await?;
+    let token = identity::token(&ns, "ci", Some("previewd")).await?;
+    let ca: k8s_openapi::api::core::v1::ConfigMap =
+        Api::namespaced(client.clone(), SYSTEM_NS).get("previewd-ca").await?;
+    let ca = ca.data.and_then(|d| d.get("ca.crt").cloned()).context("previewd-ca has no ca.crt")?;
+    let dir = tempfile::tempdir()?;
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, &ca)?;
+    let g = Grpcurl { ca: ca_file.clone(), token: token.clone() };
+
+    // Plaintext and no credentials are refused.
+    let out = run(Command::new(tools().join("bin/grpcurl")).args(["-plaintext", &addr, "list"]))?;
+    ensure!(!out.status.success(), "plaintext was served: {}", text(&out.stdout));
+    let anon = run(Command::new(tools().join("bin/grpcurl")).arg("-cacert").arg(&ca_file).args([
+        "-servername",
+        SERVER_NAME,
+        &addr,
+        "list",
+    ]))?;
+    let err = text(&anon.stderr);
+    ensure!(!anon.status.success() && err.contains("Unauthenticated") && err.contains("no credentials"), "{err}");
+
     // grpcurl: the services listed through reflection, a method described,
     // and Start, Status and Clean called.
+    let grpcurl = |addr: &str, data: Option<&str>, verb: &[&str]| grpcurl(&g, addr, data, verb);
     let list = ok(&mut grpcurl(&addr, None, &["list"]))?;
     for s in ["preview.v1.PreviewService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
         ensure!(list.lines().any(|l| l == s), "grpcurl list lacks {s}:\n{list}");
@@ -159,6 +199,7 @@ async fn installed_previewd_serves_every_client() -> Result<()> {
     // The generated clients, each through start → add pod → watch → clean.
     let client_env = |c: &mut Command| {
         c.env("PREVIEW_SERVER", &addr).env("PREVIEW_TEST_NAMESPACE", &ns.name).env("PREVIEW_TEST_IMAGE", IMAGE);
+        c.env("PREVIEW_CA_FILE", &ca_file).env("PREVIEW_TOKEN", &token).env("PREVIEW_SERVER_NAME", SERVER_NAME);
     };
     let mut go = Command::new("go");
     go.args(["test", "-count=1", "-v", "./..."]).current_dir(root().join("clients/go"));
@@ -217,6 +258,36 @@ async fn installed_previewd_serves_every_client() -> Result<()> {
     .await?;
     ensure!(common::e2e::call(&front, None).await? == common::e2e::chain(&["v1", "v1", "v1"]), "unkeyed left staging");
     ok(&mut cli(&["clean", "--key", "steal1"]))?;
+
+    // The CLI with a token kubeconfig (the service account's token for the
+    // API server, which the shipped previewd also accepts): the port-forward
+    // and previewd both take it, and the audit line names the account.
+    let api_token = identity::token(&ns, "ci", None).await?;
+    let kc = identity::token_kubeconfig(&api_token, dir.path())?;
+    let n = ns.name.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        ok(cli(&["start", "--target", "deployment/orders", "--image", IMAGE, "-n", &n, "--key", "tok1", "-o", "json"])
+            .env("KUBECONFIG", &kc))
+    })
+    .await??;
+    let v: serde_json::Value = serde_json::from_str(&out).with_context(|| out.clone())?;
+    ensure!(v[0]["key"] == "tok1", "{out}");
+    let logs = ok(Command::new(kubectl()).args([
+        "--kubeconfig",
+        &kubeconfig_path(),
+        "-n",
+        SYSTEM_NS,
+        "logs",
+        "deploy/previewd",
+    ]))?;
+    let who = format!("system:serviceaccount:{}:ci", ns.name);
+    let audit = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["audit"].is_string() && l["key"] == "tok1" && l["verb"] == "start")
+        .with_context(|| format!("no audit line for tok1 in:\n{logs}"))?;
+    ensure!(audit["user"] == who.as_str() && audit["result"] == "ok" && audit["filter"] == "key", "{audit}");
+    ok(&mut cli(&["clean", "--key", "tok1"]))?;
 
     // State on the volume survives the pod: delete it, and the new pod still
     // knows cli-pf, and its preview pod was not touched.

@@ -26,8 +26,16 @@ const LAYERS: &[(&str, u8)] = &[
 ];
 
 /// The same inside previewd.
-const PREVIEWD_LAYERS: &[(&str, u8)] =
-    &[("cluster", 0), ("metrics", 0), ("store", 0), ("manager", 1), ("api", 2), ("attach", 2), ("server", 3)];
+const PREVIEWD_LAYERS: &[(&str, u8)] = &[
+    ("auth", 0),
+    ("metrics", 0),
+    ("store", 0),
+    ("cluster", 1),
+    ("manager", 2),
+    ("api", 3),
+    ("attach", 3),
+    ("server", 4),
+];
 
 const MAX_LINES: usize = 500;
 

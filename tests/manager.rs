@@ -55,8 +55,12 @@ async fn start_creates_the_owner_then_the_pod_and_settles() -> Result<()> {
     ensure!(started.key.as_str() == "k1");
     ensure!(!started.environment.record.pending, "settled");
 
-    ensure!(fake.names("configmaps", "shop") == ["preview-env-k1"], "{:?}", fake.names("configmaps", "shop"));
-    let owner = fake.get("configmaps", "shop", "preview-env-k1").context("owner")?;
+    ensure!(
+        fake.names("previewenvironments", "shop") == ["preview-env-k1"],
+        "{:?}",
+        fake.names("previewenvironments", "shop")
+    );
+    let owner = fake.get("previewenvironments", "shop", "preview-env-k1").context("owner")?;
     let pods = fake.names("pods", "shop");
     ensure!(pods.len() == 1 && pods[0].starts_with("orders-k1-"), "{pods:?}");
     let pod = fake.get("pods", "shop", &pods[0]).context("pod")?;
@@ -64,11 +68,14 @@ async fn start_creates_the_owner_then_the_pod_and_settles() -> Result<()> {
     ensure!(pod["metadata"]["labels"]["preview.dev/key"] == "k1");
     ensure!(pod["metadata"]["labels"]["app"] == "orders", "the target's labels are kept");
     let oref = &pod["metadata"]["ownerReferences"][0];
-    ensure!(oref["kind"] == "ConfigMap" && oref["uid"] == owner["metadata"]["uid"] && oref["controller"] == true);
+    ensure!(
+        oref["kind"] == "PreviewEnvironment" && oref["uid"] == owner["metadata"]["uid"] && oref["controller"] == true
+    );
     ensure!(pod["spec"]["readinessGates"][0]["conditionType"] == "preview.dev/routed");
     // The owner comes before the pod: its uid is in the pod.
     let calls = fake.calls();
-    let apply = calls.iter().position(|c| c.starts_with("PATCH") && c.contains("configmaps")).context("apply")?;
+    let apply =
+        calls.iter().position(|c| c.starts_with("PATCH") && c.contains("previewenvironments")).context("apply")?;
     let create = calls.iter().position(|c| c.starts_with("POST") && c.contains("pods")).context("create")?;
     ensure!(apply < create, "{calls:?}");
 
@@ -94,7 +101,7 @@ async fn a_pod_create_failing_half_way_leaves_nothing_behind() -> Result<()> {
     let (c, msg) = code(err);
     ensure!(c == tonic::Code::Unavailable && msg.contains("create pod"), "{c:?} {msg}");
     ensure!(fake.names("pods", "shop").is_empty(), "the first replica is deleted again");
-    ensure!(fake.names("configmaps", "shop").is_empty(), "the owner is deleted again");
+    ensure!(fake.names("previewenvironments", "shop").is_empty(), "the owner is deleted again");
     ensure!(m.snapshot(&Selector::default()).environments.is_empty());
     drop(m);
     // Nothing is left in the store either: a restart finds no environment.
@@ -135,7 +142,7 @@ async fn conflicts_and_bad_targets_are_refused_naming_the_field() -> Result<()> 
     m.start(filtered("k1")).await?;
     let (c, msg) = code(m.start(filtered("k2")).await.err().context("same filter")?);
     ensure!(c == tonic::Code::AlreadyExists && msg.contains("\"k1\""), "{c:?} {msg}");
-    ensure!(fake.get("configmaps", "shop", "preview-env-k2").is_none(), "nothing made for k2");
+    ensure!(fake.get("previewenvironments", "shop", "preview-env-k2").is_none(), "nothing made for k2");
     // The default (key) filter of another key does not conflict.
     m.start(req("k3", json!({"target": "deployment/orders"}))).await?;
 
@@ -159,7 +166,7 @@ async fn conflicts_and_bad_targets_are_refused_naming_the_field() -> Result<()> 
     let pod = PodRequest { namespace: "other".into(), image: "x:1".into(), ..Default::default() };
     let (c, msg) = code(m.add_pod("k1", Some(pod)).await.err().context("other namespace")?);
     ensure!(c == tonic::Code::FailedPrecondition && msg.starts_with("namespace: "), "{c:?} {msg}");
-    ensure!(fake.get("configmaps", "shop", "preview-env-k4").is_none(), "no refused start left anything");
+    ensure!(fake.get("previewenvironments", "shop", "preview-env-k4").is_none(), "no refused start left anything");
     Ok(())
 }
 

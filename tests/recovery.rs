@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use common::*;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use preview::proto;
 
@@ -42,7 +42,8 @@ fn spawn_previewd(
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_previewd"));
     cmd.env("KUBECONFIG", kubeconfig_path())
         .env("RUST_LOG", "warn")
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--auth", "none", "--system-namespace", SYSTEM_NS])
+        .arg("--data-dir")
         .arg(data)
         .args(["--default-namespace", ns, "--instance", instance, "--image-pull-policy", "Never"])
         .stdout(Stdio::piped())
@@ -68,9 +69,9 @@ fn spawn_previewd(
     Ok(Proc { child, addr: format!("http://127.0.0.1:{port}") })
 }
 
-async fn connect(addr: &str) -> Result<proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>> {
+async fn connect(addr: &str) -> Result<preview::cli::Client> {
     eventually("previewd to answer", Duration::from_secs(30), || async {
-        match preview::cli::connect(addr).await {
+        match common::connect(addr).await {
             Ok(mut c) => Ok(c.status(proto::StatusRequest::default()).await.ok().map(|_| c)),
             Err(_) => Ok(None),
         }
@@ -81,13 +82,11 @@ async fn connect(addr: &str) -> Result<proto::preview_service_client::PreviewSer
 async fn managed(ns: &TestNs, instance: &str) -> Result<(Vec<String>, Vec<String>)> {
     let lp = ListParams::default().labels(&format!("preview.dev/instance={instance}"));
     let pods = ns.api::<Pod>().list(&lp).await?.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none());
-    let cms = ns.api::<ConfigMap>().list(&lp).await?.items;
-    Ok((pods.filter_map(|p| p.metadata.name).collect(), cms.into_iter().filter_map(|c| c.metadata.name).collect()))
+    let envs = env_objects(ns, &lp).await?;
+    Ok((pods.filter_map(|p| p.metadata.name).collect(), envs.into_iter().filter_map(|c| c.metadata.name).collect()))
 }
 
-async fn snapshot(
-    c: &mut proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>,
-) -> Result<Vec<proto::Environment>> {
+async fn snapshot(c: &mut preview::cli::Client) -> Result<Vec<proto::Environment>> {
     Ok(c.status(proto::StatusRequest::default()).await?.into_inner().next().await.context("snapshot")??.environments)
 }
 
@@ -126,7 +125,7 @@ async fn sigkill_during_start_leaves_complete_or_absent() -> Result<()> {
         ensure!(!env.pending && env.pods.len() == 1, "{point}: {env:?}");
         let (pods, cms) = managed(&ns, &instance).await?;
         ensure!(pods == vec![env.pods[0].name.clone()], "{point}: pods {pods:?} vs record {:?}", env.pods);
-        ensure!(cms == vec![format!("preview-env-{key}")], "{point}: configmaps {cms:?}");
+        ensure!(cms == vec![format!("preview-env-{key}")], "{point}: previewenvironments {cms:?}");
         c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key(key)) }).await?;
         drop(p);
     }
@@ -147,7 +146,7 @@ async fn lost_store_is_adopted_or_cleaned_from_labels() -> Result<()> {
     let pod_name = env.environment.context("env")?.pods[0].name.clone();
     d.stop().await?;
 
-    // Store lost; --adopt rebuilds it from the owner ConfigMaps.
+    // Store lost; --adopt rebuilds it from the PreviewEnvironments.
     let fresh = tempfile::tempdir()?;
     let d = Previewd::start_with(&ns, fresh.path().to_path_buf(), instance.clone(), |a| a.adopt = true).await?;
     let mut c = d.client().await?;

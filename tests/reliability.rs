@@ -137,15 +137,16 @@ async fn a_clean_interrupted_part_way_never_brings_the_environment_back() -> Res
     ensure!(tonic::Status::from(err).code() == tonic::Code::Unavailable);
     let why = failure_of(&m, "k1").context("still shown")?;
     ensure!(why.starts_with("clean failed: "), "{why}");
-    let owner = fake.get("configmaps", "shop", "preview-env-k1").context("owner")?;
-    let copy: serde_json::Value = serde_json::from_str(owner["data"]["environment.json"].as_str().context("copy")?)?;
+    let owner = fake.get("previewenvironments", "shop", "preview-env-k1").context("owner")?;
+    let copy: serde_json::Value = serde_json::from_str(owner["spec"]["record"].as_str().context("copy")?)?;
     ensure!(copy["deleting"] == true, "the owner's copy carries the tombstone: {copy}");
+    ensure!(owner["spec"]["deleting"] == true, "and shows it: {}", owner["spec"]);
     // previewd dies here. At the next start it finishes the clean.
     drop(m);
     let m = manager(&fake, dir.path()).await?;
     let report = m.recover(true).await;
     ensure!(report.live == 0 && report.failed.is_empty(), "{report:?}");
-    ensure!(fake.names("pods", "shop").is_empty() && fake.names("configmaps", "shop").is_empty());
+    ensure!(fake.names("pods", "shop").is_empty() && fake.names("previewenvironments", "shop").is_empty());
     ensure!(m.snapshot(&Selector::default()).environments.is_empty());
     Ok(())
 }
@@ -162,7 +163,7 @@ async fn a_failed_clean_is_retried_until_the_environment_is_gone() -> Result<()>
     fake.fail(Fault { method: Method::DELETE, path: "/pods/".into(), nth: 1, code: 500 });
     ensure!(m.clean(CleanSelector::Key(Key::parse("key", "k1")?)).await.is_err());
     tick_until(&m, Duration::from_secs(10), |m| failure_of(m, "k1").is_none()).await?;
-    ensure!(fake.names("pods", "shop").is_empty() && fake.names("configmaps", "shop").is_empty());
+    ensure!(fake.names("pods", "shop").is_empty() && fake.names("previewenvironments", "shop").is_empty());
     let mut kinds = Vec::new();
     while let Ok(ev) = events.try_recv() {
         kinds.push(ev.kind);
@@ -188,7 +189,7 @@ async fn one_failing_expiry_holds_up_no_other() -> Result<()> {
     tick_until(&m, Duration::from_secs(10), |m| failure_of(m, "b2").is_none()).await?;
     ensure!(failure_of(&m, "a1").is_none_or(|f| f.starts_with("expiry failed")), "a1 failed alone: {:?}", failures(&m));
     tick_until(&m, Duration::from_secs(10), |m| failure_of(m, "a1").is_none()).await?;
-    ensure!(fake.names("pods", "shop").is_empty() && fake.names("configmaps", "shop").is_empty());
+    ensure!(fake.names("pods", "shop").is_empty() && fake.names("previewenvironments", "shop").is_empty());
     // Watchers saw a1 fail before it expired.
     let mut kinds = Vec::new();
     while let Ok(ev) = events.try_recv() {
@@ -220,5 +221,43 @@ async fn status_is_served_from_the_store_while_the_api_server_is_away() -> Resul
     fake.set_down(false);
     tick_until(&m, Duration::from_secs(10), |m| failure_of(m, "k1").as_deref() == Some("")).await?;
     ensure!(m.snapshot(&Selector::default()).environments.len() == 1, "k2 was never made");
+    Ok(())
+}
+
+/// previewd's TLS material and key come from the cluster, and a copy is
+/// kept in its data directory (owner-only): a later start while the API
+/// server is away serves with the same CA and key. Without a copy, such a
+/// start fails, naming the API server.
+#[tokio::test]
+async fn tls_material_and_key_outlive_the_api_server_at_a_later_start() -> Result<()> {
+    use preview::previewd::auth::{tls::TlsOptions, trust};
+    use std::os::unix::fs::PermissionsExt;
+    let fake = shop(&["preview-system"]);
+    let dir = tempfile::tempdir()?;
+    let opts = TlsOptions {
+        namespace: "preview-system".into(),
+        cert: None,
+        key: None,
+        ca: None,
+        sans: vec!["previewd.test".into()],
+    };
+    let listen = "127.0.0.1:7443".parse()?;
+    let (key1, tls1) = trust::load(&fake.client(), &opts, listen, true, dir.path()).await?;
+    let tls1 = tls1.context("TLS material")?;
+    ensure!(fake.get("secrets", "preview-system", "previewd-tls").is_some(), "the CA was not stored");
+    ensure!(fake.get("configmaps", "preview-system", "previewd-ca").is_some(), "the CA was not published");
+    let mode = std::fs::metadata(dir.path().join("trust.json"))?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "the copy is mode {mode:o}");
+
+    fake.set_down(true);
+    let (key2, tls2) = trust::load(&fake.client(), &opts, listen, true, dir.path()).await?;
+    let tls2 = tls2.context("TLS material")?;
+    ensure!(tls2.ca_pem == tls1.ca_pem && tls2.cert_pem == tls1.cert_pem, "another CA or certificate");
+    ensure!(key2.proof("a", "p", "u") == key1.proof("a", "p", "u"), "another key");
+    tls2.acceptor().map_err(|e| anyhow::anyhow!("the copy does not serve: {e}"))?;
+
+    let empty = tempfile::tempdir()?;
+    let err = trust::load(&fake.client(), &opts, listen, true, empty.path()).await.err().context("started")?;
+    ensure!(err.to_string().contains("kubernetes API"), "{err}");
     Ok(())
 }

@@ -129,7 +129,7 @@ async fn start_clones_the_target_and_leaves_it_untouched() -> Result<()> {
     let status = dep.status.context("status")?;
     ensure!(status.replicas == Some(1) && status.ready_replicas == Some(1), "deployment status {status:?}");
     ensure!(
-        pod.metadata.owner_references.as_ref().is_some_and(|o| o.len() == 1 && o[0].kind == "ConfigMap"),
+        pod.metadata.owner_references.as_ref().is_some_and(|o| o.len() == 1 && o[0].kind == "PreviewEnvironment"),
         "owner {:?}",
         pod.metadata.owner_references
     );

@@ -14,13 +14,23 @@ import (
 )
 
 // The Rust suite (tests/install.rs) runs this against previewd installed
-// in the local cluster from deploy/previewd, and sets these variables.
+// in the local cluster from deploy/previewd, and sets these variables; with
+// PREVIEW_CA_FILE it speaks TLS, checks PREVIEW_SERVER_NAME in previewd's
+// certificate (the address is its Service's IP), and sends PREVIEW_TOKEN.
 func live(t *testing.T) (*Client, string, string) {
 	server, ns, image := os.Getenv("PREVIEW_SERVER"), os.Getenv("PREVIEW_TEST_NAMESPACE"), os.Getenv("PREVIEW_TEST_IMAGE")
 	if server == "" || ns == "" || image == "" {
 		t.Skip("needs a live previewd: PREVIEW_SERVER, PREVIEW_TEST_NAMESPACE and PREVIEW_TEST_IMAGE")
 	}
-	c, err := Dial(server)
+	var c *Client
+	var err error
+	if ca := os.Getenv("PREVIEW_CA_FILE"); ca != "" {
+		c, err = DialWith(server, Credentials{
+			CAFile: ca, Token: os.Getenv("PREVIEW_TOKEN"), ServerName: os.Getenv("PREVIEW_SERVER_NAME"),
+		})
+	} else {
+		c, err = Dial(server)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

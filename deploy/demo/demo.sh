@@ -10,10 +10,17 @@ BIN="${CARGO_TARGET_DIR:-$CACHE/target}/release"
 export KUBECONFIG="${KUBECONFIG:-/var/lib/preview-cluster/admin.kubeconfig}"
 KUBECTL="$CACHE/k8s-v1.34.4/bin/kubectl"
 DATA="${PREVIEW_DEMO_DATA:-/var/lib/preview-demo}"
-# On the node address: agents in pods reach previewd there.
+# On the node address: agents in pods reach previewd there. Over TLS, with
+# callers checked by the cluster: the CLI presents the admin kubeconfig's
+# client certificate and trusts the CA previewd publishes in preview-system.
 ADDR=198.18.255.254:7443
-export PREVIEW_SERVER="http://$ADDR"
+export PREVIEW_SERVER="https://$ADDR"
+PREVIEWD_DIR="$HERE/../previewd"
 
+# What the in-cluster install also applies: previewd's namespace, the CRD
+# (environments are PreviewEnvironments) and the preview roles.
+"$KUBECTL" apply -f "$PREVIEWD_DIR/namespace.yaml" -f "$PREVIEWD_DIR/crd.yaml" -f "$PREVIEWD_DIR/roles.yaml" >/dev/null
+"$KUBECTL" wait --for condition=established --timeout=60s crd/previewenvironments.preview.dev >/dev/null
 "$KUBECTL" apply -f "$HERE/demo.yaml" >/dev/null
 for d in frontend orders payments; do "$KUBECTL" -n demo rollout status "deploy/$d" --timeout=90s >/dev/null; done
 
@@ -23,7 +30,7 @@ if ! "$BIN/preview" status >/dev/null 2>&1; then
   if [ -f "$DATA/previewd.pid" ] && kill -0 "$(cat "$DATA/previewd.pid")" 2>/dev/null; then
     kill "$(cat "$DATA/previewd.pid")"; sleep 1
   fi
-  setsid "$BIN/previewd" --listen "$ADDR" --data-dir "$DATA" --default-namespace demo \
+  setsid "$BIN/previewd" --listen "$ADDR" --data-dir "$DATA" --default-namespace demo --system-namespace preview-system \
     --image-pull-policy Never --instance demo --agent-image preview.local/agent:dev \
     >>"$DATA/previewd.log" 2>&1 < /dev/null &
   echo $! > "$DATA/previewd.pid"
@@ -56,6 +63,12 @@ echo "GET $FRONTEND with 'baggage: preview-key=demo':"
 echo
 echo "\$ preview status"
 "$BIN/preview" status
+echo
+echo "\$ kubectl get previewenvironments -n demo"
+"$KUBECTL" get previewenvironments -n demo
+echo
+echo "\$ preview status --token not-a-token   # previewd asks the cluster who is calling"
+"$BIN/preview" status --token not-a-token 2>&1 || true
 echo
 echo "The environment lives for 2h. Clean it now with:"
 echo "  PREVIEW_SERVER=$PREVIEW_SERVER $BIN/preview clean --key demo"

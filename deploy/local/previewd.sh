@@ -30,8 +30,18 @@ spec:
 YAML
 }
 
+# Everything the manifests made but what other previewds share: deleting the
+# CRD would delete every PreviewEnvironment in the cluster (and so their
+# pods), and the preview roles are bound by others.
+without_crd() {
+  "$KUBECTL" kustomize deploy/previewd | python3 -c 'import sys
+shared = ("kind: CustomResourceDefinition", "name: preview-user\n", "name: preview-admin\n")
+docs = sys.stdin.read().split("\n---\n")
+print("\n---\n".join(d for d in docs if not any(s in d + "\n" for s in shared)))'
+}
+
 uninstall() {
-  "$KUBECTL" delete -k deploy/previewd --ignore-not-found --wait=true --timeout=90s >/dev/null
+  without_crd | "$KUBECTL" delete -f - --ignore-not-found --wait=true --timeout=90s >/dev/null
   "$KUBECTL" delete pv preview-system-previewd-data --ignore-not-found >/dev/null
   rm -rf "$DATA"
 }

@@ -111,6 +111,12 @@ pub struct WorkerArgs {
     /// This pod's namespace (downward API), sent to previewd.
     #[arg(long, env = podspec::ENV_POD_NAMESPACE)]
     pub namespace: Option<String>,
+    /// The CA (PEM text) to trust for an https --server.
+    #[arg(long, env = podspec::ENV_CA, hide_env_values = true)]
+    pub ca: Option<String>,
+    /// Proof of this pod that previewd gave the agent, sent with its hello.
+    #[arg(long, env = podspec::ENV_PROOF, hide_env_values = true)]
+    pub proof: Option<String>,
     /// Bytes of mirror copies that may be queued or in flight at once;
     /// copies past it are dropped and counted (`mirror_dropped`).
     #[arg(long, env = "PREVIEW_AGENT_MIRROR_MAX_BYTES", default_value_t = super::state::MIRROR_MAX_BYTES as u64, value_parser = clap::value_parser!(u64).range(1..))]

@@ -47,16 +47,20 @@ impl RouteSource {
                 });
             }
         };
+        let server = Server { url: server, ca: args.ca.clone(), proof: args.proof.clone() };
         let hello = proto::AgentHello { namespace: ns, pod };
         let mut stream = tokio::time::timeout(Duration::from_secs(15), open_stream(&server, hello.clone()))
             .await
-            .map_err(|_| AgentError::Routes { path: server.clone().into(), message: "no answer within 15 s".into() })?
-            .map_err(|message| AgentError::Routes { path: server.clone().into(), message })?;
+            .map_err(|_| AgentError::Routes {
+                path: server.url.clone().into(),
+                message: "no answer within 15 s".into(),
+            })?
+            .map_err(|message| AgentError::Routes { path: server.url.clone().into(), message })?;
         // previewd may attach us before the preview pod has an address; the
         // first set comes when it has one (nothing is intercepted until then).
         let first = next_set(&mut stream)
             .await
-            .map_err(|message| AgentError::Routes { path: server.clone().into(), message })?;
+            .map_err(|message| AgentError::Routes { path: server.url.clone().into(), message })?;
         let (tx, rx) = tokio::sync::watch::channel(first.clone());
         tokio::spawn(follow(server, hello, stream, tx));
         Ok(RouteSource { initial: Some(first), file: None, stream: Some(rx) })
@@ -89,15 +93,30 @@ impl RouteSource {
 
 type RouteStreaming = tonic::Streaming<proto::RouteSet>;
 
-async fn open_stream(server: &str, hello: proto::AgentHello) -> Result<RouteStreaming, String> {
-    let channel = tonic::transport::Channel::from_shared(server.to_string())
-        .map_err(|e| format!("{server:?} is not a URL: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("connecting: {e}"))?;
+/// previewd's address, the CA to trust there, and this agent's proof of its pod.
+#[derive(Clone)]
+struct Server {
+    url: String,
+    ca: Option<String>,
+    proof: Option<String>,
+}
+
+async fn open_stream(server: &Server, hello: proto::AgentHello) -> Result<RouteStreaming, String> {
+    let url = &server.url;
+    let mut endpoint = tonic::transport::Channel::from_shared(url.clone())
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &server.ca {
+        let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS settings: {e}"))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| format!("connecting: {e}"))?;
     let mut client = proto::agent_service_client::AgentServiceClient::new(channel);
-    Ok(client.routes(hello).await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?.into_inner())
+    let mut req = tonic::Request::new(hello);
+    if let Some(proof) = server.proof.as_deref().and_then(|p| p.parse().ok()) {
+        req.metadata_mut().insert(crate::model::podspec::PROOF_HEADER, proof);
+    }
+    Ok(client.routes(req).await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?.into_inner())
 }
 
 async fn next_set(stream: &mut RouteStreaming) -> Result<Vec<Route>, String> {
@@ -107,7 +126,7 @@ async fn next_set(stream: &mut RouteStreaming) -> Result<Vec<Route>, String> {
 
 /// Follows previewd's stream; reconnects with a capped backoff when it drops.
 async fn follow(
-    server: String,
+    server: Server,
     hello: proto::AgentHello,
     mut stream: RouteStreaming,
     tx: tokio::sync::watch::Sender<Vec<Route>>,

@@ -1,18 +1,28 @@
 //! How the CLI reaches previewd: the `--server` URL, or else the previewd
 //! Service found through the user's kubeconfig and a port-forward through the
-//! API server (as `kubectl port-forward` does). Either way one health check
-//! proves the connection and reads the server's version.
+//! API server (as `kubectl port-forward` does). Either way it speaks TLS
+//! (unless the URL is `http://`), presents the kubeconfig's credentials, and
+//! one health check proves the connection and reads the server's version.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::CliError;
+use super::creds::{Bearer, Credentials};
 use crate::model::VERSION_HEADER;
+
+/// A channel that carries the caller's bearer token, if any.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// The ConfigMap previewd publishes its CA in, and the key (auth::tls).
+const CA_CONFIGMAP: &str = "previewd-ca";
+const CA_KEY: &str = "ca.crt";
 
 /// The label the previewd Service and pods carry (deploy/previewd).
 pub const PREVIEWD_LABEL: &str = "app.kubernetes.io/name=previewd";
@@ -23,22 +33,55 @@ pub struct Kube {
     pub namespace: String,
     pub context: Option<String>,
     pub kubeconfig: Option<PathBuf>,
+    /// The CA to trust [default: the ConfigMap previewd-ca in `namespace`].
+    pub ca_file: Option<PathBuf>,
+    /// A bearer token instead of the kubeconfig's credentials.
+    pub token: Option<String>,
 }
 
 /// A connected channel, what it goes through, and the server's version.
 pub struct Connection {
-    pub channel: Channel,
+    pub channel: AuthChannel,
     pub via: String,
     pub server_version: Option<String>,
 }
 
 pub async fn connect(server: Option<&str>, kube: &Kube) -> Result<Connection, CliError> {
     let (channel, via) = match server {
-        Some(s) => (direct(s).await?, s.to_string()),
+        Some(s) => {
+            endpoint(s)?; // a malformed URL is a usage error, before anything is read
+            let session = session(kube).await;
+            let plain = s.starts_with("http://");
+            // A URL given directly may need no kubeconfig at all (a loopback
+            // previewd with --auth none), so a missing one is not an error yet.
+            let (client, mut creds) = match session {
+                Ok((c, creds, _)) => (Some(c), creds),
+                Err(e) if plain || kube.ca_file.is_some() => {
+                    tracing::debug!(error = %e, "no kubeconfig credentials");
+                    (None, Credentials::default())
+                }
+                Err(e) => return Err(e),
+            };
+            override_token(&mut creds, kube);
+            if !plain {
+                creds.ca_pem = Some(trusted_ca(kube, client.as_ref(), s).await?);
+            }
+            (direct(s, &creds, None).await?, s.to_string())
+        }
         None => forward(kube).await?,
     };
-    // One cheap call: it surfaces a wrong address or a non-previewd server
-    // now, in one line, and carries the server's version header.
+    check(channel, via).await
+}
+
+/// A client for a URL with the given credentials (tools and tests).
+pub async fn connect_with(server: &str, creds: &Credentials) -> Result<Connection, CliError> {
+    let channel = direct(server, creds, None).await?;
+    check(channel, server.to_string()).await
+}
+
+async fn check(channel: AuthChannel, via: String) -> Result<Connection, CliError> {
+    // One cheap call: it surfaces a wrong address, refused credentials or a
+    // non-previewd server now, in one line, and carries the version header.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let check = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() });
     let resp = tokio::time::timeout(Duration::from_secs(10), check)
@@ -47,6 +90,48 @@ pub async fn connect(server: Option<&str>, kube: &Kube) -> Result<Connection, Cl
         .map_err(|s| CliError::Unreachable { via: via.clone(), why: format!("{:?}: {}", s.code(), s.message()) })?;
     let server_version = resp.metadata().get(VERSION_HEADER).and_then(|v| v.to_str().ok()).map(String::from);
     Ok(Connection { channel, via, server_version })
+}
+
+fn override_token(creds: &mut Credentials, kube: &Kube) {
+    if let Some(t) = &kube.token {
+        creds.token = Some(t.clone());
+        creds.identity = None;
+    }
+}
+
+/// The kubeconfig's client and the credentials it holds for the user.
+async fn session(k: &Kube) -> Result<(kube::Client, Credentials, String), CliError> {
+    let ctx = k.context.as_deref().map(|c| format!(" (context {c})")).unwrap_or_default();
+    let kc_err = |e: &dyn std::fmt::Display| CliError::Unreachable {
+        via: format!("the kubeconfig{ctx}"),
+        why: format!("{e}; give --server, or --kubeconfig/--context"),
+    };
+    let kubeconfig = match &k.kubeconfig {
+        Some(p) => Kubeconfig::read_from(p).map_err(|e| kc_err(&e))?,
+        None => Kubeconfig::read().map_err(|e| kc_err(&e))?,
+    };
+    let opts = KubeConfigOptions { context: k.context.clone(), ..Default::default() };
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &opts).await.map_err(|e| kc_err(&e))?;
+    let creds = Credentials::from_auth_info(&config.auth_info).map_err(|e| kc_err(&e))?;
+    let cluster = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).map_err(|e| kc_err(&e))?;
+    Ok((client, creds, cluster))
+}
+
+/// `--ca-file`, else the CA previewd published in its namespace.
+async fn trusted_ca(k: &Kube, client: Option<&kube::Client>, via: &str) -> Result<String, CliError> {
+    let unreachable = |why: String| CliError::Unreachable { via: via.to_string(), why };
+    if let Some(f) = &k.ca_file {
+        return std::fs::read_to_string(f).map_err(|e| unreachable(format!("--ca-file {}: {e}", f.display())));
+    }
+    let client = client.ok_or_else(|| unreachable("no CA to trust: give --ca-file, or a kubeconfig".into()))?;
+    let ns = &k.namespace;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns).get(CA_CONFIGMAP).await.map_err(|e| {
+        unreachable(format!("reading previewd's CA from configmap {ns}/{CA_CONFIGMAP}: {e}; or give --ca-file"))
+    })?;
+    cm.data
+        .and_then(|d| d.get(CA_KEY).cloned())
+        .ok_or_else(|| unreachable(format!("configmap {ns}/{CA_CONFIGMAP} has no {CA_KEY}")))
 }
 
 fn endpoint(uri: &str) -> Result<Endpoint, CliError> {
@@ -64,11 +149,29 @@ fn endpoint(uri: &str) -> Result<Endpoint, CliError> {
         .initial_connection_window_size(Some(8 << 20)))
 }
 
-async fn direct(server: &str) -> Result<Channel, CliError> {
-    endpoint(server)?
-        .connect()
-        .await
-        .map_err(|e| CliError::Unreachable { via: server.to_string(), why: source_chain(&e) })
+/// TLS settings for `creds`: the CA to trust, the client certificate, and
+/// the name to check when the address is not previewd's own (a port-forward).
+fn tls(creds: &Credentials, server_name: Option<&str>) -> Option<ClientTlsConfig> {
+    let ca = creds.ca_pem.as_ref()?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some((cert, key)) = &creds.identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    if let Some(name) = server_name {
+        tls = tls.domain_name(name);
+    }
+    Some(tls)
+}
+
+async fn direct(server: &str, creds: &Credentials, server_name: Option<&str>) -> Result<AuthChannel, CliError> {
+    let unreachable = |why: String| CliError::Unreachable { via: server.to_string(), why };
+    let mut ep = endpoint(server)?;
+    if server.starts_with("https://") {
+        let tls = tls(creds, server_name).ok_or_else(|| unreachable("https needs a CA to trust".into()))?;
+        ep = ep.tls_config(tls).map_err(|e| unreachable(source_chain(&e)))?;
+    }
+    let channel = ep.connect().await.map_err(|e| unreachable(source_chain(&e)))?;
+    Ok(InterceptedService::new(channel, Bearer::new(creds.token.as_deref()).map_err(unreachable)?))
 }
 
 /// The innermost cause, which is the useful part ("Connection refused").
@@ -85,20 +188,10 @@ fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Finds the previewd Service and a ready pod behind it, and returns a
 /// channel whose every connection is a fresh port-forward to that pod.
-async fn forward(k: &Kube) -> Result<(Channel, String), CliError> {
+async fn forward(k: &Kube) -> Result<(AuthChannel, String), CliError> {
     let ctx = k.context.as_deref().map(|c| format!(" (context {c})")).unwrap_or_default();
-    let kc_err = |e: &dyn std::fmt::Display| CliError::Unreachable {
-        via: format!("the kubeconfig{ctx}"),
-        why: format!("{e}; give --server, or --kubeconfig/--context"),
-    };
-    let kubeconfig = match &k.kubeconfig {
-        Some(p) => Kubeconfig::read_from(p).map_err(|e| kc_err(&e))?,
-        None => Kubeconfig::read().map_err(|e| kc_err(&e))?,
-    };
-    let opts = KubeConfigOptions { context: k.context.clone(), ..Default::default() };
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &opts).await.map_err(|e| kc_err(&e))?;
-    let cluster = config.cluster_url.to_string();
-    let client = kube::Client::try_from(config).map_err(|e| kc_err(&e))?;
+    let (client, mut creds, cluster) = session(k).await?;
+    override_token(&mut creds, k);
     let ns = &k.namespace;
     let looked = format!("a Service labelled {PREVIEWD_LABEL} in namespace {ns} of {cluster}{ctx}");
     let not_found = |why: String| CliError::Unreachable { via: looked.clone(), why };
@@ -134,7 +227,7 @@ async fn forward(k: &Kube) -> Result<(Channel, String), CliError> {
         .ok_or_else(|| not_found(format!("pod {pod_name} has no container port for the Service's grpc port")))?;
 
     let via = format!("port-forward to pod {ns}/{pod_name}:{target} via {cluster}{ctx}");
-    let pods: Api<Pod> = Api::namespaced(client, ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let name = pod_name.clone();
     let connector = tower::service_fn(move |_: http::Uri| {
         let (pods, name) = (pods.clone(), name.clone());
@@ -145,11 +238,18 @@ async fn forward(k: &Kube) -> Result<(Channel, String), CliError> {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper_util::rt::TokioIo::new(stream))
         }
     });
-    // The URI is only a label: the connector decides where bytes go.
-    let channel = endpoint(&format!("http://{pod_name}.{ns}:{target}"))?
+    creds.ca_pem = Some(trusted_ca(k, Some(&client), &via).await?);
+    let unreachable = |why: String| CliError::Unreachable { via: via.clone(), why };
+    // The URI is only a label: the connector decides where bytes go. TLS
+    // checks the certificate against the Service's name, as in the cluster.
+    let tls = tls(&creds, Some(&format!("previewd.{ns}.svc"))).ok_or_else(|| unreachable("no CA".into()))?;
+    let channel = endpoint(&format!("https://{pod_name}.{ns}:{target}"))?
+        .tls_config(tls)
+        .map_err(|e| unreachable(source_chain(&e)))?
         .connect_with_connector(connector)
         .await
-        .map_err(|e| CliError::Unreachable { via: via.clone(), why: source_chain(&e) })?;
+        .map_err(|e| unreachable(source_chain(&e)))?;
+    let channel = InterceptedService::new(channel, Bearer::new(creds.token.as_deref()).map_err(unreachable)?);
     Ok((channel, via))
 }
 

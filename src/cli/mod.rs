@@ -3,6 +3,7 @@
 //! Exit codes: 0 ok, 1 failure, 2 usage (clap's own).
 
 mod connect;
+pub mod creds;
 mod output;
 
 use std::io::IsTerminal;
@@ -11,9 +12,9 @@ use std::path::PathBuf;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use futures::StreamExt;
 use serde_json::json;
-use tonic::transport::Channel;
 
-pub use connect::{Connection, Kube, PREVIEWD_LABEL};
+pub use connect::{AuthChannel, Connection, Kube, PREVIEWD_LABEL};
+pub use creds::Credentials;
 pub use output::{Output, env_json, table};
 use output::{event_json, print_envs};
 
@@ -37,6 +38,13 @@ pub struct Cli {
     /// kubeconfig file [default: $KUBECONFIG, else ~/.kube/config].
     #[arg(long, global = true, env = "PREVIEW_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The CA that previewd's certificate chains to [default: the ConfigMap
+    /// previewd-ca in --previewd-namespace].
+    #[arg(long, global = true, env = "PREVIEW_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// A bearer token for previewd, instead of the kubeconfig's credentials.
+    #[arg(long, global = true, env = "PREVIEW_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -166,7 +174,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         clap_complete::generate(shell, &mut Cli::command(), "preview", &mut std::io::stdout());
         return Ok(());
     }
-    let kube = Kube { namespace: cli.previewd_namespace, context: cli.context, kubeconfig: cli.kubeconfig };
+    let kube = Kube {
+        namespace: cli.previewd_namespace,
+        context: cli.context,
+        kubeconfig: cli.kubeconfig,
+        ca_file: cli.ca_file,
+        token: cli.token,
+    };
     let conn = connect::connect(cli.server.as_deref(), &kube).await;
     if let Command::Version(a) = cli.command {
         return version(conn, a.output);
@@ -250,13 +264,22 @@ fn version(conn: Result<Connection, CliError>, output: Output) -> Result<(), Cli
     }
 }
 
-fn client(channel: Channel) -> PreviewServiceClient<Channel> {
+/// A previewd client over a channel that carries the caller's credentials.
+pub type Client = PreviewServiceClient<AuthChannel>;
+
+fn client(channel: AuthChannel) -> Client {
     PreviewServiceClient::new(channel)
 }
 
-/// A client for previewd at a URL (for tools and tests).
-pub async fn connect(server: &str) -> Result<PreviewServiceClient<Channel>, CliError> {
-    Ok(client(connect::connect(Some(server), &Kube::default()).await?.channel))
+/// A client for previewd at a URL, with no credentials (a loopback previewd
+/// with `--auth none`; tools and tests).
+pub async fn connect(server: &str) -> Result<Client, CliError> {
+    connect_with(server, &Credentials::default()).await
+}
+
+/// A client for previewd at a URL, presenting `creds` and trusting their CA.
+pub async fn connect_with(server: &str, creds: &Credentials) -> Result<Client, CliError> {
+    Ok(client(connect::connect_with(server, creds).await?.channel))
 }
 
 fn pod_request(a: &PodArgs) -> Result<proto::PodRequest, CliError> {
@@ -273,7 +296,7 @@ fn pod_request(a: &PodArgs) -> Result<proto::PodRequest, CliError> {
     })
 }
 
-async fn start(client: &mut PreviewServiceClient<Channel>, a: StartArgs) -> Result<(), CliError> {
+async fn start(client: &mut Client, a: StartArgs) -> Result<(), CliError> {
     let timeout = match Ttl::parse("--timeout", &a.timeout) {
         Ok(Ttl::Finite(d)) => Some(d),
         _ if a.timeout.trim() == "0" => None,
@@ -347,7 +370,7 @@ fn is_fatal(reason: &str) -> bool {
     )
 }
 
-async fn status(client: &mut PreviewServiceClient<Channel>, a: StatusArgs) -> Result<(), CliError> {
+async fn status(client: &mut Client, a: StatusArgs) -> Result<(), CliError> {
     let key = a.key.or(a.glob).unwrap_or_default();
     let req = proto::StatusRequest { key, namespace: a.namespace.unwrap_or_default(), watch: a.watch };
     let mut stream = client.status(req).await?.into_inner();

@@ -7,6 +7,12 @@ pub const ENV_KEY: &str = "PREVIEW_KEY";
 /// Env: the agent's pod name and namespace (sent to previewd in its hello).
 pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// Env: the CA (PEM) an agent trusts when it reaches previewd over TLS.
+pub const ENV_CA: &str = "PREVIEW_CA";
+/// Env: the agent's proof of its pod, sent to previewd with its hello.
+pub const ENV_PROOF: &str = "PREVIEW_AGENT_PROOF";
+/// gRPC metadata that carries [`ENV_PROOF`]'s value.
+pub const PROOF_HEADER: &str = "x-preview-agent-proof";
 /// Env: the agent's log filter.
 pub const ENV_LOG: &str = "RUST_LOG";
 

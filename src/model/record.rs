@@ -25,6 +25,10 @@ pub struct EnvRecord {
     #[serde(default)]
     pub deleting: bool,
     pub pods: Vec<PodRecord>,
+    /// The user who started it (per-user limits); empty in records older
+    /// than authentication.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub creator: String,
 }
 
 /// One preview pod group (one or more replicas) of an environment.

@@ -49,6 +49,16 @@ impl WorkloadKind {
             WorkloadKind::Pod => "pod",
         }
     }
+
+    /// The API group and resource, as RBAC names them.
+    pub fn resource(self) -> (&'static str, &'static str) {
+        match self {
+            WorkloadKind::Deployment => ("apps", "deployments"),
+            WorkloadKind::StatefulSet => ("apps", "statefulsets"),
+            WorkloadKind::ReplicaSet => ("apps", "replicasets"),
+            WorkloadKind::Pod => ("", "pods"),
+        }
+    }
 }
 
 impl Target {

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod attach;
+pub mod auth;
 pub mod cluster;
 pub mod manager;
 pub mod metrics;

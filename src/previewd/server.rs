@@ -14,6 +14,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::model::{Ttl, validate_dns_label};
 use crate::previewd::api::{AgentApi, Api};
+use crate::previewd::auth::layer::AuthLayer;
+use crate::previewd::auth::serve;
+use crate::previewd::auth::tls::{TlsError, TlsOptions};
+use crate::previewd::auth::trust;
+use crate::previewd::auth::{Auth, AuthMode};
 use crate::previewd::cluster::Cluster;
 use crate::previewd::manager::{Limits, Manager, Settings};
 use crate::previewd::store::{Store, StoreError};
@@ -84,6 +89,42 @@ pub struct ServerArgs {
     /// The longest regex a filter may hold, in bytes.
     #[arg(long, env = "PREVIEW_MAX_REGEX_BYTES", default_value_t = 1024)]
     pub max_regex_bytes: usize,
+    /// The most replicas one preview pod may ask for (feature.preview.replicas).
+    #[arg(long, env = "PREVIEW_MAX_REPLICAS", default_value_t = 10)]
+    pub max_replicas: u32,
+    /// The most environments one user may have at once.
+    #[arg(long, env = "PREVIEW_MAX_ENVS_PER_USER", default_value_t = 20)]
+    pub max_envs_per_user: usize,
+    /// The most Status watches one user may hold open at once.
+    #[arg(long, env = "PREVIEW_MAX_WATCHERS_PER_USER", default_value_t = 16)]
+    pub max_watchers_per_user: usize,
+    /// How callers are checked. kube: TLS, bearer tokens (TokenReview) and
+    /// client certificates (the cluster's client CA) identify them, and RBAC
+    /// (SubjectAccessReview) decides. none: plaintext and no checks, accepted
+    /// only on a loopback --listen address.
+    #[arg(long, env = "PREVIEW_AUTH", value_enum, default_value = "kube")]
+    pub auth: AuthMode,
+    /// Also accept tokens for the API server's own audience (kubeconfig and
+    /// service-account tokens), besides tokens for audience "previewd".
+    #[arg(long, env = "PREVIEW_ACCEPT_APISERVER_TOKENS")]
+    pub accept_apiserver_tokens: bool,
+    /// previewd's own namespace: the Secrets previewd-tls and
+    /// previewd-agent-key, and the ConfigMap previewd-ca, live there.
+    #[arg(long, env = "PREVIEW_SYSTEM_NAMESPACE", default_value = "preview-system")]
+    pub system_namespace: String,
+    /// Serve with this certificate (PEM chain) instead of the Secret previewd-tls.
+    #[arg(long, env = "PREVIEW_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "PREVIEW_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that signed --tls-cert, published for clients and agents
+    /// [default: the last certificate of --tls-cert].
+    #[arg(long, env = "PREVIEW_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// More names or addresses for a certificate previewd makes itself (comma-separated).
+    #[arg(long, env = "PREVIEW_TLS_SAN", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
     /// Test hook: stop at this point of Start and wait to be killed.
     #[arg(long, env = "PREVIEW_PAUSE_AT", hide = true)]
     pub pause_at: Option<String>,
@@ -101,6 +142,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 fn duration_flag(flag: &'static str, s: &str) -> Result<Duration, ServerError> {
@@ -129,6 +172,8 @@ impl ServerArgs {
                 max_pods_per_env: self.max_pods_per_env,
                 max_filter_regexes: self.max_filter_regexes,
                 max_regex_bytes: self.max_regex_bytes,
+                max_replicas: self.max_replicas,
+                max_envs_per_user: self.max_envs_per_user,
             },
         })
     }
@@ -152,7 +197,8 @@ impl ServerArgs {
                 ),
             });
         }
-        Ok(Some(format!("http://{bound}")))
+        let scheme = if self.auth == AuthMode::Kube { "https" } else { "http" };
+        Ok(Some(format!("{scheme}://{bound}")))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -191,12 +237,50 @@ pub async fn serve(
     let reap_every = duration_flag("--reap-interval", &args.reap_interval)?;
     validate_dns_label("--instance", &args.instance, 63)
         .map_err(|e| ServerError::Flag { flag: "--instance", message: e.message })?;
+    if args.auth == AuthMode::None && !bound.ip().is_loopback() {
+        return Err(ServerError::Flag {
+            flag: "--auth",
+            message: format!(
+                "none is accepted only on a loopback --listen address, not {bound}: anyone who reaches it could preview anything"
+            ),
+        });
+    }
+    validate_dns_label("--system-namespace", &args.system_namespace, 63)
+        .map_err(|e| ServerError::Flag { flag: "--system-namespace", message: e.message })?;
+    // TLS material and previewd's key come from the cluster (or its local
+    // copy while the API server is away), before anything is served.
+    let opts = TlsOptions {
+        namespace: args.system_namespace.clone(),
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        ca: args.tls_ca.clone(),
+        sans: args.tls_san.clone(),
+    };
+    let with_tls = args.auth == AuthMode::Kube;
+    let (prover, tls) = trust::load(&client, &opts, bound, with_tls, &args.data_dir()).await?;
+    match &tls {
+        Some(t) if t.client_ca_pem.is_none() => {
+            tracing::warn!("client certificates are refused: the cluster's client CA could not be read")
+        }
+        Some(_) => {}
+        None => tracing::warn!(addr = %bound, "--auth none: no TLS and no checks (loopback only)"),
+    }
+    let (acceptor, verifier) = match &tls {
+        Some(t) => {
+            let (a, v) = t.acceptor()?;
+            (Some(a), v)
+        }
+        None => (None, None),
+    };
+    let auth = Arc::new(Auth::new(args.auth, client.clone(), args.accept_apiserver_tokens, verifier));
     let store = Store::open(&args.data_dir()).await?;
-    let manager = Manager::new(
+    let manager = Manager::with_auth(
         store,
         Cluster::new(client.clone(), args.image_pull_policy.clone(), args.instance.clone(), args.agent_image.clone())
-            .with_agent_server(agent_server.clone()),
+            .with_agent_server(agent_server.clone())
+            .with_agent_trust(tls.as_ref().map(|t| t.ca_pem.clone()), prover.clone()),
         settings,
+        auth.clone(),
     );
 
     // Never fails as a whole: a broken environment shows FAILED and is
@@ -261,15 +345,18 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     };
     tracing::info!(addr = %bound, "previewd serving");
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .layer(crate::previewd::metrics::EdgeLayer(manager.metrics().clone()))
+        .layer(AuthLayer(auth.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(PreviewServiceServer::new(Api::new(manager.clone(), stop_rx.clone())))
-        .add_service(AgentServiceServer::new(AgentApi::new(manager, stop_rx)))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await;
+        .add_service(PreviewServiceServer::new(Api::new(manager.clone(), stop_rx.clone(), args.max_watchers_per_user)))
+        .add_service(AgentServiceServer::new(AgentApi::new(manager, stop_rx, with_tls.then_some(prover))));
+    let result = match acceptor {
+        Some(a) => router.serve_with_incoming_shutdown(serve::incoming(listener, a), shutdown).await,
+        None => router.serve_with_incoming_shutdown(incoming(listener), shutdown).await,
+    };
     watch.abort();
     reaper.abort();
     for task in [attacher, metrics].into_iter().flatten() {

@@ -279,6 +279,7 @@ mod tests {
                 pod_names: vec!["orders-k".into()],
                 template: serde_json::json!({"spec": {}}),
             }],
+            creator: String::new(),
         }
     }
 

@@ -34,6 +34,28 @@ pub async fn previewd_with(
     .await
 }
 
+/// Cleans every environment.
+pub async fn clean_all(c: &mut preview::cli::Client) -> Result<()> {
+    let sel = preview::proto::clean_request::Selector::Glob("*".into());
+    c.clean(preview::proto::CleanRequest { selector: Some(sel) }).await?;
+    Ok(())
+}
+
+/// The orders pod that answered a GET through the frontend at `ip` (with
+/// `key` in the baggage), as the frontend's answer names it.
+pub async fn orders_pod(ip: &str, key: Option<&str>) -> Result<String> {
+    let s = tokio::net::TcpStream::connect((ip, 8080)).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    let mut r = http::Request::get("/");
+    if let Some(k) = key {
+        r = r.header("baggage", format!("preview-key={k}"));
+    }
+    let body = send.send_request(r.body(Full::new(Bytes::new()))?).await?.into_body().collect().await?;
+    let v: serde_json::Value = serde_json::from_slice(&body.to_bytes())?;
+    Ok(v["downstream"]["pod"].as_str().unwrap_or_default().to_string())
+}
+
 /// frontend → orders → payments, v1 each; orders may drop baggage.
 pub async fn demo_chain(ns: &TestNs, orders_drops_baggage: bool) -> Result<()> {
     let down = |s: &str| format!("http://{s}.{}.svc.cluster.local:8080/", ns.name);

@@ -37,8 +37,31 @@ pub struct TestNs {
     pub client: Client,
 }
 
+/// The CRD and the preview roles from deploy/previewd, applied once per
+/// test binary (as `kubectl apply -k deploy/previewd` would).
+pub fn ensure_crd() -> Result<()> {
+    static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/previewd");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(kubectl())
+                .args(["--kubeconfig", &kubeconfig_path()])
+                .args(args)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+        };
+        run(&["apply", "-f", &format!("{dir}/crd.yaml"), "-f", &format!("{dir}/roles.yaml")])?;
+        run(&["wait", "--for", "condition=established", "--timeout=60s", "crd/previewenvironments.preview.dev"])
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!("applying the CRD: {e}"))
+}
+
 impl TestNs {
     pub async fn new(prefix: &str) -> Result<TestNs> {
+        ensure_crd()?;
+        ensure_system_ns().await?;
         let client = client().await?;
         let name = format!("{prefix}-{}", preview::model::Key::generate().get(..6).unwrap_or("x"));
         let ns: Namespace = serde_json::from_value(serde_json::json!({
@@ -204,10 +227,75 @@ pub struct Previewd {
     handle: Option<tokio::task::JoinHandle<std::result::Result<(), preview::previewd::server::ServerError>>>,
 }
 
+/// The PreviewEnvironment objects in `ns` that match `lp`.
+pub async fn env_objects(ns: &TestNs, lp: &ListParams) -> Result<Vec<kube::api::DynamicObject>> {
+    let ar = preview::previewd::cluster::objects::env_resource();
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
+    Ok(api.list(lp).await?.items)
+}
+
+/// What previewd would give the agent of pod `pod` in `ns`: its proof of
+/// the pod (from previewd's key in [`SYSTEM_NS`]), and the CA to trust.
+pub async fn agent_trust(ns: &TestNs, pod: &str) -> Result<(String, String)> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client().await?, SYSTEM_NS);
+    let secret = secrets.get(preview::previewd::auth::proof::SECRET).await?;
+    let key = secret.data.and_then(|d| d.get("hmac").map(|b| b.0.clone())).context("no hmac in the key Secret")?;
+    let uid = ns.api::<Pod>().get(pod).await?.metadata.uid.context("pod uid")?;
+    let proof = preview::previewd::auth::proof::Prover::from_secret_bytes(&key).proof(&ns.name, pod, &uid);
+    Ok((proof, previewd_ca().await?))
+}
+
+/// previewd's own namespace in tests (its TLS Secret, agent key and CA
+/// ConfigMap), apart from preview-system, which the install test owns.
+pub const SYSTEM_NS: &str = "preview-test-system";
+
+/// Makes [`SYSTEM_NS`] if it is missing.
+pub async fn ensure_system_ns() -> Result<()> {
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": SYSTEM_NS}}))?;
+    match Api::<Namespace>::all(client().await?).create(&PostParams::default(), &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The admin kubeconfig's client certificate, and the CA previewd
+/// published in [`SYSTEM_NS`]: what the CLI would present and trust.
+pub async fn admin_creds() -> Result<preview::cli::Credentials> {
+    let kc = Kubeconfig::read_from(kubeconfig_path())?;
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    let mut creds = preview::cli::Credentials::from_auth_info(&cfg.auth_info).map_err(anyhow::Error::msg)?;
+    creds.ca_pem = Some(previewd_ca().await?);
+    Ok(creds)
+}
+
+/// The CA in the ConfigMap previewd-ca of [`SYSTEM_NS`].
+pub async fn previewd_ca() -> Result<String> {
+    let cm: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client().await?, SYSTEM_NS);
+    let cm = cm.get("previewd-ca").await.context("configmap previewd-ca")?;
+    cm.data.and_then(|d| d.get("ca.crt").cloned()).context("previewd-ca has no ca.crt")
+}
+
+/// A client for the previewd at `addr`: none for http (--auth none on
+/// loopback), the admin's certificate over TLS for https.
+pub async fn connect(addr: &str) -> Result<preview::cli::Client> {
+    if addr.starts_with("https://") {
+        Ok(preview::cli::connect_with(addr, &admin_creds().await?).await?)
+    } else {
+        Ok(preview::cli::connect(addr).await?)
+    }
+}
+
+/// Flags for an in-process previewd: with `--auth none` (a loopback
+/// listener); [`Previewd::start_full`] turns authentication on for others.
 pub fn server_args(ns: &str, data: &std::path::Path, instance: &str) -> preview::previewd::server::ServerArgs {
     use clap::Parser;
     preview::previewd::server::ServerArgs::parse_from([
         "previewd",
+        "--auth",
+        "none",
+        "--system-namespace",
+        SYSTEM_NS,
         "--data-dir",
         data.to_str().unwrap_or_default(),
         "--default-namespace",
@@ -256,9 +344,17 @@ impl Previewd {
     ) -> Result<Previewd> {
         preview::telemetry::init();
         let mut args = server_args(&ns.name, &data, &instance);
-        tweak(&mut args);
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        let addr = format!("http://{}", listener.local_addr()?);
+        let local = listener.local_addr()?;
+        if !local.ip().is_loopback() {
+            ensure_system_ns().await?;
+            args.auth = preview::previewd::auth::AuthMode::Kube;
+            // As the admin, tests start more than a user would.
+            args.max_envs_per_user = 1000;
+        }
+        tweak(&mut args);
+        let scheme = if args.auth == preview::previewd::auth::AuthMode::Kube { "https" } else { "http" };
+        let addr = format!("{scheme}://{local}");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let client = client().await?;
         let handle = tokio::spawn(preview::previewd::server::serve(args, client, listener, async move {
@@ -271,7 +367,7 @@ impl Previewd {
                 let h = p.handle.take().context("handle")?;
                 bail!("previewd ended before serving: {:?}", h.await?);
             }
-            if preview::cli::connect(&p.addr).await.is_ok() {
+            if connect(&p.addr).await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -279,7 +375,7 @@ impl Previewd {
         eventually("previewd to serve", Duration::from_secs(30), || {
             let addr = p.addr.clone();
             async move {
-                let Ok(mut c) = preview::cli::connect(&addr).await else { return Ok(None) };
+                let Ok(mut c) = connect(&addr).await else { return Ok(None) };
                 let req = preview::proto::StatusRequest::default();
                 Ok(c.status(req).await.ok().map(|_| ()))
             }
@@ -288,10 +384,8 @@ impl Previewd {
         Ok(p)
     }
 
-    pub async fn client(
-        &self,
-    ) -> Result<preview::proto::preview_service_client::PreviewServiceClient<tonic::transport::Channel>> {
-        Ok(preview::cli::connect(&self.addr).await?)
+    pub async fn client(&self) -> Result<preview::cli::Client> {
+        connect(&self.addr).await
     }
 
     /// Stops serving and waits for the server task.
@@ -320,5 +414,110 @@ pub fn start_req(config: &str, image: &str, key: &str) -> preview::proto::StartR
         pods: vec![preview::proto::PodRequest { config: config.into(), image: image.into(), ..Default::default() }],
         key: key.into(),
         ttl: String::new(),
+    }
+}
+
+/// Test identities, made as a cluster admin would: service accounts with
+/// bound tokens, users with certificates the cluster's CA signed, and
+/// bindings of the preview roles.
+pub mod identity {
+    use super::*;
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+
+    pub const PKI: &str = "/var/lib/preview-cluster/pki";
+
+    /// A service account `name` in `ns`.
+    pub async fn service_account(ns: &TestNs, name: &str) -> Result<()> {
+        let sa: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+        match ns.api::<ServiceAccount>().create(&PostParams::default(), &sa).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A bound token of `sa` in `ns` for `audience` (`None`: the API server's), 10 minutes.
+    pub async fn token(ns: &TestNs, sa: &str, audience: Option<&str>) -> Result<String> {
+        let req = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: audience.map(|a| vec![a.to_string()]).unwrap_or_default(),
+                expiration_seconds: Some(600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let tr = ns.api::<ServiceAccount>().create_token_request(sa, &PostParams::default(), &req).await?;
+        tr.status.map(|s| s.token).context("no token in the TokenRequest")
+    }
+
+    /// A Role in `ns` with `rules`, bound to `subject` (a kube RBAC subject as JSON).
+    pub async fn grant(ns: &TestNs, name: &str, rules: serde_json::Value, subject: serde_json::Value) -> Result<()> {
+        let role: Role = serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "rules": rules}))?;
+        ns.api::<Role>().create(&PostParams::default(), &role).await?;
+        bind(ns, name, "Role", name, subject).await
+    }
+
+    /// A RoleBinding in `ns` of `kind`/`role` to `subject`.
+    pub async fn bind(ns: &TestNs, name: &str, kind: &str, role: &str, subject: serde_json::Value) -> Result<()> {
+        let rb: RoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+            "subjects": [subject],
+        }))?;
+        ns.api::<RoleBinding>().create(&PostParams::default(), &rb).await?;
+        Ok(())
+    }
+
+    pub fn user(name: &str) -> serde_json::Value {
+        serde_json::json!({"kind": "User", "name": name, "apiGroup": "rbac.authorization.k8s.io"})
+    }
+
+    pub fn sa(ns: &TestNs, name: &str) -> serde_json::Value {
+        serde_json::json!({"kind": "ServiceAccount", "name": name, "namespace": ns.name})
+    }
+
+    /// What a preview needs besides the preview verbs: pods made in the
+    /// namespace, and targets read (as the `edit` role would give).
+    pub fn workload_rules() -> serde_json::Value {
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get", "list"]},
+            {"apiGroups": ["apps"], "resources": ["deployments", "replicasets", "statefulsets"], "verbs": ["get", "list"]},
+        ])
+    }
+
+    /// A client certificate for `user` (groups `groups`) signed by `ca_cert`/`ca_key` (PEM): (cert, key).
+    pub fn certificate(user: &str, groups: &[&str], ca_cert: &str, ca_key: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+        let issuer = rcgen::Issuer::from_ca_cert_pem(ca_cert, rcgen::KeyPair::from_pem(ca_key)?)?;
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, user);
+        for g in groups {
+            params.distinguished_name.push(rcgen::DnType::OrganizationName, *g);
+        }
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem().into_bytes(), key.serialize_pem().into_bytes()))
+    }
+
+    /// A certificate signed by the cluster's own CA, as `kubectl` users hold.
+    pub fn cluster_certificate(user: &str, groups: &[&str]) -> Result<(Vec<u8>, Vec<u8>)> {
+        let ca = std::fs::read_to_string(format!("{PKI}/ca.crt"))?;
+        let key = std::fs::read_to_string(format!("{PKI}/ca.key"))?;
+        certificate(user, groups, &ca, &key)
+    }
+
+    /// A kubeconfig like the admin's, with `token` as its user's credential.
+    pub fn token_kubeconfig(token: &str, dir: &std::path::Path) -> Result<std::path::PathBuf> {
+        let mut kc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(kubeconfig_path())?)?;
+        let users = kc.get_mut("users").and_then(|u| u.as_sequence_mut()).context("kubeconfig users")?;
+        for u in users.iter_mut() {
+            u["user"] = serde_yaml::to_value(serde_json::json!({"token": token}))?;
+        }
+        let path = dir.join("token.kubeconfig");
+        std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
+        Ok(path)
     }
 }

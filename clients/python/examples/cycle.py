@@ -3,6 +3,7 @@
     python examples/cycle.py 127.0.0.1:7443 default preview.local/echo:v2
 """
 
+import os
 import sys
 import time
 
@@ -38,6 +39,9 @@ if __name__ == "__main__":
     defaults = ["127.0.0.1:7443", "default", "preview.local/echo:v2"]
     args = sys.argv[1:4]
     server, namespace, image = args + defaults[len(args):]
-    channel, stub = connect(server)
+    # With PREVIEW_CA_FILE: TLS, and PREVIEW_TOKEN as a bearer token.
+    ca_file = os.environ.get("PREVIEW_CA_FILE")
+    ca = open(ca_file, "rb").read() if ca_file else None
+    channel, stub = connect(server, ca=ca, token=os.environ.get("PREVIEW_TOKEN"))
     with channel:
         cycle(stub, f"py-example-{int(time.time()) % 100000}", namespace, image)

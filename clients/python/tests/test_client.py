@@ -25,7 +25,13 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def stub():
-    channel, stub = connect(SERVER)
+    # With PREVIEW_CA_FILE: TLS (checking PREVIEW_SERVER_NAME, as the address
+    # is the Service's IP), and PREVIEW_TOKEN as a bearer token.
+    ca_file = os.environ.get("PREVIEW_CA_FILE")
+    ca = open(ca_file, "rb").read() if ca_file else None
+    channel, stub = connect(
+        SERVER, ca=ca, token=os.environ.get("PREVIEW_TOKEN"), server_name=os.environ.get("PREVIEW_SERVER_NAME")
+    )
     with channel:
         yield stub
 
@@ -34,7 +40,7 @@ def test_cycle(stub):
     key = f"py-{time.time_ns() % 1_000_000}"
     steps = []
     objects = cycle(stub, key, NAMESPACE, IMAGE, say=steps.append)
-    # Two pods and the environment's owner ConfigMap.
+    # Two pods and the environment's PreviewEnvironment.
     assert objects == 3, steps
     snapshot = next(watch(stub, key=key, timeout=10))
     assert snapshot.kind == pb.EVENT_KIND_SNAPSHOT

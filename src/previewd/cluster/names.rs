@@ -20,8 +20,6 @@ pub const ANNOTATION_CONTAINER: &str = "preview.dev/container";
 /// A readiness gate nobody sets: the pod never turns Ready, so the target
 /// Service's EndpointSlices never send it unfiltered traffic.
 pub const READINESS_GATE: &str = "preview.dev/routed";
-/// The env var that tells a preview pod its key.
-pub const RECORD_DATA: &str = "environment.json";
 
 /// A LabelSelector as a list-call selector string, excluding preview pods.
 pub fn label_selector(s: &LabelSelector) -> String {

@@ -15,8 +15,8 @@ use super::names::{
 };
 use crate::model::Target;
 use crate::model::podspec::{
-    AGENT_BIN, ARG_LINGER, ARG_SERVER, CMD_CLEANUP, CMD_OUTBOUND, CMD_READY, CMD_RUN, ENV_KEY, ENV_LOG, ENV_POD_NAME,
-    ENV_POD_NAMESPACE, SIDECAR,
+    AGENT_BIN, ARG_LINGER, ARG_SERVER, CMD_CLEANUP, CMD_OUTBOUND, CMD_READY, CMD_RUN, ENV_CA, ENV_KEY, ENV_LOG,
+    ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_PROOF, SIDECAR,
 };
 
 /// The parts of a target that a preview pod is cloned from.
@@ -158,6 +158,8 @@ fn outbound_sidecar(image: &str, key: &str, pull_policy: Option<&str>) -> Contai
 
 /// An ephemeral container that runs the agent (`run`, routes from
 /// `server`) or its `cleanup` in a target pod.
+/// `trust`: the CA the agent trusts and its proof of the pod, when
+/// previewd serves TLS.
 pub fn agent_container(
     name: &str,
     image: &str,
@@ -165,14 +167,20 @@ pub fn agent_container(
     pod: &str,
     ns: &str,
     pull: Option<&str>,
+    trust: Option<(Option<&str>, String)>,
 ) -> EphemeralContainer {
     let env = |n: &str, v: &str| EnvVar { name: n.into(), value: Some(v.into()), value_from: None };
+    let mut vars = vec![env(ENV_POD_NAME, pod), env(ENV_POD_NAMESPACE, ns), env(ENV_LOG, "info")];
+    if let Some((ca, proof)) = trust {
+        vars.extend(ca.map(|ca| env(ENV_CA, ca)));
+        vars.push(env(ENV_PROOF, &proof));
+    }
     EphemeralContainer {
         name: name.into(),
         image: Some(image.into()),
         image_pull_policy: pull.map(str::to_string),
         args: Some(args),
-        env: Some(vec![env(ENV_POD_NAME, pod), env(ENV_POD_NAMESPACE, ns), env(ENV_LOG, "info")]),
+        env: Some(vars),
         security_context: Some(agent_security(false)),
         ..Default::default()
     }
@@ -310,7 +318,11 @@ mod tests {
             "p",
             "ns",
             None,
+            Some((Some("CA PEM"), "proof".into())),
         );
+        let env: Vec<(&str, &str)> =
+            agent.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or(""))).collect();
+        assert!(env.contains(&(ENV_CA, "CA PEM")) && env.contains(&(ENV_PROOF, "proof")), "{env:?}");
         let caps = agent.security_context.unwrap().capabilities.unwrap();
         assert_eq!(
             caps.add.as_deref(),

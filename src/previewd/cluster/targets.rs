@@ -123,14 +123,20 @@ impl Cluster {
 
     /// The workload a pod belongs to: its ReplicaSet's Deployment, its
     /// StatefulSet or ReplicaSet, or the pod itself. `None` if the pod is gone.
-    pub async fn target_of_pod(&self, ns: &str, pod: &str) -> Result<Option<(WorkloadKind, String)>, KubeError> {
+    /// The workload a pod belongs to, and the pod's UID.
+    pub async fn target_of_pod(
+        &self,
+        ns: &str,
+        pod: &str,
+    ) -> Result<Option<(WorkloadKind, String, String)>, KubeError> {
         let p = Api::<Pod>::namespaced(self.client.clone(), ns)
             .get_opt(pod)
             .await
             .map_err(KubeError::api(format!("get pod {ns}/{pod}")))?;
         let Some(p) = p else { return Ok(None) };
+        let uid = p.metadata.uid.clone().unwrap_or_default();
         let owner = p.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true)).cloned();
-        Ok(Some(match owner {
+        let (kind, name) = match owner {
             Some(o) if o.kind == "ReplicaSet" => {
                 let rs = Api::<ReplicaSet>::namespaced(self.client.clone(), ns)
                     .get_opt(&o.name)
@@ -146,6 +152,7 @@ impl Cluster {
             }
             Some(o) if o.kind == "StatefulSet" => (WorkloadKind::StatefulSet, o.name),
             _ => (WorkloadKind::Pod, pod.to_string()),
-        }))
+        };
+        Ok(Some((kind, name, uid)))
     }
 }

@@ -6,21 +6,49 @@
 use super::view::glob_match;
 use super::{CleanSelector, Error, Manager};
 use crate::model::{Cleaned, Key, now_ms};
+use crate::previewd::auth::{Access, Caller};
 use crate::proto;
 
 impl Manager {
     pub async fn clean(&self, sel: CleanSelector) -> Result<Vec<Cleaned>, Error> {
-        let keys: Vec<Key> = {
+        self.clean_as(&Caller::anonymous(), sel).await
+    }
+
+    /// Clean for `who`: `delete` on environments in each one's namespace. A
+    /// key they may not delete is PERMISSION_DENIED; a glob or all_expired
+    /// takes only the environments they may delete.
+    pub async fn clean_as(&self, who: &Caller, sel: CleanSelector) -> Result<Vec<Cleaned>, Error> {
+        let selected: Vec<(Key, String)> = {
             let view = self.view();
             let now = now_ms();
+            let pick = |e: &crate::model::EnvStatus| (e.record.key.clone(), e.record.namespace.clone());
             match &sel {
-                CleanSelector::Key(k) => vec![k.clone()],
-                CleanSelector::Glob(g) => view.envs.keys().filter(|k| glob_match(g, k)).cloned().collect(),
+                CleanSelector::Key(k) => {
+                    vec![(k.clone(), view.envs.get(k).map(|e| e.record.namespace.clone()).unwrap_or_default())]
+                }
+                CleanSelector::Glob(g) => {
+                    view.envs.values().filter(|e| glob_match(g, &e.record.key)).map(pick).collect()
+                }
                 CleanSelector::AllExpired => {
-                    view.envs.values().filter(|e| e.record.expired_at(now)).map(|e| e.record.key.clone()).collect()
+                    view.envs.values().filter(|e| e.record.expired_at(now)).map(pick).collect()
                 }
             }
         };
+        let mut keys = Vec::new();
+        for (key, ns) in selected {
+            // An unknown key has no namespace to ask about: Clean says NOT_FOUND as before.
+            let allowed = ns.is_empty() || self.auth.allowed(who, &Access::env("delete", &ns)).await?;
+            match (&sel, allowed) {
+                (_, true) => keys.push(key),
+                (CleanSelector::Key(_), false) => {
+                    return Err(Error::PermissionDenied {
+                        field: "key".into(),
+                        message: format!("user {:?} may not {}", who.user, Access::env("delete", &ns)),
+                    });
+                }
+                _ => {}
+            }
+        }
         let mut removed = Vec::new();
         let mut first_error = None;
         for key in keys {
@@ -76,6 +104,7 @@ impl Manager {
         let objects = self.cluster.delete_env(key).await?;
         let had_record = self.store.delete(key).await?;
         self.view().retries.remove(key);
+        self.ready_counts.lock().unwrap_or_else(|e| e.into_inner()).remove(key.as_str());
         let had_view = self.publish_removed(key, why);
         if objects.is_empty() && !had_record && !had_view {
             return Ok(None);

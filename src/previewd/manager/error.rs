@@ -2,6 +2,7 @@
 //! one place; here each error only says what happened and to which field.
 
 use crate::model::FieldError;
+use crate::previewd::auth::AuthError;
 use crate::previewd::cluster::KubeError;
 use crate::previewd::store::StoreError;
 
@@ -26,6 +27,9 @@ pub enum Error {
     Cluster { field: Option<String>, source: KubeError },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The API server could not be asked who the caller is or what they may do.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl From<KubeError> for Error {

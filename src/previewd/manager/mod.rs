@@ -7,6 +7,7 @@
 //! `.await`. Start and AddPod are in `start`, Clean and expiry in `clean`,
 //! recovery in `recover`, and Status in `status` over the `view`.
 
+mod authorize;
 mod clean;
 mod error;
 pub mod recover;
@@ -24,6 +25,7 @@ pub use error::Error;
 pub use view::{AgentPlan, Event, PodAgents, Selector, TargetRef, glob_match};
 
 use crate::model::Key;
+use crate::previewd::auth::Auth;
 use crate::previewd::cluster::Cluster;
 use crate::previewd::metrics::{Gauges, ServerMetrics};
 use crate::previewd::store::Store;
@@ -50,6 +52,8 @@ pub struct Limits {
     pub max_pods_per_env: usize,
     pub max_filter_regexes: usize,
     pub max_regex_bytes: usize,
+    pub max_replicas: u32,
+    pub max_envs_per_user: usize,
 }
 
 impl Default for Limits {
@@ -59,6 +63,8 @@ impl Default for Limits {
             max_pods_per_env: 20,
             max_filter_regexes: 16,
             max_regex_bytes: 1024,
+            max_replicas: 10,
+            max_envs_per_user: 20,
         }
     }
 }
@@ -95,10 +101,28 @@ pub struct Manager {
     events: broadcast::Sender<Event>,
     key_locks: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<ServerMetrics>,
+    auth: Arc<Auth>,
+    /// The ready count last written to each environment's object.
+    ready_counts: Mutex<HashMap<String, usize>>,
+}
+
+/// What a Start or AddPod was about, for its audit line: filled in as the
+/// request is read, so a refused request is audited with what it asked for.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub namespace: String,
+    pub targets: Vec<String>,
+    /// `key` (the default filter) or `unscoped`.
+    pub filter: &'static str,
 }
 
 impl Manager {
+    /// A manager that lets every caller do everything (`--auth none`, tests).
     pub fn new(store: Store, cluster: Cluster, settings: Settings) -> Arc<Manager> {
+        Manager::with_auth(store, cluster, settings, Arc::new(Auth::off()))
+    }
+
+    pub fn with_auth(store: Store, cluster: Cluster, settings: Settings, auth: Arc<Auth>) -> Arc<Manager> {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Arc::new(Manager {
             store,
@@ -108,11 +132,17 @@ impl Manager {
             events,
             key_locks: Mutex::new(HashMap::new()),
             metrics: Arc::default(),
+            auth,
+            ready_counts: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
     }
 
     pub fn metrics(&self) -> &Arc<ServerMetrics> {
@@ -153,6 +183,11 @@ impl Manager {
             tracing::warn!(point, "paused for a crash test");
             std::future::pending::<()>().await;
         }
+    }
+
+    /// The namespace of environment `key`, if it exists.
+    pub fn namespace_of(&self, key: &Key) -> Option<String> {
+        self.view().envs.get(key).map(|e| e.record.namespace.clone())
     }
 
     pub fn len(&self) -> usize {

@@ -247,6 +247,7 @@ impl Manager {
             pending: false,
             deleting: false,
             pods: Vec::new(),
+            creator: String::new(),
         };
         let mut env = EnvStatus::new(placeholder);
         env.failure = Some(why);

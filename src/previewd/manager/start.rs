@@ -6,13 +6,14 @@ use k8s_openapi::api::core::v1::Pod;
 
 use super::error::invalid;
 use super::view::on_target;
-use super::{Error, Manager};
+use super::{Error, Facts, Manager};
 use crate::config::{self, PodConfig};
 use crate::filter::FilterSpec;
 use crate::model::{
     EnvRecord, FieldError, Key, Mode, PodRecord, PodRequest, StartRequest, Started, Target, Ttl, now_ms,
     validate_dns_label,
 };
+use crate::previewd::auth::{AuthMode, Caller};
 use crate::previewd::cluster::KubeError;
 use crate::previewd::cluster::agents;
 use crate::previewd::cluster::pods::{self, PodPlan};
@@ -20,16 +21,32 @@ use crate::previewd::store::StoreError;
 use crate::proto;
 
 impl Manager {
+    /// Start as the anonymous caller (tools and tests with `--auth none`).
     pub async fn start(&self, req: StartRequest) -> Result<Started, Error> {
+        self.start_as(&Caller::anonymous(), req, &mut Facts::default()).await
+    }
+
+    /// Start for `who`, with what it is about written into `facts` as it is read.
+    pub async fn start_as(&self, who: &Caller, req: StartRequest, facts: &mut Facts) -> Result<Started, Error> {
         let config::ReadStart { key, configs, ttl } = config::read_start(&req)?;
         let ttl = ttl.map(|t| self.check_ttl(t)).transpose()?;
 
         let _guard = self.lock_key(&key).await;
         let existing = self.view().envs.get(&key).map(|e| e.record.clone());
-        self.apply(key, existing, &req.pods, configs, ttl).await
+        self.apply(who, facts, key, existing, &req.pods, configs, ttl).await
     }
 
     pub async fn add_pod(&self, key: &str, pod: Option<PodRequest>) -> Result<Started, Error> {
+        self.add_pod_as(&Caller::anonymous(), key, pod, &mut Facts::default()).await
+    }
+
+    pub async fn add_pod_as(
+        &self,
+        who: &Caller,
+        key: &str,
+        pod: Option<PodRequest>,
+        facts: &mut Facts,
+    ) -> Result<Started, Error> {
         let key = Key::parse("key", key)?;
         let pod = pod.ok_or_else(|| invalid("pod", "required"))?;
         let doc = config::parse_document(&pod.config)?;
@@ -39,7 +56,7 @@ impl Manager {
         let Some(existing) = existing else {
             return Err(Error::NotFound { field: "key".into(), message: format!("no environment {:?}", key.as_str()) });
         };
-        self.apply(key, Some(existing), &[pod], vec![cfg], None).await
+        self.apply(who, facts, key, Some(existing), &[pod], vec![cfg], None).await
     }
 
     fn check_ttl(&self, ttl: Ttl) -> Result<Ttl, Error> {
@@ -56,8 +73,11 @@ impl Manager {
     }
 
     /// Plans every pod, checks conflicts, writes the intent, creates objects.
+    #[allow(clippy::too_many_arguments)]
     async fn apply(
         &self,
+        who: &Caller,
+        facts: &mut Facts,
         key: Key,
         existing: Option<EnvRecord>,
         reqs: &[PodRequest],
@@ -70,7 +90,7 @@ impl Manager {
         let mut env_ns = existing.as_ref().map(|e| e.namespace.clone());
         for (i, (req, cfg)) in reqs.iter().zip(configs).enumerate() {
             let at = if reqs.len() > 1 { format!("pods[{i}]") } else { String::new() };
-            let (ns, pod) = self.plan_pod(&key, &at, req, &cfg, env_ns.as_deref()).await?;
+            let (ns, pod) = self.plan_pod(who, facts, &key, &at, req, &cfg, env_ns.as_deref()).await?;
             if planned.iter().any(|p| p.group == pod.group) {
                 let msg = format!("two pods named {:?}; give each a distinct name", pod.group);
                 return Err(FieldError::new("name", msg).within(&at).into());
@@ -80,6 +100,15 @@ impl Manager {
             planned.push(pod);
         }
         let ns = env_ns.unwrap_or_else(|| self.settings.default_namespace.clone());
+        facts.namespace = ns.clone();
+        facts.targets = planned.iter().map(|p| p.target.to_string()).collect();
+        let scoped = planned.iter().all(|p| p.filter == FilterSpec::Key(key.to_string()));
+        facts.filter = if scoped { "key" } else { "unscoped" };
+        // RBAC before anything is written or created.
+        self.authorize(who, &key, &ns, &planned).await?;
+        if existing.is_none() && self.auth.mode() == AuthMode::Kube {
+            self.check_user_envs(who)?;
+        }
         self.check_conflicts(&key, &ns, &planned)?;
 
         // The new record: existing pods with the same group are replaced.
@@ -93,6 +122,7 @@ impl Manager {
             pending: true,
             deleting: false,
             pods: Vec::new(),
+            creator: who.user.clone(),
         });
         let ttl_extended = match (is_new, ttl) {
             (true, t) => {
@@ -159,8 +189,11 @@ impl Manager {
     /// One pod of a request: where it goes (its namespace) and its record,
     /// with the Pod to create built from the target's template. `at` is the
     /// request's field prefix (`pods[i]`, or empty for a single pod).
+    #[allow(clippy::too_many_arguments)]
     async fn plan_pod(
         &self,
+        who: &Caller,
+        facts: &mut Facts,
         key: &Key,
         at: &str,
         req: &PodRequest,
@@ -210,6 +243,15 @@ impl Manager {
                 return Err(Error::ResourceExhausted { field: field("feature.network.incoming.http_filter"), message });
             }
         }
+        if cfg.replicas > limits.max_replicas {
+            return Err(Error::ResourceExhausted {
+                field: field("feature.preview.replicas"),
+                message: format!(
+                    "{} replicas; this server allows at most {} (--max-replicas)",
+                    cfg.replicas, limits.max_replicas
+                ),
+            });
+        }
         if let Some(env_ns) = env_ns
             && env_ns != ns
         {
@@ -218,6 +260,14 @@ impl Manager {
                 message: format!("environment {:?} lives in namespace {env_ns:?}, not {ns:?}", key.as_str()),
             });
         }
+        // What it asks for, for the audit line should it be refused.
+        facts.namespace = ns.clone();
+        facts.targets.push(target.to_string());
+        let scoped = cfg.filter.as_ref().is_none_or(|f| *f == FilterSpec::Key(key.to_string()));
+        facts.filter = if !scoped || facts.filter == "unscoped" { "unscoped" } else { "key" };
+        // Before reading the namespace or the target: a caller who may not
+        // preview here learns nothing about what is here.
+        self.authorize_namespace(who, &ns).await?;
         let image = if req.image.is_empty() { cfg.image.clone() } else { Some(req.image.clone()) };
         let image = image.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
             invalid(field("image"), "required: give an image in the request or feature.preview.image in the config")
@@ -310,6 +360,22 @@ impl Manager {
                 self.cluster.create_pod(&rec.namespace, &pod).await?;
                 self.pause_point("after-pod").await;
             }
+        }
+        Ok(())
+    }
+
+    /// A new environment may not take its creator past --max-envs-per-user.
+    fn check_user_envs(&self, who: &Caller) -> Result<(), Error> {
+        let max = self.settings.limits.max_envs_per_user;
+        let have = self.view().envs.values().filter(|e| e.record.creator == who.user).count();
+        if have >= max {
+            return Err(Error::ResourceExhausted {
+                field: "key".into(),
+                message: format!(
+                    "user {:?} has {have} environments; this server allows at most {max} per user (--max-envs-per-user)",
+                    who.user
+                ),
+            });
         }
         Ok(())
     }

@@ -29,6 +29,18 @@ impl Manager {
     pub fn observe_pod(&self, pod: &Pod, deleted: bool) {
         let mut view = self.view();
         if let Some((env, pod)) = view.observe_pod(pod, deleted) {
+            // `kubectl get pe` shows ready pods: written off the watch's path,
+            // and only when the count moves.
+            let ready = env.pods.iter().filter(|p| p.ready).count();
+            if self.ready_counts.lock().unwrap_or_else(|e| e.into_inner()).insert(env.key.clone(), ready) != Some(ready)
+            {
+                let (cluster, ns, key) = (self.cluster.clone(), env.namespace.clone(), env.key.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = cluster.put_owner_status(&ns, &key, ready).await {
+                        tracing::debug!(%key, error = %e, "writing the environment's ready count");
+                    }
+                });
+            }
             view.publish(&self.events, proto::EventKind::PodChanged, vec![env], pod);
         }
     }
