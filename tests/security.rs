@@ -273,6 +273,21 @@ async fn callers_are_who_the_cluster_says_and_may_do_what_rbac_says() -> Result<
         ensure!(msg.contains(&want), "{msg}");
         nothing_of(ns, key).await?;
     }
+    // dave may create environments and pods in a, but not read its
+    // deployments: a target he may not read is refused before previewd
+    // reads it, whether it exists or not.
+    identity::bind(&a, "dave-preview", "ClusterRole", "preview-user", identity::user("dave")).await?;
+    let pods_only = serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]}]);
+    identity::grant(&a, "dave-pods", pods_only, identity::user("dave")).await?;
+    let mut dave_c = client(&d.addr, &cert("dave")?).await?;
+    for target in ["deployment/orders", "deployment/no-such"] {
+        let (code, msg) = refused(dave_c.start(start(&a.name, target, "dave1", serde_json::json!({}))).await)?;
+        ensure!(
+            code == tonic::Code::PermissionDenied && msg.contains("may not get deployments.apps"),
+            "{target}: {msg}"
+        );
+    }
+    nothing_of(&a, "dave1").await?;
     let (code, msg) =
         refused(alice_c.start(start(&b.name, "deployment/orders", "alice-b", serde_json::json!({}))).await)?;
     ensure!(code == tonic::Code::PermissionDenied && msg.contains("\"alice\"") && msg.contains(&b.name), "{msg}");

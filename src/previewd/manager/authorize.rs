@@ -13,10 +13,16 @@ use crate::model::{Key, Mode, PodRecord, Target};
 use crate::previewd::auth::{Access, Caller};
 
 impl Manager {
-    /// `create` on environments and on pods in `ns`: asked first, before
-    /// anything in the namespace is read.
-    pub(super) async fn authorize_namespace(&self, who: &Caller, ns: &str) -> Result<(), Error> {
-        self.require(who, vec![Access::env("create", ns), Access::of("create", "", "pods", ns, "")]).await
+    /// `create` on environments and on pods in `ns`, and `get` on the
+    /// target: asked first, before previewd reads the namespace or the
+    /// target for the caller, so a refusal says nothing of what exists.
+    pub(super) async fn authorize_reads(&self, who: &Caller, ns: &str, target: &Target) -> Result<(), Error> {
+        let mut needs = vec![Access::env("create", ns), Access::of("create", "", "pods", ns, "")];
+        if let Target::Workload { kind, name, .. } = target {
+            let (group, resource) = kind.resource();
+            needs.push(Access::of("get", group, resource, ns, name));
+        }
+        self.require(who, needs).await
     }
 
     /// Every access the planned pods need (the namespace's are cached by now).

@@ -267,7 +267,7 @@ impl Manager {
         facts.filter = if !scoped || facts.filter == "unscoped" { "unscoped" } else { "key" };
         // Before reading the namespace or the target: a caller who may not
         // preview here learns nothing about what is here.
-        self.authorize_namespace(who, &ns).await?;
+        self.authorize_reads(who, &ns, &target).await?;
         let image = if req.image.is_empty() { cfg.image.clone() } else { Some(req.image.clone()) };
         let image = image.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
             invalid(field("image"), "required: give an image in the request or feature.preview.image in the config")
