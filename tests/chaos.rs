@@ -360,7 +360,7 @@ async fn chaos_sigkill_of_previewd_loses_nothing() -> Result<()> {
         until(&ip, Some("pd2"), &["v2"], Duration::from_secs(60)).await?;
         ensure!(call(&ip, Some("pd1")).await? == chain(&["v2"]));
         // One agent for all of it: none was re-attached.
-        ensure!(agents(&target_pods(&ns, "orders").await?[0]).len() == 1);
+        ensure!(agents_added(&target_pods(&ns, "orders").await?[0]) == 1);
         c.clean(preview::proto::CleanRequest {
             selector: Some(preview::proto::clean_request::Selector::Glob("pd*".into())),
         })

@@ -224,7 +224,11 @@ async fn callers_are_who_the_cluster_says_and_may_do_what_rbac_says() -> Result<
     let admin = admin().await?;
     let ci = Who { token: Some(identity::token(&a, "ci", Some("previewd")).await?), cert: None };
 
-    let d = Daemon::spawn(&a.name, &a.name, &["--max-watchers-per-user", "2", "--max-envs-per-user", "3"])?;
+    let d = Daemon::spawn(
+        &a.name,
+        &a.name,
+        &["--max-watchers-per-user", "2", "--max-envs-per-user", "3", "--max-replicas", "2"],
+    )?;
     let mut adm = d.serving(&admin).await?;
 
     // --- Authentication.
@@ -340,6 +344,10 @@ async fn callers_are_who_the_cluster_says_and_may_do_what_rbac_says() -> Result<
     let (code, msg) = refused(alice_c.start(start(&a.name, "targetless", "alice6", serde_json::json!({}))).await)?;
     ensure!(code == tonic::Code::ResourceExhausted && msg.contains("--max-envs-per-user"), "{msg}");
     nothing_of(&a, "alice6").await?;
+    let many = serde_json::json!({"feature": {"preview": {"replicas": 3}}});
+    let (code, msg) = refused(adm.start(start(&a.name, "targetless", "many", many)).await)?;
+    ensure!(code == tonic::Code::ResourceExhausted && msg.contains("--max-replicas"), "{msg}");
+    nothing_of(&a, "many").await?;
 
     // The audit: one JSON line per mutating call, refusals included.
     let audit = d.audit()?;

@@ -214,6 +214,13 @@ pub fn redirects_in_pod(ip: &str) -> Result<usize> {
 }
 
 /// Our ephemeral containers in a pod: (name, running?, exit code).
+/// How many agents were ever added to the pod, from its spec, which the
+/// attach patch writes at once (the kubelet reports their statuses later).
+pub fn agents_added(p: &Pod) -> usize {
+    let spec = p.spec.as_ref().and_then(|s| s.ephemeral_containers.as_ref());
+    spec.map_or(0, |c| c.iter().filter(|c| c.name.starts_with(preview::model::podspec::AGENT_PREFIX)).count())
+}
+
 pub fn agents(p: &Pod) -> Vec<(String, bool, Option<i32>)> {
     p.status
         .as_ref()
