@@ -25,10 +25,14 @@ use crate::wire;
 
 impl From<AuthError> for Status {
     fn from(e: AuthError) -> Status {
-        match &e {
-            AuthError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
-            AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
-        }
+        auth_status(&e, e.to_string())
+    }
+}
+
+fn auth_status(e: &AuthError, msg: String) -> Status {
+    match e {
+        AuthError::Unauthenticated(_) => Status::unauthenticated(msg),
+        AuthError::Unavailable(_) => Status::unavailable(msg),
     }
 }
 
@@ -45,33 +49,26 @@ impl From<Error> for Status {
 
 /// The one mapping from the manager's errors to gRPC codes.
 fn status_of(e: &Error) -> Status {
-    {
-        let msg = e.to_string();
-        match e {
-            Error::InvalidArgument(_) => Status::invalid_argument(msg),
-            Error::NotFound { .. } => Status::not_found(msg),
-            Error::AlreadyExists { .. } => Status::already_exists(msg),
-            Error::FailedPrecondition { .. } => Status::failed_precondition(msg),
-            Error::PermissionDenied { .. } => Status::permission_denied(msg),
-            Error::ResourceExhausted { .. } => Status::resource_exhausted(msg),
-            Error::Cluster { source, .. } => match source {
-                KubeError::NamespaceNotFound(_) | KubeError::TargetNotFound { .. } => Status::not_found(msg),
-                KubeError::ContainerNotFound { .. } | KubeError::NoContainers { .. } => Status::invalid_argument(msg),
-                KubeError::Api { source: ::kube::Error::Api(s), .. } if over_quota(s) => {
-                    Status::resource_exhausted(msg)
-                }
-                KubeError::Api { source: ::kube::Error::Api(s), .. } if s.code == 403 => Status::permission_denied(msg),
-                KubeError::Api { source: ::kube::Error::Api(s), .. } if s.code == 422 => Status::invalid_argument(msg),
-                KubeError::Api { .. } => Status::unavailable(msg),
-            },
-            Error::Store(StoreError::Full { .. }) => Status::resource_exhausted(msg),
-            Error::Store(StoreError::Io { .. }) => Status::unavailable(msg),
-            Error::Store(_) => Status::internal(msg),
-            Error::Auth(a) => match a {
-                AuthError::Unauthenticated(_) => Status::unauthenticated(msg),
-                AuthError::Unavailable(_) => Status::unavailable(msg),
-            },
-        }
+    let msg = e.to_string();
+    match e {
+        Error::InvalidArgument(_) => Status::invalid_argument(msg),
+        Error::NotFound { .. } => Status::not_found(msg),
+        Error::AlreadyExists { .. } => Status::already_exists(msg),
+        Error::FailedPrecondition { .. } => Status::failed_precondition(msg),
+        Error::PermissionDenied { .. } => Status::permission_denied(msg),
+        Error::ResourceExhausted { .. } => Status::resource_exhausted(msg),
+        Error::Cluster { source, .. } => match source {
+            KubeError::NamespaceNotFound(_) | KubeError::TargetNotFound { .. } => Status::not_found(msg),
+            KubeError::ContainerNotFound { .. } | KubeError::NoContainers { .. } => Status::invalid_argument(msg),
+            KubeError::Api { source: ::kube::Error::Api(s), .. } if over_quota(s) => Status::resource_exhausted(msg),
+            KubeError::Api { source: ::kube::Error::Api(s), .. } if s.code == 403 => Status::permission_denied(msg),
+            KubeError::Api { source: ::kube::Error::Api(s), .. } if s.code == 422 => Status::invalid_argument(msg),
+            KubeError::Api { .. } => Status::unavailable(msg),
+        },
+        Error::Store(StoreError::Full { .. }) => Status::resource_exhausted(msg),
+        Error::Store(StoreError::Io { .. }) => Status::unavailable(msg),
+        Error::Store(_) => Status::internal(msg),
+        Error::Auth(a) => auth_status(a, msg),
     }
 }
 

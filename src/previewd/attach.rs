@@ -166,9 +166,10 @@ async fn watch_pods(manager: &Arc<Manager>, target: &TargetRef, image: String, s
                 Action::Attach(c) => (c, agent_args(&server, linger)),
                 Action::Cleanup(c) => (c, cleanup_args()),
             };
-            let trust = cluster.agent_trust.as_ref().map(|t| {
+            // With TLS: the CA to trust, and the proof of this pod.
+            let trust = cluster.agent_ca.as_deref().zip(cluster.signer.as_ref()).map(|(ca, key)| {
                 let uid = pod.metadata.uid.as_deref().unwrap_or_default();
-                (t.ca_pem.as_deref(), t.prover.proof(ns, &pod_name, uid))
+                (ca, key.proof(ns, &pod_name, uid))
             });
             let ec = agent_container(&container, &image, args, &pod_name, ns, cluster.pull_policy.as_deref(), trust);
             let patch = serde_json::json!({"spec": {"ephemeralContainers": [ec]}});

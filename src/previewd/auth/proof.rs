@@ -13,12 +13,10 @@
 use std::collections::BTreeMap;
 
 use ::kube::Client;
-use ::kube::api::{Api, PostParams};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
 use ring::hmac;
 
-use super::tls::TlsError;
+use super::tls::{TlsError, secret_or_make};
 
 pub const SECRET: &str = "previewd-agent-key";
 const DATA_KEY: &str = "hmac";
@@ -56,34 +54,16 @@ impl Prover {
 
     /// The key in the Secret, made when missing.
     pub async fn load(client: &Client, ns: &str) -> Result<Prover, TlsError> {
-        let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-        let err = |action: String| move |source| TlsError::Api { action, source };
-        let secret = match api.get_opt(SECRET).await.map_err(err(format!("get secret {ns}/{SECRET}")))? {
-            Some(s) => s,
-            None => {
-                let mut bytes = [0u8; 32];
-                getrandom::fill(&mut bytes).map_err(|e| TlsError::Secret {
-                    namespace: ns.into(),
-                    message: format!("no randomness for the agent key: {e}"),
-                })?;
-                let s = Secret {
-                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                        name: Some(SECRET.into()),
-                        ..Default::default()
-                    },
-                    data: Some(BTreeMap::from([(DATA_KEY.into(), ByteString(bytes.to_vec()))])),
-                    ..Default::default()
-                };
-                match api.create(&PostParams::default(), &s).await {
-                    Ok(s) => s,
-                    Err(::kube::Error::Api(e)) if e.code == 409 => {
-                        api.get(SECRET).await.map_err(err(format!("get secret {ns}/{SECRET}")))?
-                    }
-                    Err(e) => return Err(err(format!("create secret {ns}/{SECRET}"))(e)),
-                }
-            }
-        };
-        let bytes = secret.data.and_then(|d| d.get(DATA_KEY).map(|b| b.0.clone())).filter(|b| b.len() >= 16);
+        let data = secret_or_make(client, ns, SECRET, None, || {
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes).map_err(|e| TlsError::Secret {
+                namespace: ns.into(),
+                message: format!("no randomness for the agent key: {e}"),
+            })?;
+            Ok(BTreeMap::from([(DATA_KEY.into(), ByteString(bytes.to_vec()))]))
+        })
+        .await?;
+        let bytes = data.get(DATA_KEY).map(|b| b.0.clone()).filter(|b| b.len() >= 16);
         let bytes = bytes.ok_or_else(|| TlsError::Secret {
             namespace: ns.into(),
             message: format!("secret {SECRET}: no {DATA_KEY} of at least 16 bytes"),

@@ -177,19 +177,10 @@ pub fn incoming(
 ) -> ReceiverStream<std::io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(5);
         loop {
+            // net::accept waits out EMFILE and friends instead of spinning.
             let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => { backoff = Duration::from_millis(5); x }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
-                    }
-                },
+                c = crate::net::accept(&listener) => c,
                 _ = tx.closed() => return,
             };
             let _ = tcp.set_nodelay(true);

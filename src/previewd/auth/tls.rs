@@ -118,41 +118,17 @@ async fn from_secret(
     listen: SocketAddr,
 ) -> Result<(String, String, String), TlsError> {
     let ns = &opts.namespace;
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let secret = match api.get_opt(SECRET).await.map_err(api_err(format!("get secret {ns}/{SECRET}")))? {
-        Some(s) => s,
-        None => {
-            let made = make_ca()?;
-            let (cert, key) = issue(&made.0, &made.1, &names(ns, listen, &opts.sans))?;
-            let s = Secret {
-                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                    name: Some(SECRET.into()),
-                    labels: Some(BTreeMap::from([("app.kubernetes.io/name".into(), "previewd".into())])),
-                    ..Default::default()
-                },
-                type_: Some("kubernetes.io/tls".into()),
-                data: Some(BTreeMap::from([
-                    ("tls.crt".into(), ByteString(cert.into_bytes())),
-                    ("tls.key".into(), ByteString(key.into_bytes())),
-                    (CA_KEY.into(), ByteString(made.0.into_bytes())),
-                    (CA_PRIVATE_KEY.into(), ByteString(made.1.into_bytes())),
-                ])),
-                ..Default::default()
-            };
-            match api.create(&PostParams::default(), &s).await {
-                Ok(s) => {
-                    tracing::info!(namespace = %ns, "made a CA and a serving certificate; stored in secret {SECRET}");
-                    s
-                }
-                // Another previewd made it first: use theirs.
-                Err(::kube::Error::Api(e)) if e.code == 409 => {
-                    api.get(SECRET).await.map_err(api_err(format!("get secret {ns}/{SECRET}")))?
-                }
-                Err(e) => return Err(api_err(format!("create secret {ns}/{SECRET}"))(e)),
-            }
-        }
-    };
-    let data = secret.data.unwrap_or_default();
+    let data = secret_or_make(client, ns, SECRET, Some("kubernetes.io/tls"), || {
+        let (ca, ca_key) = make_ca()?;
+        let (cert, key) = issue(&ca, &ca_key, &names(ns, listen, &opts.sans))?;
+        Ok(BTreeMap::from([
+            ("tls.crt".into(), ByteString(cert.into_bytes())),
+            ("tls.key".into(), ByteString(key.into_bytes())),
+            (CA_KEY.into(), ByteString(ca.into_bytes())),
+            (CA_PRIVATE_KEY.into(), ByteString(ca_key.into_bytes())),
+        ]))
+    })
+    .await?;
     let get = |k: &str| data.get(k).and_then(|b| String::from_utf8(b.0.clone()).ok());
     let bad = |message: String| TlsError::Secret { namespace: ns.clone(), message };
     match (get(CA_KEY), get(CA_PRIVATE_KEY)) {
@@ -171,6 +147,42 @@ async fn from_secret(
             Ok((cert, key, ca))
         }
     }
+}
+
+/// The data of Secret `name` in `ns`, made from `make` (and stored) when it
+/// is missing. When another previewd stores it first, theirs is used.
+pub(super) async fn secret_or_make(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    type_: Option<&str>,
+    make: impl FnOnce() -> Result<BTreeMap<String, ByteString>, TlsError>,
+) -> Result<BTreeMap<String, ByteString>, TlsError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    if let Some(s) = api.get_opt(name).await.map_err(api_err(format!("get secret {ns}/{name}")))? {
+        return Ok(s.data.unwrap_or_default());
+    }
+    let secret = Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/name".into(), "previewd".into())])),
+            ..Default::default()
+        },
+        type_: type_.map(str::to_string),
+        data: Some(make()?),
+        ..Default::default()
+    };
+    let stored = match api.create(&PostParams::default(), &secret).await {
+        Ok(s) => {
+            tracing::info!(namespace = %ns, "made secret {name}");
+            s
+        }
+        Err(::kube::Error::Api(e)) if e.code == 409 => {
+            api.get(name).await.map_err(api_err(format!("get secret {ns}/{name}")))?
+        }
+        Err(e) => return Err(api_err(format!("create secret {ns}/{name}"))(e)),
+    };
+    Ok(stored.data.unwrap_or_default())
 }
 
 fn api_err(action: String) -> impl FnOnce(::kube::Error) -> TlsError {

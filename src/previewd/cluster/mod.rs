@@ -66,22 +66,16 @@ pub struct Cluster {
     /// The URL our agents are given: an agent given another is another
     /// previewd's.
     pub agent_server: Option<String>,
-    /// What agents are given to reach previewd over TLS and prove their pod:
-    /// the CA they trust, and the key their proofs are made with.
-    pub agent_trust: Option<AgentTrust>,
-    /// Signs the records kept in PreviewEnvironments; `--adopt` checks them.
+    /// The CA agents trust to reach previewd over TLS (with TLS only).
+    pub agent_ca: Option<String>,
+    /// previewd's key: it signs the records kept in PreviewEnvironments
+    /// (`--adopt` checks them) and makes agents' proofs of their pod.
     pub signer: Option<crate::previewd::auth::proof::Prover>,
-}
-
-#[derive(Clone, Debug)]
-pub struct AgentTrust {
-    pub ca_pem: Option<String>,
-    pub prover: crate::previewd::auth::proof::Prover,
 }
 
 impl Cluster {
     pub fn new(client: Client, pull_policy: Option<String>, instance: String, agent_image: Option<String>) -> Self {
-        Cluster { client, pull_policy, instance, agent_image, agent_server: None, agent_trust: None, signer: None }
+        Cluster { client, pull_policy, instance, agent_image, agent_server: None, agent_ca: None, signer: None }
     }
 
     pub fn with_agent_server(mut self, server: Option<String>) -> Self {
@@ -92,8 +86,8 @@ impl Cluster {
     /// Agents get this CA to trust (with TLS), and a proof of their pod
     /// from `prover`, whose key also signs the records.
     pub fn with_agent_trust(mut self, ca_pem: Option<String>, prover: crate::previewd::auth::proof::Prover) -> Self {
-        self.signer = Some(prover.clone());
-        self.agent_trust = ca_pem.map(|ca| AgentTrust { ca_pem: Some(ca), prover });
+        self.signer = Some(prover);
+        self.agent_ca = ca_pem;
         self
     }
 

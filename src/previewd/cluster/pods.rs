@@ -167,13 +167,12 @@ pub fn agent_container(
     pod: &str,
     ns: &str,
     pull: Option<&str>,
-    trust: Option<(Option<&str>, String)>,
+    trust: Option<(&str, String)>,
 ) -> EphemeralContainer {
     let env = |n: &str, v: &str| EnvVar { name: n.into(), value: Some(v.into()), value_from: None };
     let mut vars = vec![env(ENV_POD_NAME, pod), env(ENV_POD_NAMESPACE, ns), env(ENV_LOG, "info")];
     if let Some((ca, proof)) = trust {
-        vars.extend(ca.map(|ca| env(ENV_CA, ca)));
-        vars.push(env(ENV_PROOF, &proof));
+        vars.extend([env(ENV_CA, ca), env(ENV_PROOF, &proof)]);
     }
     EphemeralContainer {
         name: name.into(),
@@ -318,7 +317,7 @@ mod tests {
             "p",
             "ns",
             None,
-            Some((Some("CA PEM"), "proof".into())),
+            Some(("CA PEM", "proof".into())),
         );
         let env: Vec<(&str, &str)> =
             agent.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or(""))).collect();

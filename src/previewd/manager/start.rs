@@ -100,11 +100,7 @@ impl Manager {
             planned.push(pod);
         }
         let ns = env_ns.unwrap_or_else(|| self.settings.default_namespace.clone());
-        facts.namespace = ns.clone();
-        facts.targets = planned.iter().map(|p| p.target.to_string()).collect();
-        let scoped = planned.iter().all(|p| p.filter == FilterSpec::Key(key.to_string()));
-        facts.filter = if scoped { "key" } else { "unscoped" };
-        // RBAC before anything is written or created.
+        // The rest of RBAC (plan_pod asked for the reads), before anything is written.
         self.authorize(who, &key, &ns, &planned).await?;
         if existing.is_none() && self.auth.mode() == AuthMode::Kube {
             self.check_user_envs(who)?;
