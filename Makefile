@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz fuzz-tools chaos lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start
+.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz fuzz-tools chaos lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start bench-gateway screenshots
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -93,6 +93,13 @@ test: lint generate-check images
 
 bench-core: images
 	cargo test --release --features system-tests --test bench_core -- --ignored --nocapture --test-threads 1
+
+bench-gateway: images  ## the share gateway's added p99 at 1k rps and throughput, against the Service direct
+	cargo test --release --features system-tests --test bench_gateway -- --ignored --nocapture --test-threads 1
+
+# The share test's screenshots, into docs/screenshots (the README shows them).
+screenshots: images
+	PREVIEW_SCREENSHOTS=$(CURDIR)/docs/screenshots cargo test --features system-tests --test share -- --nocapture
 
 demo: images        ## the main job: a preview of orders on the local cluster
 	deploy/demo/demo.sh

@@ -11,6 +11,7 @@ PROTOC_GEN_GO_GRPC=v1.5.1     # google.golang.org/grpc/cmd/protoc-gen-go-grpc
 GRPCURL=v1.9.3                # github.com/fullstorydev/grpcurl/cmd/grpcurl
 GRPCIO_TOOLS=1.85.1           # grpcio-tools (bundles its own protoc for Python)
 PYTEST=8.4.2
+PLAYWRIGHT_CORE=1.65.1        # drives Debian's Chromium in the share-link test (no browser download)
 
 gotool() { # name module version
   local bin=$TOOLS/go/$1-$3
@@ -35,3 +36,12 @@ if [ ! -x "$PY/bin/python" ] || ! "$PY/bin/python" -c 'import grpc_tools, pytest
   "$PY/bin/pip" install -q "grpcio-tools==$GRPCIO_TOOLS" "pytest==$PYTEST"
 fi
 ln -sfn "$PY" "$TOOLS/py"
+
+# playwright-core alone (it downloads no browser): tests drive /usr/bin/chromium.
+NODE=$TOOLS/node-playwright-$PLAYWRIGHT_CORE
+if [ ! -f "$NODE/node_modules/playwright-core/package.json" ]; then
+  echo "tools: npm install playwright-core@$PLAYWRIGHT_CORE" >&2
+  mkdir -p "$NODE"
+  (cd "$NODE" && echo '{"private": true}' > package.json && npm install -q --no-audit --no-fund "playwright-core@$PLAYWRIGHT_CORE" >/dev/null)
+fi
+ln -sfn "$NODE" "$TOOLS/node"

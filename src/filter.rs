@@ -202,6 +202,35 @@ pub fn inject_baggage(headers: &mut http::HeaderMap, key: &str) -> bool {
     }
 }
 
+/// Sets the request's key to `key`, whatever it carried: every other
+/// `preview-key` baggage member and every `x-preview-key` header go, other
+/// baggage members stay. The share gateway's way: a link opens its own
+/// environment only, never one whose key the visitor names.
+pub fn set_baggage_key(headers: &mut http::HeaderMap, key: &str) {
+    headers.remove(KEY_HEADER);
+    let kept: Vec<http::HeaderValue> = headers
+        .get_all(BAGGAGE)
+        .iter()
+        .filter_map(|v| {
+            let members: Vec<&[u8]> = v
+                .as_bytes()
+                .split(|b| *b == b',')
+                .filter(|m| {
+                    let name = m.split(|b| *b == b'=').next().unwrap_or_default().trim_ascii();
+                    !name.is_empty() && !name.eq_ignore_ascii_case(BAGGAGE_MEMBER.as_bytes())
+                })
+                .map(|m| m.trim_ascii())
+                .collect();
+            (!members.is_empty()).then(|| http::HeaderValue::from_bytes(&members.join(&b","[..])).ok()).flatten()
+        })
+        .collect();
+    headers.remove(BAGGAGE);
+    for v in kept {
+        headers.append(BAGGAGE, v);
+    }
+    inject_baggage(headers, key);
+}
+
 const BAGGAGE: &str = "baggage";
 
 /// Every value of the `preview-key` member in one baggage header.
@@ -224,6 +253,21 @@ mod tests {
             b = b.header(*n, *v);
         }
         b.body(()).expect("valid test request").into_parts().0
+    }
+
+    #[test]
+    fn the_gateway_key_replaces_any_other() {
+        let mut h = http::HeaderMap::new();
+        h.append("baggage", "userId=7, preview-key=other;p=1".parse().unwrap());
+        h.append("baggage", "preview-key=third".parse().unwrap());
+        h.insert(KEY_HEADER, "other".parse().unwrap());
+        set_baggage_key(&mut h, "k");
+        let all: Vec<&str> = h.get_all("baggage").iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!(all, vec!["userId=7,preview-key=k"]);
+        assert!(h.get(KEY_HEADER).is_none());
+        let mut empty = http::HeaderMap::new();
+        set_baggage_key(&mut empty, "k");
+        assert_eq!(empty.get("baggage").unwrap(), "preview-key=k");
     }
 
     #[test]

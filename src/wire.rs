@@ -2,6 +2,7 @@
 //! words (`model`, `filter`), in one place.
 
 use crate::filter::FilterSpec;
+use crate::model::share::{EndedLink, ShareLink};
 use crate::model::{
     AgentState, AgentStatus, Cleaned, EnvStatus, Key, Mode, PodRequest, PodState, Route, StartRequest, Started,
 };
@@ -134,6 +135,43 @@ pub fn environment(env: &EnvStatus) -> proto::Environment {
         pending: rec.pending,
         failure: env.failure.clone().unwrap_or_default(),
         agents: env.agents.iter().map(agent).collect(),
+        shares: rec.shares.iter().map(|l| share_link(l, &rec.key)).collect(),
+    }
+}
+
+pub fn share_link(l: &ShareLink, key: &Key) -> proto::ShareLink {
+    proto::ShareLink {
+        url: l.url.clone(),
+        slug: l.slug.clone(),
+        key: key.to_string(),
+        service: l.service.clone(),
+        port: l.port.into(),
+        created_by: l.created_by.clone(),
+        created_at: Some(timestamp(l.created_at_ms)),
+        expires_at: l.expires_at_ms.map(timestamp),
+    }
+}
+
+/// A live link as the gateway needs it.
+pub fn gateway_link(l: &ShareLink, key: &Key, namespace: &str) -> proto::GatewayLink {
+    proto::GatewayLink {
+        slug: l.slug.clone(),
+        key: key.to_string(),
+        upstream: l.upstream.clone(),
+        authority: l.authority(namespace),
+        expires_at: l.expires_at_ms.map(timestamp),
+        ended: String::new(),
+        staging_url: l.staging_url.clone(),
+    }
+}
+
+/// An ended link as the gateway needs it: no key, no upstream.
+pub fn gateway_ended(e: &EndedLink) -> proto::GatewayLink {
+    proto::GatewayLink {
+        slug: e.slug.clone(),
+        ended: e.reason.clone(),
+        staging_url: e.staging_url.clone(),
+        ..Default::default()
     }
 }
 

@@ -67,12 +67,13 @@ impl Drop for Installed {
     }
 }
 
-async fn previewd_pod(client: &kube::Client) -> Result<Pod> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NS);
-    eventually("a ready previewd pod", Duration::from_secs(120), || {
+/// Waits for a ready pod with `labels` in `ns`.
+async fn ready_pods_in(client: &kube::Client, ns: &str, labels: &str) -> Result<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("a ready pod with {labels} in {ns}"), Duration::from_secs(120), || {
         let api = api.clone();
         async move {
-            let pods = api.list(&ListParams::default().labels("app.kubernetes.io/name=previewd")).await?;
+            let pods = api.list(&ListParams::default().labels(labels)).await?;
             Ok(pods.items.into_iter().find(|p| {
                 p.metadata.deletion_timestamp.is_none()
                     && p.status
@@ -83,6 +84,10 @@ async fn previewd_pod(client: &kube::Client) -> Result<Pod> {
         }
     })
     .await
+}
+
+async fn previewd_pod(client: &kube::Client) -> Result<Pod> {
+    ready_pods_in(client, SYSTEM_NS, "app.kubernetes.io/name=previewd").await
 }
 
 /// The CLI with only a kubeconfig: PREVIEW_SERVER is removed from its env.
@@ -195,6 +200,33 @@ async fn installed_previewd_serves_every_client() -> Result<()> {
     let bad = run(&mut grpcurl(&addr, Some(r#"{"key":"Bad Key","pods":[{}]}"#), &["preview.v1.PreviewService/Start"]))?;
     let err = text(&bad.stderr);
     ensure!(!bad.status.success() && err.contains("InvalidArgument") && err.contains("key"), "{err}");
+
+    // The installed preview-gateway: a link made over grpcurl (ci may
+    // share: preview-sharer, and get the Service) opens on the NodePort,
+    // the gateway streaming its links from the installed previewd as its
+    // ServiceAccount.
+    echo_app(&ns, "web", "v1", 1, &[]).await?;
+    identity::bind(&ns, "ci-share", "ClusterRole", "preview-sharer", identity::sa(&ns, "ci")).await?;
+    let services = serde_json::json!([{"apiGroups": [""], "resources": ["services"], "verbs": ["get"]}]);
+    identity::grant(&ns, "ci-services", services, identity::sa(&ns, "ci")).await?;
+    let start = start.replace("\"grpcurl\"", "\"shared\"");
+    ok(&mut grpcurl(&addr, Some(&start), &["preview.v1.PreviewService/Start"]))?;
+    let share = r#"{"key":"shared","service":"web"}"#;
+    let made = ok(&mut grpcurl(&addr, Some(share), &["preview.v1.PreviewService/Share"]))?;
+    let v: serde_json::Value = serde_json::from_str(&made)?;
+    let link = v["links"][0]["url"].as_str().context("no link")?.to_string();
+    ensure!(link.ends_with(".preview.test:30080/"), "{made}");
+    ready_pods_in(&client, SYSTEM_NS, "app.kubernetes.io/name=preview-gateway").await?;
+    let body = eventually("the installed gateway to open the link", Duration::from_secs(60), || {
+        let link = link.clone();
+        async move {
+            let out = run(Command::new("curl").args(["-s", "--connect-to", "::198.18.255.254:", &link]))?;
+            Ok(text(&out.stdout).contains("preview-key=shared").then(|| text(&out.stdout)))
+        }
+    })
+    .await?;
+    ensure!(body.contains("\"version\":\"v1\""), "{body}");
+    ok(&mut grpcurl(&addr, Some(r#"{"key":"shared"}"#), &["preview.v1.PreviewService/Clean"]))?;
 
     // The generated clients, each through start → add pod → watch → clean.
     let client_env = |c: &mut Command| {

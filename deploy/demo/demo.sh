@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, on the local cluster: deploy frontend → orders → payments
 # (v1), run previewd (with its embedded redb store) and start a preview of
-# orders with a v2 image; then show a request without the key (all v1) and
-# one with it (orders answered by v2), and the status table.
+# orders with a v2 image; then show a request without the key (all v1), one
+# with it (orders answered by v2), the same through the environment's share
+# link (preview-gateway), and the status table.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE="${PREVIEW_CACHE:-/var/cache/preview-env}"
@@ -13,9 +14,13 @@ DATA="${PREVIEW_DEMO_DATA:-/var/lib/preview-demo}"
 # On the node address: agents in pods reach previewd there. Over TLS, with
 # callers checked by the cluster: the CLI presents the admin kubeconfig's
 # client certificate and trusts the CA previewd publishes in preview-system.
-ADDR=198.18.255.254:7443
+NODE_IP=198.18.255.254
+ADDR=$NODE_IP:7443
 export PREVIEW_SERVER="https://$ADDR"
 PREVIEWD_DIR="$HERE/../previewd"
+# Share links: http://<slug>.preview.test:30080/, opened by preview-gateway
+# (a Deployment in preview-system, NodePort 30080 on the node address).
+SHARE_DOMAIN=preview.test:30080
 
 # What the in-cluster install also applies: previewd's namespace, the CRD
 # (environments are PreviewEnvironments) and the preview roles.
@@ -31,12 +36,18 @@ if ! "$BIN/preview" status >/dev/null 2>&1; then
     kill "$(cat "$DATA/previewd.pid")"; sleep 1
   fi
   setsid "$BIN/previewd" --listen "$ADDR" --data-dir "$DATA" --default-namespace demo --system-namespace preview-system \
-    --image-pull-policy Never --instance demo --agent-image preview.local/agent:dev \
+    --image-pull-policy Never --instance demo --agent-image preview.local/agent:dev --share-domain "$SHARE_DOMAIN" \
     >>"$DATA/previewd.log" 2>&1 < /dev/null &
   echo $! > "$DATA/previewd.pid"
   for _ in $(seq 1 60); do "$BIN/preview" status >/dev/null 2>&1 && break; sleep 0.5; done
   echo "previewd running (pid $(cat "$DATA/previewd.pid"), store $DATA/previewd.redb, log $DATA/previewd.log)"
 fi
+
+# preview-gateway, as deploy/previewd installs it, but streaming its links
+# from this previewd (its token for audience previewd, previewd's CA).
+sed "s|https://previewd.preview-system.svc.cluster.local:7443|https://$ADDR|" "$PREVIEWD_DIR/gateway.yaml" |
+  "$KUBECTL" apply -n preview-system -f - >/dev/null
+"$KUBECTL" -n preview-system rollout status deploy/preview-gateway --timeout=90s >/dev/null
 
 FRONTEND="http://$("$KUBECTL" -n demo get svc frontend -o jsonpath='{.spec.clusterIP}'):8080/"
 # frontend v1 → orders v2 → payments v1, from the nested answers.
@@ -60,6 +71,12 @@ echo "GET $FRONTEND without the key:"
 "$BIN/preview-echo" get "$FRONTEND" | chain
 echo "GET $FRONTEND with 'baggage: preview-key=demo':"
 "$BIN/preview-echo" get -H "baggage: preview-key=demo" "$FRONTEND" | chain
+echo
+LINK=$("$BIN/preview" share --key demo --list -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["url"])')
+echo "The share link (no kubeconfig needed; a browser maps *.preview.test to $NODE_IP):"
+echo "  $LINK"
+echo "GET $LINK (curl, as a browser would send it):"
+curl -fsS --connect-to "::$NODE_IP:" "$LINK" | chain
 echo
 echo "\$ preview status"
 "$BIN/preview" status

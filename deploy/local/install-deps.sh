@@ -3,7 +3,8 @@
 set -euo pipefail
 PKGS=(containerd runc containernetworking-plugins iptables conntrack etcd-server iproute2
       openssl curl gcc libc6-dev make python3-venv nginx-light
-      libnginx-mod-stream) # nginx: the agent benchmark's peer; its stream module is the byte-copy floor
+      libnginx-mod-stream  # nginx: the agent benchmark's peer; its stream module is the byte-copy floor
+      chromium)  # the share-link test opens links in headless Chromium (playwright-core: clients/tools.sh)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -35,7 +35,7 @@ YAML
 # pods), and the preview roles are bound by others.
 without_crd() {
   "$KUBECTL" kustomize deploy/previewd | python3 -c 'import sys
-shared = ("kind: CustomResourceDefinition", "name: preview-user\n", "name: preview-admin\n")
+shared = ("kind: CustomResourceDefinition", "name: preview-user\n", "name: preview-admin\n", "name: preview-sharer\n")
 docs = sys.stdin.read().split("\n---\n")
 print("\n---\n".join(d for d in docs if not any(s in d + "\n" for s in shared)))'
 }

@@ -40,6 +40,9 @@ pub enum AgentCommand {
     /// outgoing HTTP request, so downstream calls stay in the environment.
     #[command(name = podspec::CMD_OUTBOUND)]
     Outbound(OutboundArgs),
+    /// The share gateway: opens share links (http://<slug>.<share domain>/)
+    /// by forwarding to their environment's entry Service with the key added.
+    Gateway(GatewayArgs),
 }
 
 impl AgentCommand {
@@ -48,6 +51,7 @@ impl AgentCommand {
         match self {
             AgentCommand::Worker(a) => a.runtime.threads.into(),
             AgentCommand::Outbound(a) => a.runtime.threads.into(),
+            AgentCommand::Gateway(a) => a.runtime.threads.into(),
             _ => 1,
         }
     }
@@ -83,6 +87,28 @@ pub struct OutboundArgs {
     /// probe on it tells the kubelet when the app may start.
     #[arg(long, env = "PREVIEW_AGENT_ADMIN", default_value = "0.0.0.0:15092")]
     pub admin: SocketAddr,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Where browsers' requests arrive.
+    #[arg(long, env = "PREVIEW_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// previewd's address: links are streamed from it.
+    #[arg(long, env = "PREVIEW_GATEWAY_SERVER")]
+    pub server: String,
+    /// The CA to trust for an https --server (a PEM file).
+    #[arg(long, env = "PREVIEW_GATEWAY_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// A bearer token for previewd, re-read at every connection (a projected
+    /// ServiceAccount token with audience previewd).
+    #[arg(long, env = "PREVIEW_GATEWAY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// This gateway's name in previewd's log.
+    #[arg(long, env = "HOSTNAME", default_value = "preview-gateway")]
+    pub name: String,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }

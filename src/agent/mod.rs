@@ -3,6 +3,8 @@
 //! request: to a preview pod (steal), to the app plus a copy (mirror), or to
 //! the app unchanged.
 //!
+//! `gateway` is the share gateway, the same proxy in front of share links.
+//!
 //! Process code (`cli`, `guard`, `worker`, `outbound`, `source`) is kept
 //! apart from the proxy (`proxy`, `h1`, `framing`, `mirror`, `state`,
 //! `detect`, `routes`) and the rules (`intercept`, and `sockdiag`, which
@@ -15,6 +17,7 @@ mod cli;
 pub mod detect;
 mod error;
 pub mod framing;
+pub mod gateway;
 mod guard;
 pub mod h1;
 pub mod intercept;
@@ -28,8 +31,9 @@ mod source;
 mod state;
 mod worker;
 
-pub use cli::{AgentCli, AgentCommand, OutboundArgs, RuntimeArgs, WorkerArgs, runtime};
+pub use cli::{AgentCli, AgentCommand, GatewayArgs, OutboundArgs, RuntimeArgs, WorkerArgs, runtime};
 pub use error::AgentError;
+pub use gateway::gateway;
 pub use guard::{cleanup, guard};
 pub use outbound::{outbound, ready};
 pub use worker::worker;

@@ -226,7 +226,12 @@ impl Proxy {
 
     /// Sends `req` to `to`, splicing an HTTP/1 upgrade (WebSocket) when the
     /// upstream answers 101. `key` names the preview when it is one.
-    async fn forward(&self, mut req: Request<Incoming>, to: SocketAddr, key: Option<&str>) -> Response<ProxyBody> {
+    pub(super) async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        to: SocketAddr,
+        key: Option<&str>,
+    ) -> Response<ProxyBody> {
         let upgrade = (req.version() != Version::HTTP_2 && req.headers().contains_key(UPGRADE))
             .then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -278,10 +283,10 @@ impl Proxy {
 /// connection come one at a time, so one upstream connection serves them all
 /// with no pool in between (the unmatched path is the hot one).
 #[derive(Default)]
-struct AppConn(tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ProxyBody>>>);
+pub(super) struct AppConn(tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ProxyBody>>>);
 
 impl AppConn {
-    async fn send(&self, req: Request<Incoming>, app: SocketAddr) -> Response<ProxyBody> {
+    pub(super) async fn send(&self, req: Request<Incoming>, app: SocketAddr) -> Response<ProxyBody> {
         let grpc = is_grpc(req.headers());
         let fail = |e: &dyn std::fmt::Display| {
             error_response(grpc, StatusCode::BAD_GATEWAY, &format!("upstream {app} is unreachable: {e}"))

@@ -101,16 +101,20 @@ struct Server {
     proof: Option<String>,
 }
 
-async fn open_stream(server: &Server, hello: proto::AgentHello) -> Result<RouteStreaming, String> {
-    let url = &server.url;
-    let mut endpoint = tonic::transport::Channel::from_shared(url.clone())
+/// A channel to previewd at `url`, trusting `ca` (PEM) when it is TLS.
+pub(super) async fn connect(url: &str, ca: Option<&str>) -> Result<tonic::transport::Channel, String> {
+    let mut endpoint = tonic::transport::Channel::from_shared(url.to_string())
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?
         .connect_timeout(Duration::from_secs(5));
-    if let Some(ca) = &server.ca {
+    if let Some(ca) = ca {
         let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
         endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS settings: {e}"))?;
     }
-    let channel = endpoint.connect().await.map_err(|e| format!("connecting: {e}"))?;
+    endpoint.connect().await.map_err(|e| format!("connecting: {e}"))
+}
+
+async fn open_stream(server: &Server, hello: proto::AgentHello) -> Result<RouteStreaming, String> {
+    let channel = connect(&server.url, server.ca.as_deref()).await?;
     let mut client = proto::agent_service_client::AgentServiceClient::new(channel);
     let mut req = tonic::Request::new(hello);
     if let Some(proof) = server.proof.as_deref().and_then(|p| p.parse().ok()) {

@@ -20,6 +20,7 @@ fn main() {
             AgentCommand::Run(args) => preview::agent::guard(args).await.map(|code| std::process::exit(code)),
             AgentCommand::Worker(args) => preview::agent::worker(args).await,
             AgentCommand::Outbound(args) => preview::agent::outbound(args).await,
+            AgentCommand::Gateway(args) => preview::agent::gateway(args).await,
             AgentCommand::Ready { admin, timeout } => {
                 preview::agent::ready(admin, std::time::Duration::from_secs(timeout)).await
             }

@@ -59,6 +59,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Remove environments and everything created for them.
     Clean(CleanArgs),
+    /// Make a link that opens an environment in a browser (no kubeconfig
+    /// needed); --revoke ends one, --list lists them.
+    Share(ShareArgs),
     /// Print the client's and the server's versions.
     Version(VersionArgs),
     /// Print a shell completion script, e.g. `source <(preview completion bash)`.
@@ -146,6 +149,32 @@ pub struct CleanSelector {
 }
 
 #[derive(Args, Debug)]
+pub struct ShareArgs {
+    #[arg(long)]
+    pub key: String,
+    /// The entry Service [default: the one that selects the environment's target].
+    #[arg(long, conflicts_with_all = ["revoke", "list"])]
+    pub service: Option<String>,
+    /// The Service's port [default: its only port, or the one named http].
+    #[arg(long, conflicts_with_all = ["revoke", "list"])]
+    pub port: Option<u16>,
+    /// How long the link lives [default: as long as the environment].
+    #[arg(long, conflicts_with_all = ["revoke", "list"])]
+    pub ttl: Option<String>,
+    /// Where the "preview has ended" page points (staging's address).
+    #[arg(long, conflicts_with_all = ["revoke", "list"])]
+    pub staging_url: Option<String>,
+    /// End this link (its URL or slug).
+    #[arg(long, conflicts_with = "list")]
+    pub revoke: Option<String>,
+    /// List the environment's links.
+    #[arg(long)]
+    pub list: bool,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Args, Debug)]
 pub struct VersionArgs {
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
@@ -208,6 +237,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Status(a) => status(&mut client, a).await,
+        Command::Share(a) => {
+            let revoking = a.revoke.is_some();
+            let req = proto::ShareRequest {
+                key: a.key,
+                service: a.service.unwrap_or_default(),
+                port: a.port.unwrap_or(0).into(),
+                ttl: a.ttl.unwrap_or_default(),
+                staging_url: a.staging_url.unwrap_or_default(),
+                revoke: a.revoke.unwrap_or_default(),
+                list: a.list,
+            };
+            let links = client.share(req).await?.into_inner().links;
+            if revoking && matches!(a.output, Output::Table | Output::Wide) {
+                links.iter().for_each(|l| println!("revoked {}", l.url));
+            } else {
+                output::print_links(&links, a.output);
+            }
+            Ok(())
+        }
         Command::Clean(a) => {
             let selector = match (a.selector.key, a.selector.glob, a.selector.all_expired) {
                 (Some(k), _, _) => clean_request::Selector::Key(k),
@@ -310,6 +358,9 @@ async fn start(client: &mut Client, a: StartArgs) -> Result<(), CliError> {
     let resp = client.start(req).await?.into_inner();
     if matches!(a.output, Output::Table | Output::Wide) {
         println!("key: {}", resp.key);
+        for l in resp.environment.iter().flat_map(|e| &e.shares) {
+            println!("link: {}", l.url);
+        }
     }
     for w in &resp.warnings {
         eprintln!("warning: {w}");

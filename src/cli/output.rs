@@ -78,6 +78,20 @@ pub fn table(envs: &[proto::Environment], wide: bool, colour: bool, now_ms: i64)
             }
             rows.push(r);
         }
+        for l in &e.shares {
+            let mut r = vec![
+                e.key.clone(),
+                "(link)".into(),
+                format!("service/{}:{}", l.service, l.port),
+                e.namespace.clone(),
+                l.url.clone(),
+                format!("shared by {}", l.created_by),
+            ];
+            if wide {
+                r.extend(["-".to_string(), "-".to_string(), "-".to_string()]);
+            }
+            rows.push(r);
+        }
         for p in &e.pods {
             let status = if p.ready {
                 format!("running ({remaining})")
@@ -154,7 +168,39 @@ pub fn env_json(e: &proto::Environment) -> Value {
             "pod": a.pod, "target": a.target, "reason": a.reason,
             "state": agent_state_name(a.state),
         })).collect::<Vec<_>>(),
+        "shares": e.shares.iter().map(link_json).collect::<Vec<_>>(),
     })
+}
+
+pub fn link_json(l: &proto::ShareLink) -> Value {
+    let ts = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| t.seconds);
+    json!({
+        "url": l.url, "key": l.key, "service": l.service, "port": l.port,
+        "createdBy": l.created_by, "createdAt": ts(&l.created_at), "expiresAt": ts(&l.expires_at),
+    })
+}
+
+/// One line per link: URL, environment, Service, who made it, time left.
+pub(super) fn print_links(links: &[proto::ShareLink], output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&links.iter().map(link_json).collect::<Vec<_>>()).unwrap_or_default()
+        ),
+        Output::Yaml => {
+            print!("{}", serde_yaml::to_string(&links.iter().map(link_json).collect::<Vec<_>>()).unwrap_or_default())
+        }
+        Output::Table | Output::Wide => {
+            let now = crate::model::now_ms();
+            for l in links {
+                let left = match &l.expires_at {
+                    None => "no expiry".to_string(),
+                    Some(t) => format!("{} left", human(((t.seconds * 1000 - now).max(0) / 1000) as u64)),
+                };
+                println!("{}  key {}  → service/{}:{}  by {}  ({left})", l.url, l.key, l.service, l.port, l.created_by);
+            }
+        }
+    }
 }
 
 pub(super) fn event_json(ev: &proto::StatusEvent) -> Value {

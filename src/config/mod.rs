@@ -40,6 +40,8 @@ pub struct PodConfig {
     /// Put the key in `PREVIEW_KEY` and in the `baggage` of the pod's
     /// outgoing HTTP requests (`feature.preview.propagate_key`, default on).
     pub propagate_key: bool,
+    /// A share link to make once the environment has started.
+    pub share: Option<crate::model::share::ShareSpec>,
     /// Known mirrord fields that previewd accepts but does not act on.
     pub warnings: Vec<String>,
 }
@@ -104,6 +106,7 @@ pub fn interpret(mut doc: Value, key: &Key) -> Result<PodConfig> {
         ttl: preview.ttl,
         replicas: preview.replicas,
         propagate_key: preview.propagate_key,
+        share: preview.share,
         warnings,
     })
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::fields::{Result, as_object, check_fields, opt_string};
+use crate::model::share::{ShareSpec, validate_staging_url};
 use crate::model::{FieldError, Ttl};
 
 const MIRRORD_PREVIEW: &[&str] = &["config_mounts", "creation_timeout_secs", "idle", "labels", "secret_mounts"];
@@ -19,6 +20,7 @@ pub(super) struct Preview {
     pub ttl: Option<Ttl>,
     pub replicas: u32,
     pub propagate_key: bool,
+    pub share: Option<ShareSpec>,
 }
 
 /// `feature.preview`: the image, TTL, replicas and key propagation.
@@ -28,7 +30,7 @@ pub(super) fn parse_preview(v: &Value, warnings: &mut Vec<String>) -> Result<Pre
     check_fields(
         obj,
         "feature.preview",
-        &["image", "ttl_mins", "ttl_secs", "replicas", "propagate_key"],
+        &["image", "ttl_mins", "ttl_secs", "replicas", "propagate_key", "share"],
         MIRRORD_PREVIEW,
         warnings,
     )?;
@@ -75,5 +77,33 @@ pub(super) fn parse_preview(v: &Value, warnings: &mut Vec<String>) -> Result<Pre
             })? as u32;
         }
     }
+    cfg.share = match obj.get("share") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+        Some(v) => Some(parse_share(v)?),
+    };
     Ok(cfg)
+}
+
+/// `feature.preview.share`: `true`, or `{service, port, ttl, staging_url}`.
+fn parse_share(v: &Value) -> Result<ShareSpec> {
+    const F: &str = "feature.preview.share";
+    if *v == Value::Bool(true) {
+        return Ok(ShareSpec::default());
+    }
+    let obj = as_object(F, v)?;
+    check_fields(obj, F, &["service", "port", "ttl", "staging_url"], &[], &mut Vec::new())?;
+    let port =
+        match obj.get("port") {
+            None | Some(Value::Null) => 0,
+            Some(p) => p.as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0).ok_or_else(|| {
+                FieldError::new(format!("{F}.port"), format!("expected a port from 1 to 65535, got {p}"))
+            })?,
+        };
+    let ttl = match opt_string(obj, &format!("{F}.ttl"))? {
+        Some(t) => Some(Ttl::parse(&format!("{F}.ttl"), &t)?),
+        None => None,
+    };
+    let staging_url = opt_string(obj, &format!("{F}.staging_url"))?.unwrap_or_default();
+    validate_staging_url(&format!("{F}.staging_url"), &staging_url)?;
+    Ok(ShareSpec { service: opt_string(obj, &format!("{F}.service"))?.unwrap_or_default(), port, ttl, staging_url })
 }

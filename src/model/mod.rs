@@ -10,6 +10,7 @@ pub mod podspec;
 mod record;
 mod request;
 mod route;
+pub mod share;
 mod target;
 mod ttl;
 

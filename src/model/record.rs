@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::key::Key;
+use super::share::ShareLink;
 use super::target::{Mode, Target, WorkloadKind};
 use crate::filter::FilterSpec;
 
@@ -29,6 +30,9 @@ pub struct EnvRecord {
     /// than authentication.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub creator: String,
+    /// Its live share links.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<ShareLink>,
 }
 
 /// One preview pod group (one or more replicas) of an environment.

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use super::agent::AgentStatus;
 use super::key::Key;
 use super::record::{EnvRecord, PodState};
+use super::share::ShareSpec;
 
 /// One preview pod to create. Empty strings mean "not given".
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,6 +53,8 @@ pub struct Started {
     pub environment: EnvStatus,
     /// Config fields accepted but not acted on.
     pub warnings: Vec<String>,
+    /// A link the config asks for (`feature.preview.share`).
+    pub share: Option<ShareSpec>,
 }
 
 /// One environment removed by Clean: its key and the objects deleted.

@@ -12,8 +12,9 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::model::Key;
 use crate::model::podspec::PROOF_HEADER;
+use crate::model::share::ShareSpec;
+use crate::model::{Key, Ttl};
 use crate::previewd::auth::proof::Prover;
 use crate::previewd::auth::{Access, AuditLine, AuthError, AuthMode, Caller};
 use crate::previewd::cluster::KubeError;
@@ -121,6 +122,26 @@ impl Drop for WatcherSlot {
     }
 }
 
+impl Api {
+    /// The link a config asks for (`feature.preview.share`), made once the
+    /// environment has started, unless it already has one. A link that
+    /// cannot be made does not undo the environment: it is a warning.
+    async fn share_on_start(&self, who: &Caller, started: &mut crate::model::Started, facts: &Facts) {
+        let Some(spec) = started.share.take() else { return };
+        if !started.environment.record.shares.is_empty() {
+            return;
+        }
+        let result = self.manager.share_as(who, &started.key, spec).await;
+        audit(who, "share", started.key.as_str(), facts, &result);
+        match result {
+            Ok(link) => started.environment.record.shares.push(link),
+            Err(e) => {
+                started.warnings.push(format!("feature.preview.share: no link made: {}", status_of(&e).message()))
+            }
+        }
+    }
+}
+
 /// The caller the edge layer authenticated.
 fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     req.extensions().get::<Caller>().cloned().ok_or_else(|| Status::unauthenticated("no authenticated caller"))
@@ -175,7 +196,8 @@ impl PreviewService for Api {
         let result = self.manager.start_as(&who, req, &mut facts).await;
         let key = result.as_ref().map(|s| s.key.to_string()).unwrap_or(key);
         audit(&who, "start", &key, &facts, &result);
-        let started = result?;
+        let mut started = result?;
+        self.share_on_start(&who, &mut started, &facts).await;
         self.manager.metrics().started();
         tracing::info!(key = %started.key, user = %who.user, "start");
         Ok(Response::new(wire::started(&started)))
@@ -187,7 +209,8 @@ impl PreviewService for Api {
         let mut facts = Facts::default();
         let result = self.manager.add_pod_as(&who, &req.key, req.pod.map(wire::pod_request), &mut facts).await;
         audit(&who, "add_pod", &req.key, &facts, &result);
-        let started = result?;
+        let mut started = result?;
+        self.share_on_start(&who, &mut started, &facts).await;
         Ok(Response::new(proto::AddPodResponse {
             environment: Some(wire::environment(&started.environment)),
             warnings: started.warnings,
@@ -279,6 +302,99 @@ impl PreviewService for Api {
         let removed = result?;
         self.manager.metrics().cleaned(removed.len());
         Ok(Response::new(proto::CleanResponse { removed: removed.into_iter().map(wire::cleaned).collect() }))
+    }
+
+    async fn share(&self, req: Request<proto::ShareRequest>) -> Result<Response<proto::ShareResponse>, Status> {
+        let who = caller(&req)?;
+        let req = req.into_inner();
+        let key = Key::parse("key", &req.key).map_err(Error::from)?;
+        let making = !req.service.is_empty() || req.port != 0 || !req.ttl.is_empty() || !req.staging_url.is_empty();
+        if (!req.revoke.is_empty() as u8 + req.list as u8 + making as u8) > 1 {
+            return Err(Status::invalid_argument(
+                "revoke, list: give one of revoke, list, or what a new link needs (service, port, ttl, staging_url)",
+            ));
+        }
+        let facts = Facts { namespace: self.manager.namespace_of(&key).unwrap_or_default(), ..Default::default() };
+        let links = if req.list {
+            self.manager.links_as(&who, &key).await?
+        } else if !req.revoke.is_empty() {
+            let result = self.manager.revoke_as(&who, &key, &req.revoke).await;
+            audit(&who, "share_revoke", key.as_str(), &facts, &result);
+            vec![result?]
+        } else {
+            let port = u16::try_from(req.port)
+                .map_err(|_| Status::invalid_argument(format!("port: {} is not a TCP port (1-65535)", req.port)))?;
+            let ttl = match req.ttl.as_str() {
+                "" => None,
+                t => Some(Ttl::parse("ttl", t).map_err(Error::from)?),
+            };
+            let spec = ShareSpec { service: req.service, port, ttl, staging_url: req.staging_url };
+            let result = self.manager.share_as(&who, &key, spec).await;
+            audit(&who, "share", key.as_str(), &facts, &result);
+            vec![result?]
+        };
+        Ok(Response::new(proto::ShareResponse { links: links.iter().map(|l| wire::share_link(l, &key)).collect() }))
+    }
+}
+
+/// Serves `preview.v1.GatewayService`: the link set of each share gateway.
+/// The caller (a gateway's ServiceAccount) needs `watch` on
+/// `previewenvironments/shares` cluster-wide.
+pub struct GatewayApi {
+    manager: Arc<Manager>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl GatewayApi {
+    pub fn new(manager: Arc<Manager>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        GatewayApi { manager, stopping }
+    }
+}
+
+type LinkStream = Pin<Box<dyn Stream<Item = Result<proto::LinkSet, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::gateway_service_server::GatewayService for GatewayApi {
+    type LinksStream = LinkStream;
+
+    async fn links(&self, req: Request<proto::GatewayHello>) -> Result<Response<Self::LinksStream>, Status> {
+        let who = caller(&req)?;
+        let access = Access::of("watch", crate::previewd::auth::GROUP, "previewenvironments/shares", "", "");
+        if !self.manager.auth().allowed(&who, &access).await? {
+            return Err(Status::permission_denied(format!("user {:?} may not {access}", who.user)));
+        }
+        let name = req.into_inner().name;
+        tracing::info!(gateway = %name, user = %who.user, "gateway connected");
+        let (tx, rx) = mpsc::channel(4);
+        let manager = self.manager.clone();
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            let (_, mut events) = manager.subscribe(&Selector::default());
+            let mut last = None;
+            loop {
+                match manager.link_set().await {
+                    Ok(set) if last.as_ref() != Some(&set) => {
+                        if tx.send(Ok(set.clone())).await.is_err() {
+                            break;
+                        }
+                        last = Some(set);
+                    }
+                    Ok(_) => {}
+                    // The gateway keeps its last set; the next event tries again.
+                    Err(e) => tracing::warn!(error = %e, "link set not read"),
+                }
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = stopping.changed() => break,
+                    _ = tx.closed() => break,
+                }
+            }
+            tracing::info!(gateway = %name, "gateway gone");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::model::{Ttl, validate_dns_label};
-use crate::previewd::api::{AgentApi, Api};
+use crate::previewd::api::{AgentApi, Api, GatewayApi};
 use crate::previewd::auth::layer::AuthLayer;
 use crate::previewd::auth::serve;
 use crate::previewd::auth::tls::{TlsError, TlsOptions};
@@ -23,6 +23,7 @@ use crate::previewd::cluster::Cluster;
 use crate::previewd::manager::{Limits, Manager, Settings};
 use crate::previewd::store::{Store, StoreError};
 use crate::proto::agent_service_server::AgentServiceServer;
+use crate::proto::gateway_service_server::GatewayServiceServer;
 use crate::proto::preview_service_server::PreviewServiceServer;
 
 /// previewd's flags; each can also be set by a `PREVIEW_*` environment variable.
@@ -125,6 +126,11 @@ pub struct ServerArgs {
     /// More names or addresses for a certificate previewd makes itself (comma-separated).
     #[arg(long, env = "PREVIEW_TLS_SAN", value_delimiter = ',')]
     pub tls_san: Vec<String>,
+    /// Share links are http://<slug>.<share domain>/ (a port may follow the
+    /// domain, e.g. preview.test:30080); preview-gateway answers there.
+    /// Unset: the Share RPC is refused and no link is ever made.
+    #[arg(long, env = "PREVIEW_SHARE_DOMAIN", default_value = "")]
+    pub share_domain: String,
     /// Test hook: stop at this point of Start and wait to be killed.
     #[arg(long, env = "PREVIEW_PAUSE_AT", hide = true)]
     pub pause_at: Option<String>,
@@ -154,6 +160,23 @@ fn duration_flag(flag: &'static str, s: &str) -> Result<Duration, ServerError> {
     }
 }
 
+/// `--share-domain`: a DNS name, with an optional port.
+fn share_domain(s: &str) -> Result<String, ServerError> {
+    let s = s.trim().trim_end_matches('/').to_ascii_lowercase();
+    let (host, port) = s.split_once(':').unwrap_or((&s, ""));
+    let ok = s.is_empty()
+        || (crate::model::validate_dns_subdomain("--share-domain", host).is_ok()
+            && (port.is_empty() || port.parse::<u16>().is_ok_and(|p| p > 0)));
+    if ok {
+        Ok(s)
+    } else {
+        Err(ServerError::Flag {
+            flag: "--share-domain",
+            message: format!("{s:?} is not a domain; expected e.g. preview.example.com or preview.test:30080"),
+        })
+    }
+}
+
 impl ServerArgs {
     pub fn settings(&self) -> Result<Settings, ServerError> {
         Ok(Settings {
@@ -162,6 +185,7 @@ impl ServerArgs {
             allow_infinite: self.allow_infinite,
             default_namespace: self.default_namespace.clone(),
             pause_at: self.pause_at.clone(),
+            share_domain: share_domain(&self.share_domain)?,
             limits: Limits {
                 deny_namespaces: self
                     .deny_namespaces
@@ -352,6 +376,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(PreviewServiceServer::new(Api::new(manager.clone(), stop_rx.clone(), args.max_watchers_per_user)))
+        .add_service(GatewayServiceServer::new(GatewayApi::new(manager.clone(), stop_rx.clone())))
         .add_service(AgentServiceServer::new(AgentApi::new(manager, stop_rx, with_tls.then_some(prover))));
     let result = match acceptor {
         Some(a) => router.serve_with_incoming_shutdown(serve::incoming(listener, a), shutdown).await,

@@ -15,9 +15,30 @@ use std::sync::{Arc, Mutex};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::model::EnvRecord;
+use crate::model::share::{EndedLink, MAX_ENDED};
 
 /// key → JSON-encoded [`EnvRecord`].
 const ENVS: TableDefinition<&str, &[u8]> = TableDefinition::new("environments_v1");
+/// slug → JSON-encoded [`EndedLink`]: links whose environment (or they
+/// themselves) ended, so their URL answers "ended" rather than "unknown".
+const ENDED_LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("ended_links_v1");
+
+/// Both tables of one write transaction.
+struct Tables<'t> {
+    envs: redb::Table<'t, &'static str, &'static [u8]>,
+    ended: redb::Table<'t, &'static str, &'static [u8]>,
+}
+
+impl Tables<'_> {
+    fn end_links(&mut self, ended: &[EndedLink]) -> Result<(), DbError> {
+        for e in ended {
+            // Serialising a plain struct of strings and numbers cannot fail.
+            let bytes = serde_json::to_vec(e).expect("EndedLink serialises");
+            self.ended.insert(e.slug.as_str(), bytes.as_slice())?;
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -144,6 +165,7 @@ fn open(path: &Path) -> Result<Database, StoreError> {
     let table = || -> Result<(), DbError> {
         let tx = db.begin_write()?;
         tx.open_table(ENVS)?;
+        tx.open_table(ENDED_LINKS)?;
         tx.commit()?;
         Ok(())
     };
@@ -173,7 +195,7 @@ impl Store {
     async fn write<T: Send + 'static>(
         &self,
         durable: bool,
-        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<T, DbError> + Send + 'static,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -183,8 +205,8 @@ impl Store {
                     tx.set_durability(redb::Durability::None)?;
                 }
                 let out = {
-                    let mut table = tx.open_table(ENVS)?;
-                    f(&mut table)?
+                    let mut tables = Tables { envs: tx.open_table(ENVS)?, ended: tx.open_table(ENDED_LINKS)? };
+                    f(&mut tables)?
                 };
                 tx.commit()?;
                 Ok(out)
@@ -208,7 +230,20 @@ impl Store {
         // Serialising a plain struct of strings and numbers cannot fail.
         let bytes = serde_json::to_vec(rec).expect("EnvRecord serialises");
         self.write(durable, move |t| {
-            t.insert(key.as_str(), bytes.as_slice())?;
+            t.envs.insert(key.as_str(), bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Writes a record and keeps `ended` links, in one transaction (a
+    /// revoked link never both lives and has ended).
+    pub async fn put_ending(&self, rec: &EnvRecord, ended: Vec<EndedLink>) -> Result<(), StoreError> {
+        let key = rec.key.clone();
+        let bytes = serde_json::to_vec(rec).expect("EnvRecord serialises");
+        self.write(true, move |t| {
+            t.end_links(&ended)?;
+            t.envs.insert(key.as_str(), bytes.as_slice())?;
             Ok(())
         })
         .await
@@ -216,8 +251,43 @@ impl Store {
 
     /// Removes a record; true when it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        self.delete_ending(key, Vec::new()).await
+    }
+
+    /// Removes a record and keeps its `ended` links, in one transaction.
+    pub async fn delete_ending(&self, key: &str, ended: Vec<EndedLink>) -> Result<bool, StoreError> {
         let key = key.to_string();
-        self.write(true, move |t| Ok(t.remove(key.as_str())?.is_some())).await
+        self.write(true, move |t| {
+            t.end_links(&ended)?;
+            Ok(t.envs.remove(key.as_str())?.is_some())
+        })
+        .await
+    }
+
+    /// Every ended link kept, after dropping those older than `keep_after_ms`
+    /// and all but the newest [`MAX_ENDED`].
+    pub async fn ended_links(&self, keep_after_ms: i64) -> Result<Vec<EndedLink>, StoreError> {
+        self.write(true, move |t| {
+            let mut all = Vec::new();
+            for row in t.ended.iter()? {
+                let (k, v) = row?;
+                // One that does not parse is dropped below, like an old one.
+                let parsed: Option<EndedLink> = serde_json::from_slice(v.value()).ok();
+                all.push((k.value().to_string(), parsed));
+            }
+            all.sort_by_key(|(_, e)| std::cmp::Reverse(e.as_ref().map_or(i64::MIN, |e| e.ended_at_ms)));
+            let mut kept = Vec::new();
+            for (slug, e) in all {
+                match e {
+                    Some(e) if e.ended_at_ms > keep_after_ms && kept.len() < MAX_ENDED => kept.push(e),
+                    _ => {
+                        t.ended.remove(slug.as_str())?;
+                    }
+                }
+            }
+            Ok(kept)
+        })
+        .await
     }
 
     /// Every record. One that does not parse does not stop the others: it
@@ -246,7 +316,7 @@ impl Store {
     pub async fn put_raw(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
         let key = key.to_string();
         self.write(true, move |t| {
-            t.insert(key.as_str(), bytes.as_slice())?;
+            t.envs.insert(key.as_str(), bytes.as_slice())?;
             Ok(())
         })
         .await
@@ -280,6 +350,7 @@ mod tests {
                 template: serde_json::json!({"spec": {}}),
             }],
             creator: String::new(),
+            shares: Vec::new(),
         }
     }
 
@@ -314,5 +385,30 @@ mod tests {
         assert!(matches!(&all[1], Err(StoreError::Corrupt { key, .. }) if key == "bad"), "{all:?}");
         assert!(rec("b").expired_at(10));
         assert!(!rec("b").expired_at(9));
+    }
+
+    #[tokio::test]
+    async fn ended_links_are_kept_with_the_delete_and_pruned_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let ended = |slug: &str, at| EndedLink {
+            slug: slug.into(),
+            ended_at_ms: at,
+            reason: "cleaned".into(),
+            staging_url: String::new(),
+        };
+        {
+            let s = Store::open(dir.path()).await.unwrap();
+            s.put(&rec("a")).await.unwrap();
+            // The record goes and its links end in one transaction.
+            assert!(s.delete_ending("a", vec![ended("old", 100), ended("new", 300)]).await.unwrap());
+            s.put_ending(&rec("b"), vec![ended("revoked", 200)]).await.unwrap();
+        }
+        let s = Store::open(dir.path()).await.unwrap();
+        assert_eq!(s.load_all().await.unwrap().len(), 1);
+        let kept = s.ended_links(150).await.unwrap();
+        let slugs: Vec<&str> = kept.iter().map(|e| e.slug.as_str()).collect();
+        assert_eq!(slugs, vec!["new", "revoked"], "newest first, the one older than the cut dropped");
+        // Dropped for good, not just filtered.
+        assert_eq!(s.ended_links(0).await.unwrap().len(), 2);
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod e2e;
+pub mod gateway;
 pub mod netns;
 
 use std::collections::BTreeMap;

@@ -46,6 +46,8 @@ const (
 	EventKind_EVENT_KIND_FAILURE_CHANGED EventKind = 7
 	// The agent of one of its target pods changed state (see Environment.agents).
 	EventKind_EVENT_KIND_AGENTS_CHANGED EventKind = 8
+	// A share link was made or revoked (see Environment.shares).
+	EventKind_EVENT_KIND_SHARES_CHANGED EventKind = 9
 )
 
 // Enum value maps for EventKind.
@@ -60,6 +62,7 @@ var (
 		6: "EVENT_KIND_CLEANED",
 		7: "EVENT_KIND_FAILURE_CHANGED",
 		8: "EVENT_KIND_AGENTS_CHANGED",
+		9: "EVENT_KIND_SHARES_CHANGED",
 	}
 	EventKind_value = map[string]int32{
 		"EVENT_KIND_UNSPECIFIED":     0,
@@ -71,6 +74,7 @@ var (
 		"EVENT_KIND_CLEANED":         6,
 		"EVENT_KIND_FAILURE_CHANGED": 7,
 		"EVENT_KIND_AGENTS_CHANGED":  8,
+		"EVENT_KIND_SHARES_CHANGED":  9,
 	}
 )
 
@@ -679,7 +683,9 @@ type Environment struct {
 	Failure string `protobuf:"bytes,8,opt,name=failure,proto3" json:"failure,omitempty"`
 	// The agent on each running pod of the environment's targets: whether its
 	// keyed requests can reach the environment.
-	Agents        []*Agent `protobuf:"bytes,9,rep,name=agents,proto3" json:"agents,omitempty"`
+	Agents []*Agent `protobuf:"bytes,9,rep,name=agents,proto3" json:"agents,omitempty"`
+	// Its live share links.
+	Shares        []*ShareLink `protobuf:"bytes,10,rep,name=shares,proto3" json:"shares,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -773,6 +779,13 @@ func (x *Environment) GetFailure() string {
 func (x *Environment) GetAgents() []*Agent {
 	if x != nil {
 		return x.Agents
+	}
+	return nil
+}
+
+func (x *Environment) GetShares() []*ShareLink {
+	if x != nil {
+		return x.Shares
 	}
 	return nil
 }
@@ -1182,6 +1195,441 @@ func (x *CleanedEnvironment) GetObjects() []string {
 	return nil
 }
 
+type ShareRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The environment.
+	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// The entry Service, in the environment's namespace. Empty: the Service
+	// that selects the environment's first target.
+	Service string `protobuf:"bytes,2,opt,name=service,proto3" json:"service,omitempty"`
+	// The Service's port. 0: its only port, or the one named "http".
+	Port uint32 `protobuf:"varint,3,opt,name=port,proto3" json:"port,omitempty"`
+	// "30m", "2h"; empty: as long as the environment. Never longer than it.
+	Ttl string `protobuf:"bytes,4,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// Where the "preview has ended" page points people (staging's address).
+	StagingUrl string `protobuf:"bytes,5,opt,name=staging_url,json=stagingUrl,proto3" json:"staging_url,omitempty"`
+	// Revoke this link (its URL or slug) instead of making one.
+	Revoke string `protobuf:"bytes,6,opt,name=revoke,proto3" json:"revoke,omitempty"`
+	// List the environment's links instead of making one.
+	List          bool `protobuf:"varint,7,opt,name=list,proto3" json:"list,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShareRequest) Reset() {
+	*x = ShareRequest{}
+	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShareRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShareRequest) ProtoMessage() {}
+
+func (x *ShareRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShareRequest.ProtoReflect.Descriptor instead.
+func (*ShareRequest) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ShareRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *ShareRequest) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *ShareRequest) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *ShareRequest) GetTtl() string {
+	if x != nil {
+		return x.Ttl
+	}
+	return ""
+}
+
+func (x *ShareRequest) GetStagingUrl() string {
+	if x != nil {
+		return x.StagingUrl
+	}
+	return ""
+}
+
+func (x *ShareRequest) GetRevoke() string {
+	if x != nil {
+		return x.Revoke
+	}
+	return ""
+}
+
+func (x *ShareRequest) GetList() bool {
+	if x != nil {
+		return x.List
+	}
+	return false
+}
+
+type ShareResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The link made, the link revoked, or every live link of the environment.
+	Links         []*ShareLink `protobuf:"bytes,1,rep,name=links,proto3" json:"links,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShareResponse) Reset() {
+	*x = ShareResponse{}
+	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShareResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShareResponse) ProtoMessage() {}
+
+func (x *ShareResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShareResponse.ProtoReflect.Descriptor instead.
+func (*ShareResponse) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ShareResponse) GetLinks() []*ShareLink {
+	if x != nil {
+		return x.Links
+	}
+	return nil
+}
+
+type ShareLink struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// http://<slug>.<share domain>/
+	Url     string `protobuf:"bytes,1,opt,name=url,proto3" json:"url,omitempty"`
+	Slug    string `protobuf:"bytes,2,opt,name=slug,proto3" json:"slug,omitempty"`
+	Key     string `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	Service string `protobuf:"bytes,4,opt,name=service,proto3" json:"service,omitempty"`
+	Port    uint32 `protobuf:"varint,5,opt,name=port,proto3" json:"port,omitempty"`
+	// Who made it.
+	CreatedBy string                 `protobuf:"bytes,6,opt,name=created_by,json=createdBy,proto3" json:"created_by,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// Absent: as long as the environment.
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShareLink) Reset() {
+	*x = ShareLink{}
+	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShareLink) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShareLink) ProtoMessage() {}
+
+func (x *ShareLink) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShareLink.ProtoReflect.Descriptor instead.
+func (*ShareLink) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ShareLink) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *ShareLink) GetSlug() string {
+	if x != nil {
+		return x.Slug
+	}
+	return ""
+}
+
+func (x *ShareLink) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *ShareLink) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
+func (x *ShareLink) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *ShareLink) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+func (x *ShareLink) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *ShareLink) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+type GatewayHello struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The gateway's name, for previewd's log.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GatewayHello) Reset() {
+	*x = GatewayHello{}
+	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GatewayHello) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GatewayHello) ProtoMessage() {}
+
+func (x *GatewayHello) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GatewayHello.ProtoReflect.Descriptor instead.
+func (*GatewayHello) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *GatewayHello) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type LinkSet struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Links         []*GatewayLink         `protobuf:"bytes,1,rep,name=links,proto3" json:"links,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LinkSet) Reset() {
+	*x = LinkSet{}
+	mi := &file_preview_v1_preview_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LinkSet) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LinkSet) ProtoMessage() {}
+
+func (x *LinkSet) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LinkSet.ProtoReflect.Descriptor instead.
+func (*LinkSet) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *LinkSet) GetLinks() []*GatewayLink {
+	if x != nil {
+		return x.Links
+	}
+	return nil
+}
+
+type GatewayLink struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Slug  string                 `protobuf:"bytes,1,opt,name=slug,proto3" json:"slug,omitempty"`
+	// Empty when the link has ended.
+	Key string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	// The entry Service's ClusterIP and port.
+	Upstream string `protobuf:"bytes,3,opt,name=upstream,proto3" json:"upstream,omitempty"`
+	// "frontend.demo.svc:8080": the Host sent upstream; absolute redirects to
+	// it are rewritten to the share host.
+	Authority string `protobuf:"bytes,4,opt,name=authority,proto3" json:"authority,omitempty"`
+	// Absent: as long as the environment.
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// Why it ended ("cleaned", "expired", "revoked"); empty while live.
+	Ended         string `protobuf:"bytes,6,opt,name=ended,proto3" json:"ended,omitempty"`
+	StagingUrl    string `protobuf:"bytes,7,opt,name=staging_url,json=stagingUrl,proto3" json:"staging_url,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GatewayLink) Reset() {
+	*x = GatewayLink{}
+	mi := &file_preview_v1_preview_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GatewayLink) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GatewayLink) ProtoMessage() {}
+
+func (x *GatewayLink) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GatewayLink.ProtoReflect.Descriptor instead.
+func (*GatewayLink) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *GatewayLink) GetSlug() string {
+	if x != nil {
+		return x.Slug
+	}
+	return ""
+}
+
+func (x *GatewayLink) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *GatewayLink) GetUpstream() string {
+	if x != nil {
+		return x.Upstream
+	}
+	return ""
+}
+
+func (x *GatewayLink) GetAuthority() string {
+	if x != nil {
+		return x.Authority
+	}
+	return ""
+}
+
+func (x *GatewayLink) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *GatewayLink) GetEnded() string {
+	if x != nil {
+		return x.Ended
+	}
+	return ""
+}
+
+func (x *GatewayLink) GetStagingUrl() string {
+	if x != nil {
+		return x.StagingUrl
+	}
+	return ""
+}
+
 type AgentHello struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
@@ -1192,7 +1640,7 @@ type AgentHello struct {
 
 func (x *AgentHello) Reset() {
 	*x = AgentHello{}
-	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	mi := &file_preview_v1_preview_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1204,7 +1652,7 @@ func (x *AgentHello) String() string {
 func (*AgentHello) ProtoMessage() {}
 
 func (x *AgentHello) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	mi := &file_preview_v1_preview_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1217,7 +1665,7 @@ func (x *AgentHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentHello.ProtoReflect.Descriptor instead.
 func (*AgentHello) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{13}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *AgentHello) GetNamespace() string {
@@ -1243,7 +1691,7 @@ type RouteSet struct {
 
 func (x *RouteSet) Reset() {
 	*x = RouteSet{}
-	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	mi := &file_preview_v1_preview_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1255,7 +1703,7 @@ func (x *RouteSet) String() string {
 func (*RouteSet) ProtoMessage() {}
 
 func (x *RouteSet) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	mi := &file_preview_v1_preview_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1268,7 +1716,7 @@ func (x *RouteSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteSet.ProtoReflect.Descriptor instead.
 func (*RouteSet) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{14}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RouteSet) GetRoutes() []*Route {
@@ -1295,7 +1743,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	mi := &file_preview_v1_preview_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1307,7 +1755,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	mi := &file_preview_v1_preview_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1320,7 +1768,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{15}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Route) GetKey() string {
@@ -1383,7 +1831,7 @@ type Filter struct {
 
 func (x *Filter) Reset() {
 	*x = Filter{}
-	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	mi := &file_preview_v1_preview_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1395,7 +1843,7 @@ func (x *Filter) String() string {
 func (*Filter) ProtoMessage() {}
 
 func (x *Filter) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	mi := &file_preview_v1_preview_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1408,7 +1856,7 @@ func (x *Filter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Filter.ProtoReflect.Descriptor instead.
 func (*Filter) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{16}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Filter) GetKind() isFilter_Kind {
@@ -1523,7 +1971,7 @@ type FilterList struct {
 
 func (x *FilterList) Reset() {
 	*x = FilterList{}
-	mi := &file_preview_v1_preview_proto_msgTypes[17]
+	mi := &file_preview_v1_preview_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1535,7 +1983,7 @@ func (x *FilterList) String() string {
 func (*FilterList) ProtoMessage() {}
 
 func (x *FilterList) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[17]
+	mi := &file_preview_v1_preview_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1548,7 +1996,7 @@ func (x *FilterList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FilterList.ProtoReflect.Descriptor instead.
 func (*FilterList) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{17}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *FilterList) GetFilters() []*Filter {
@@ -1593,7 +2041,7 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04kind\x18\x01 \x01(\x0e2\x15.preview.v1.EventKindR\x04kind\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12;\n" +
 	"\fenvironments\x18\x03 \x03(\v2\x17.preview.v1.EnvironmentR\fenvironments\x12!\n" +
-	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\xdd\x02\n" +
+	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\x8c\x03\n" +
 	"\vEnvironment\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x129\n" +
@@ -1605,7 +2053,9 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04pods\x18\x06 \x03(\v2\x0f.preview.v1.PodR\x04pods\x12\x18\n" +
 	"\apending\x18\a \x01(\bR\apending\x12\x18\n" +
 	"\afailure\x18\b \x01(\tR\afailure\x12)\n" +
-	"\x06agents\x18\t \x03(\v2\x11.preview.v1.AgentR\x06agents\"w\n" +
+	"\x06agents\x18\t \x03(\v2\x11.preview.v1.AgentR\x06agents\x12-\n" +
+	"\x06shares\x18\n" +
+	" \x03(\v2\x15.preview.v1.ShareLinkR\x06shares\"w\n" +
 	"\x05Agent\x12\x10\n" +
 	"\x03pod\x18\x01 \x01(\tR\x03pod\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12,\n" +
@@ -1637,7 +2087,44 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\aremoved\x18\x01 \x03(\v2\x1e.preview.v1.CleanedEnvironmentR\aremoved\"@\n" +
 	"\x12CleanedEnvironment\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
-	"\aobjects\x18\x02 \x03(\tR\aobjects\"<\n" +
+	"\aobjects\x18\x02 \x03(\tR\aobjects\"\xad\x01\n" +
+	"\fShareRequest\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
+	"\aservice\x18\x02 \x01(\tR\aservice\x12\x12\n" +
+	"\x04port\x18\x03 \x01(\rR\x04port\x12\x10\n" +
+	"\x03ttl\x18\x04 \x01(\tR\x03ttl\x12\x1f\n" +
+	"\vstaging_url\x18\x05 \x01(\tR\n" +
+	"stagingUrl\x12\x16\n" +
+	"\x06revoke\x18\x06 \x01(\tR\x06revoke\x12\x12\n" +
+	"\x04list\x18\a \x01(\bR\x04list\"<\n" +
+	"\rShareResponse\x12+\n" +
+	"\x05links\x18\x01 \x03(\v2\x15.preview.v1.ShareLinkR\x05links\"\x86\x02\n" +
+	"\tShareLink\x12\x10\n" +
+	"\x03url\x18\x01 \x01(\tR\x03url\x12\x12\n" +
+	"\x04slug\x18\x02 \x01(\tR\x04slug\x12\x10\n" +
+	"\x03key\x18\x03 \x01(\tR\x03key\x12\x18\n" +
+	"\aservice\x18\x04 \x01(\tR\aservice\x12\x12\n" +
+	"\x04port\x18\x05 \x01(\rR\x04port\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\x06 \x01(\tR\tcreatedBy\x129\n" +
+	"\n" +
+	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"\n" +
+	"expires_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\"\n" +
+	"\fGatewayHello\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"8\n" +
+	"\aLinkSet\x12-\n" +
+	"\x05links\x18\x01 \x03(\v2\x17.preview.v1.GatewayLinkR\x05links\"\xdf\x01\n" +
+	"\vGatewayLink\x12\x12\n" +
+	"\x04slug\x18\x01 \x01(\tR\x04slug\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1a\n" +
+	"\bupstream\x18\x03 \x01(\tR\bupstream\x12\x1c\n" +
+	"\tauthority\x18\x04 \x01(\tR\tauthority\x129\n" +
+	"\n" +
+	"expires_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x14\n" +
+	"\x05ended\x18\x06 \x01(\tR\x05ended\x12\x1f\n" +
+	"\vstaging_url\x18\a \x01(\tR\n" +
+	"stagingUrl\"<\n" +
 	"\n" +
 	"AgentHello\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
@@ -1662,7 +2149,7 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04kind\":\n" +
 	"\n" +
 	"FilterList\x12,\n" +
-	"\afilters\x18\x01 \x03(\v2\x12.preview.v1.FilterR\afilters*\x82\x02\n" +
+	"\afilters\x18\x01 \x03(\v2\x12.preview.v1.FilterR\afilters*\xa1\x02\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13EVENT_KIND_SNAPSHOT\x10\x01\x12\x18\n" +
@@ -1672,7 +2159,8 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x12EVENT_KIND_EXPIRED\x10\x05\x12\x16\n" +
 	"\x12EVENT_KIND_CLEANED\x10\x06\x12\x1e\n" +
 	"\x1aEVENT_KIND_FAILURE_CHANGED\x10\a\x12\x1d\n" +
-	"\x19EVENT_KIND_AGENTS_CHANGED\x10\b*=\n" +
+	"\x19EVENT_KIND_AGENTS_CHANGED\x10\b\x12\x1d\n" +
+	"\x19EVENT_KIND_SHARES_CHANGED\x10\t*=\n" +
 	"\x04Mode\x12\x14\n" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
@@ -1685,12 +2173,15 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x13AGENT_STATE_ROUTING\x10\x02\x12\x16\n" +
 	"\x12AGENT_STATE_FAILED\x10\x03\x12\x16\n" +
 	"\x12AGENT_STATE_CAPPED\x10\x04\x12\x17\n" +
-	"\x13AGENT_STATE_FOREIGN\x10\x052\x8d\x02\n" +
+	"\x13AGENT_STATE_FOREIGN\x10\x052\xcb\x02\n" +
 	"\x0ePreviewService\x12<\n" +
 	"\x05Start\x12\x18.preview.v1.StartRequest\x1a\x19.preview.v1.StartResponse\x12?\n" +
 	"\x06AddPod\x12\x19.preview.v1.AddPodRequest\x1a\x1a.preview.v1.AddPodResponse\x12>\n" +
 	"\x06Status\x12\x19.preview.v1.StatusRequest\x1a\x17.preview.v1.StatusEvent0\x01\x12<\n" +
-	"\x05Clean\x12\x18.preview.v1.CleanRequest\x1a\x19.preview.v1.CleanResponse2H\n" +
+	"\x05Clean\x12\x18.preview.v1.CleanRequest\x1a\x19.preview.v1.CleanResponse\x12<\n" +
+	"\x05Share\x12\x18.preview.v1.ShareRequest\x1a\x19.preview.v1.ShareResponse2J\n" +
+	"\x0eGatewayService\x128\n" +
+	"\x05Links\x12\x18.preview.v1.GatewayHello\x1a\x13.preview.v1.LinkSet0\x012H\n" +
 	"\fAgentService\x128\n" +
 	"\x06Routes\x12\x16.preview.v1.AgentHello\x1a\x14.preview.v1.RouteSet0\x01B?Z=github.com/preview-env/preview/clients/go/previewv1;previewv1b\x06proto3"
 
@@ -1707,7 +2198,7 @@ func file_preview_v1_preview_proto_rawDescGZIP() []byte {
 }
 
 var file_preview_v1_preview_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_preview_v1_preview_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_preview_v1_preview_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_preview_v1_preview_proto_goTypes = []any{
 	(EventKind)(0),                // 0: preview.v1.EventKind
 	(Mode)(0),                     // 1: preview.v1.Mode
@@ -1725,12 +2216,18 @@ var file_preview_v1_preview_proto_goTypes = []any{
 	(*CleanRequest)(nil),          // 13: preview.v1.CleanRequest
 	(*CleanResponse)(nil),         // 14: preview.v1.CleanResponse
 	(*CleanedEnvironment)(nil),    // 15: preview.v1.CleanedEnvironment
-	(*AgentHello)(nil),            // 16: preview.v1.AgentHello
-	(*RouteSet)(nil),              // 17: preview.v1.RouteSet
-	(*Route)(nil),                 // 18: preview.v1.Route
-	(*Filter)(nil),                // 19: preview.v1.Filter
-	(*FilterList)(nil),            // 20: preview.v1.FilterList
-	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
+	(*ShareRequest)(nil),          // 16: preview.v1.ShareRequest
+	(*ShareResponse)(nil),         // 17: preview.v1.ShareResponse
+	(*ShareLink)(nil),             // 18: preview.v1.ShareLink
+	(*GatewayHello)(nil),          // 19: preview.v1.GatewayHello
+	(*LinkSet)(nil),               // 20: preview.v1.LinkSet
+	(*GatewayLink)(nil),           // 21: preview.v1.GatewayLink
+	(*AgentHello)(nil),            // 22: preview.v1.AgentHello
+	(*RouteSet)(nil),              // 23: preview.v1.RouteSet
+	(*Route)(nil),                 // 24: preview.v1.Route
+	(*Filter)(nil),                // 25: preview.v1.Filter
+	(*FilterList)(nil),            // 26: preview.v1.FilterList
+	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
 }
 var file_preview_v1_preview_proto_depIdxs = []int32{
 	3,  // 0: preview.v1.StartRequest.pods:type_name -> preview.v1.PodRequest
@@ -1740,35 +2237,45 @@ var file_preview_v1_preview_proto_depIdxs = []int32{
 	0,  // 4: preview.v1.StatusEvent.kind:type_name -> preview.v1.EventKind
 	10, // 5: preview.v1.StatusEvent.environments:type_name -> preview.v1.Environment
 	12, // 6: preview.v1.StatusEvent.pod:type_name -> preview.v1.Pod
-	21, // 7: preview.v1.Environment.created_at:type_name -> google.protobuf.Timestamp
-	21, // 8: preview.v1.Environment.expires_at:type_name -> google.protobuf.Timestamp
+	27, // 7: preview.v1.Environment.created_at:type_name -> google.protobuf.Timestamp
+	27, // 8: preview.v1.Environment.expires_at:type_name -> google.protobuf.Timestamp
 	1,  // 9: preview.v1.Environment.mode:type_name -> preview.v1.Mode
 	12, // 10: preview.v1.Environment.pods:type_name -> preview.v1.Pod
 	11, // 11: preview.v1.Environment.agents:type_name -> preview.v1.Agent
-	2,  // 12: preview.v1.Agent.state:type_name -> preview.v1.AgentState
-	15, // 13: preview.v1.CleanResponse.removed:type_name -> preview.v1.CleanedEnvironment
-	18, // 14: preview.v1.RouteSet.routes:type_name -> preview.v1.Route
-	1,  // 15: preview.v1.Route.mode:type_name -> preview.v1.Mode
-	19, // 16: preview.v1.Route.filter:type_name -> preview.v1.Filter
-	21, // 17: preview.v1.Route.expires_at:type_name -> google.protobuf.Timestamp
-	20, // 18: preview.v1.Filter.all_of:type_name -> preview.v1.FilterList
-	20, // 19: preview.v1.Filter.any_of:type_name -> preview.v1.FilterList
-	19, // 20: preview.v1.FilterList.filters:type_name -> preview.v1.Filter
-	4,  // 21: preview.v1.PreviewService.Start:input_type -> preview.v1.StartRequest
-	6,  // 22: preview.v1.PreviewService.AddPod:input_type -> preview.v1.AddPodRequest
-	8,  // 23: preview.v1.PreviewService.Status:input_type -> preview.v1.StatusRequest
-	13, // 24: preview.v1.PreviewService.Clean:input_type -> preview.v1.CleanRequest
-	16, // 25: preview.v1.AgentService.Routes:input_type -> preview.v1.AgentHello
-	5,  // 26: preview.v1.PreviewService.Start:output_type -> preview.v1.StartResponse
-	7,  // 27: preview.v1.PreviewService.AddPod:output_type -> preview.v1.AddPodResponse
-	9,  // 28: preview.v1.PreviewService.Status:output_type -> preview.v1.StatusEvent
-	14, // 29: preview.v1.PreviewService.Clean:output_type -> preview.v1.CleanResponse
-	17, // 30: preview.v1.AgentService.Routes:output_type -> preview.v1.RouteSet
-	26, // [26:31] is the sub-list for method output_type
-	21, // [21:26] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	18, // 12: preview.v1.Environment.shares:type_name -> preview.v1.ShareLink
+	2,  // 13: preview.v1.Agent.state:type_name -> preview.v1.AgentState
+	15, // 14: preview.v1.CleanResponse.removed:type_name -> preview.v1.CleanedEnvironment
+	18, // 15: preview.v1.ShareResponse.links:type_name -> preview.v1.ShareLink
+	27, // 16: preview.v1.ShareLink.created_at:type_name -> google.protobuf.Timestamp
+	27, // 17: preview.v1.ShareLink.expires_at:type_name -> google.protobuf.Timestamp
+	21, // 18: preview.v1.LinkSet.links:type_name -> preview.v1.GatewayLink
+	27, // 19: preview.v1.GatewayLink.expires_at:type_name -> google.protobuf.Timestamp
+	24, // 20: preview.v1.RouteSet.routes:type_name -> preview.v1.Route
+	1,  // 21: preview.v1.Route.mode:type_name -> preview.v1.Mode
+	25, // 22: preview.v1.Route.filter:type_name -> preview.v1.Filter
+	27, // 23: preview.v1.Route.expires_at:type_name -> google.protobuf.Timestamp
+	26, // 24: preview.v1.Filter.all_of:type_name -> preview.v1.FilterList
+	26, // 25: preview.v1.Filter.any_of:type_name -> preview.v1.FilterList
+	25, // 26: preview.v1.FilterList.filters:type_name -> preview.v1.Filter
+	4,  // 27: preview.v1.PreviewService.Start:input_type -> preview.v1.StartRequest
+	6,  // 28: preview.v1.PreviewService.AddPod:input_type -> preview.v1.AddPodRequest
+	8,  // 29: preview.v1.PreviewService.Status:input_type -> preview.v1.StatusRequest
+	13, // 30: preview.v1.PreviewService.Clean:input_type -> preview.v1.CleanRequest
+	16, // 31: preview.v1.PreviewService.Share:input_type -> preview.v1.ShareRequest
+	19, // 32: preview.v1.GatewayService.Links:input_type -> preview.v1.GatewayHello
+	22, // 33: preview.v1.AgentService.Routes:input_type -> preview.v1.AgentHello
+	5,  // 34: preview.v1.PreviewService.Start:output_type -> preview.v1.StartResponse
+	7,  // 35: preview.v1.PreviewService.AddPod:output_type -> preview.v1.AddPodResponse
+	9,  // 36: preview.v1.PreviewService.Status:output_type -> preview.v1.StatusEvent
+	14, // 37: preview.v1.PreviewService.Clean:output_type -> preview.v1.CleanResponse
+	17, // 38: preview.v1.PreviewService.Share:output_type -> preview.v1.ShareResponse
+	20, // 39: preview.v1.GatewayService.Links:output_type -> preview.v1.LinkSet
+	23, // 40: preview.v1.AgentService.Routes:output_type -> preview.v1.RouteSet
+	34, // [34:41] is the sub-list for method output_type
+	27, // [27:34] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_preview_v1_preview_proto_init() }
@@ -1781,7 +2288,7 @@ func file_preview_v1_preview_proto_init() {
 		(*CleanRequest_Glob)(nil),
 		(*CleanRequest_AllExpired)(nil),
 	}
-	file_preview_v1_preview_proto_msgTypes[16].OneofWrappers = []any{
+	file_preview_v1_preview_proto_msgTypes[22].OneofWrappers = []any{
 		(*Filter_Header)(nil),
 		(*Filter_Path)(nil),
 		(*Filter_Method)(nil),
@@ -1795,9 +2302,9 @@ func file_preview_v1_preview_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_preview_v1_preview_proto_rawDesc), len(file_preview_v1_preview_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   18,
+			NumMessages:   24,
 			NumExtensions: 0,
-			NumServices:   2,
+			NumServices:   3,
 		},
 		GoTypes:           file_preview_v1_preview_proto_goTypes,
 		DependencyIndexes: file_preview_v1_preview_proto_depIdxs,

@@ -28,6 +28,7 @@ const (
 	PreviewService_AddPod_FullMethodName = "/preview.v1.PreviewService/AddPod"
 	PreviewService_Status_FullMethodName = "/preview.v1.PreviewService/Status"
 	PreviewService_Clean_FullMethodName  = "/preview.v1.PreviewService/Clean"
+	PreviewService_Share_FullMethodName  = "/preview.v1.PreviewService/Share"
 )
 
 // PreviewServiceClient is the client API for PreviewService service.
@@ -49,6 +50,11 @@ type PreviewServiceClient interface {
 	// Clean removes every object created for the matching environments and
 	// their records. Idempotent: it returns what it removed.
 	Clean(ctx context.Context, in *CleanRequest, opts ...grpc.CallOption) (*CleanResponse, error)
+	// Share makes a link that opens the environment in a browser, with no
+	// kubeconfig: http://<slug>.<share domain>/ forwards to an entry Service
+	// with the key added to every request. It also revokes a link, or lists
+	// an environment's links. Needs the `share` verb on previewenvironments.
+	Share(ctx context.Context, in *ShareRequest, opts ...grpc.CallOption) (*ShareResponse, error)
 }
 
 type previewServiceClient struct {
@@ -108,6 +114,16 @@ func (c *previewServiceClient) Clean(ctx context.Context, in *CleanRequest, opts
 	return out, nil
 }
 
+func (c *previewServiceClient) Share(ctx context.Context, in *ShareRequest, opts ...grpc.CallOption) (*ShareResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShareResponse)
+	err := c.cc.Invoke(ctx, PreviewService_Share_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PreviewServiceServer is the server API for PreviewService service.
 // All implementations must embed UnimplementedPreviewServiceServer
 // for forward compatibility.
@@ -127,6 +143,11 @@ type PreviewServiceServer interface {
 	// Clean removes every object created for the matching environments and
 	// their records. Idempotent: it returns what it removed.
 	Clean(context.Context, *CleanRequest) (*CleanResponse, error)
+	// Share makes a link that opens the environment in a browser, with no
+	// kubeconfig: http://<slug>.<share domain>/ forwards to an entry Service
+	// with the key added to every request. It also revokes a link, or lists
+	// an environment's links. Needs the `share` verb on previewenvironments.
+	Share(context.Context, *ShareRequest) (*ShareResponse, error)
 	mustEmbedUnimplementedPreviewServiceServer()
 }
 
@@ -148,6 +169,9 @@ func (UnimplementedPreviewServiceServer) Status(*StatusRequest, grpc.ServerStrea
 }
 func (UnimplementedPreviewServiceServer) Clean(context.Context, *CleanRequest) (*CleanResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Clean not implemented")
+}
+func (UnimplementedPreviewServiceServer) Share(context.Context, *ShareRequest) (*ShareResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Share not implemented")
 }
 func (UnimplementedPreviewServiceServer) mustEmbedUnimplementedPreviewServiceServer() {}
 func (UnimplementedPreviewServiceServer) testEmbeddedByValue()                        {}
@@ -235,6 +259,24 @@ func _PreviewService_Clean_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PreviewService_Share_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ShareRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PreviewServiceServer).Share(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PreviewService_Share_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PreviewServiceServer).Share(ctx, req.(*ShareRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PreviewService_ServiceDesc is the grpc.ServiceDesc for PreviewService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -254,11 +296,128 @@ var PreviewService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Clean",
 			Handler:    _PreviewService_Clean_Handler,
 		},
+		{
+			MethodName: "Share",
+			Handler:    _PreviewService_Share_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "Status",
 			Handler:       _PreviewService_Status_Handler,
+			ServerStreams: true,
+		},
+	},
+	Metadata: "preview/v1/preview.proto",
+}
+
+const (
+	GatewayService_Links_FullMethodName = "/preview.v1.GatewayService/Links"
+)
+
+// GatewayServiceClient is the client API for GatewayService service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// Links for preview-gateway: the share domain's routes, served by previewd
+// to the gateways. Callers need `watch` on previewenvironments/shares.
+type GatewayServiceClient interface {
+	// The full set of links, then the full set again after every change.
+	Links(ctx context.Context, in *GatewayHello, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LinkSet], error)
+}
+
+type gatewayServiceClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewGatewayServiceClient(cc grpc.ClientConnInterface) GatewayServiceClient {
+	return &gatewayServiceClient{cc}
+}
+
+func (c *gatewayServiceClient) Links(ctx context.Context, in *GatewayHello, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LinkSet], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &GatewayService_ServiceDesc.Streams[0], GatewayService_Links_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[GatewayHello, LinkSet]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type GatewayService_LinksClient = grpc.ServerStreamingClient[LinkSet]
+
+// GatewayServiceServer is the server API for GatewayService service.
+// All implementations must embed UnimplementedGatewayServiceServer
+// for forward compatibility.
+//
+// Links for preview-gateway: the share domain's routes, served by previewd
+// to the gateways. Callers need `watch` on previewenvironments/shares.
+type GatewayServiceServer interface {
+	// The full set of links, then the full set again after every change.
+	Links(*GatewayHello, grpc.ServerStreamingServer[LinkSet]) error
+	mustEmbedUnimplementedGatewayServiceServer()
+}
+
+// UnimplementedGatewayServiceServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedGatewayServiceServer struct{}
+
+func (UnimplementedGatewayServiceServer) Links(*GatewayHello, grpc.ServerStreamingServer[LinkSet]) error {
+	return status.Errorf(codes.Unimplemented, "method Links not implemented")
+}
+func (UnimplementedGatewayServiceServer) mustEmbedUnimplementedGatewayServiceServer() {}
+func (UnimplementedGatewayServiceServer) testEmbeddedByValue()                        {}
+
+// UnsafeGatewayServiceServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to GatewayServiceServer will
+// result in compilation errors.
+type UnsafeGatewayServiceServer interface {
+	mustEmbedUnimplementedGatewayServiceServer()
+}
+
+func RegisterGatewayServiceServer(s grpc.ServiceRegistrar, srv GatewayServiceServer) {
+	// If the following call pancis, it indicates UnimplementedGatewayServiceServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&GatewayService_ServiceDesc, srv)
+}
+
+func _GatewayService_Links_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(GatewayHello)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(GatewayServiceServer).Links(m, &grpc.GenericServerStream[GatewayHello, LinkSet]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type GatewayService_LinksServer = grpc.ServerStreamingServer[LinkSet]
+
+// GatewayService_ServiceDesc is the grpc.ServiceDesc for GatewayService service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var GatewayService_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "preview.v1.GatewayService",
+	HandlerType: (*GatewayServiceServer)(nil),
+	Methods:     []grpc.MethodDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Links",
+			Handler:       _GatewayService_Links_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -6,7 +6,9 @@
 //! includes the answer. A downstream call that fails is not retried unless
 //! `--retry-downstream` asks for it, so a reset shows; `/stats` counts the
 //! downstream calls, their failures and the retries. `get URL` is a tiny
-//! client for tests run inside pods.
+//! client for tests run inside pods. A browser (Accept: text/html) gets a
+//! page that calls the chain by `fetch` and over a WebSocket and shows which
+//! version answered at each hop.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 mod echo_ws;
+mod page;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -132,6 +135,29 @@ impl App {
     }
 }
 
+impl App {
+    /// Opens the downstream's WebSocket (`<downstream>ws`), passing `baggage` on.
+    async fn downstream_ws(&self, url: &str, baggage: &[String]) -> Result<hyper::upgrade::Upgraded, String> {
+        let url = format!("{}/ws", url.trim_end_matches('/'));
+        let mut b = Request::get(url.as_str())
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "cHJldmlldy1lY2hvLWhvcA==");
+        if !self.drop_baggage {
+            for v in baggage {
+                b = b.header("baggage", v.as_str());
+            }
+        }
+        let req = b.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+        let resp = self.fresh.request(req).await.map_err(|e| error_chain(&e))?;
+        if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(format!("{url}: {}", resp.status()));
+        }
+        hyper::upgrade::on(resp).await.map_err(|e| e.to_string())
+    }
+}
+
 /// An error and its sources, `: `-separated (hyper's own message alone is
 /// only "client error (SendRequest)"; the cause, say a reset, is below it).
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -154,16 +180,32 @@ fn unpooled_client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    // WebSocket: 101, then the version as the first frame, then echo.
+    // WebSocket: 101, then the version as the first frame, then echo. With
+    // a downstream, the downstream's WebSocket is spliced in after that
+    // frame: each hop's version arrives in order, and the last one echoes.
     if let Some(key) = req.headers().get("sec-websocket-key").and_then(|k| k.to_str().ok()).map(echo_ws::accept_key) {
         app.stats.served.fetch_add(1, Ordering::Relaxed);
         let upgrade = hyper::upgrade::on(&mut req);
         let version = app.version.clone();
+        let baggage: Vec<String> =
+            req.headers().get_all("baggage").iter().filter_map(|v| v.to_str().ok().map(String::from)).collect();
+        let app = app.clone();
         tokio::spawn(async move {
             let Ok(up) = upgrade.await else { return };
             let mut io = TokioIo::new(up);
             if echo_ws::write_text(&mut io, version.as_bytes()).await.is_err() {
                 return;
+            }
+            if let Some(url) = &app.downstream {
+                match app.downstream_ws(url, &baggage).await {
+                    Ok(down) => {
+                        let _ = tokio::io::copy_bidirectional(&mut io, &mut TokioIo::new(down)).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = echo_ws::write_text(&mut io, format!("downstream: {e}").as_bytes()).await;
+                    }
+                }
             }
             while let Ok(Some(msg)) = echo_ws::read_frame(&mut io).await {
                 if echo_ws::write_text(&mut io, &msg).await.is_err() {
@@ -199,6 +241,32 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
     }
     if path != "/healthz" {
         app.stats.served.fetch_add(1, Ordering::Relaxed);
+    }
+    // /login: a redirect and a cookie addressed to the host asked for, as
+    // an app behind a name does (a share link must keep both working).
+    if path == "/login" {
+        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
+        let domain = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h).to_string();
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = hyper::StatusCode::FOUND;
+        let h = resp.headers_mut();
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("http://{host}/welcome")) {
+            h.insert("location", v);
+        }
+        if let Ok(v) =
+            hyper::header::HeaderValue::from_str(&format!("session={}; Domain={domain}; Path=/", app.version))
+        {
+            h.insert("set-cookie", v);
+        }
+        return Ok(resp);
+    }
+    // A browser's page load: the demo page, which calls the chain itself.
+    let wants_html = req.headers().get("accept").and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("text/html"));
+    if wants_html && req.method() == hyper::Method::GET {
+        let page = page::render(&app.version, &app.pod);
+        let mut resp = Response::new(Full::new(Bytes::from(page)));
+        resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/html; charset=utf-8"));
+        return Ok(resp);
     }
     // /bytes/N: a large download.
     if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {

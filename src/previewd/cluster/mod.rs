@@ -8,6 +8,7 @@ pub mod agents;
 pub mod names;
 pub mod objects;
 pub mod pods;
+pub mod services;
 pub mod state;
 mod targets;
 pub mod watch;

@@ -5,6 +5,7 @@
 
 use super::view::glob_match;
 use super::{CleanSelector, Error, Manager};
+use crate::model::share::EndedLink;
 use crate::model::{Cleaned, Key, now_ms};
 use crate::previewd::auth::{Access, Caller};
 use crate::proto;
@@ -87,7 +88,7 @@ impl Manager {
         if why == proto::EventKind::Expired && !rec.as_ref().is_some_and(|r| r.expired_at(now_ms())) {
             return Ok(None); // extended by a Start while we waited for the lock
         }
-        if let Some(mut rec) = rec.filter(|r| !r.deleting && !r.namespace.is_empty()) {
+        if let Some(mut rec) = rec.clone().filter(|r| !r.deleting && !r.namespace.is_empty()) {
             // In the view first: from here on a retry carries the removal on.
             if let Some(env) = self.view().envs.get_mut(key) {
                 env.record.deleting = true;
@@ -102,7 +103,10 @@ impl Manager {
             }
         }
         let objects = self.cluster.delete_env(key).await?;
-        let had_record = self.store.delete(key).await?;
+        // Its links end with it: their URLs answer "ended" from here on.
+        let reason = if why == proto::EventKind::Expired { "expired" } else { "cleaned" };
+        let ended = rec.iter().flat_map(|r| &r.shares).map(|l| EndedLink::of(l, reason, now_ms())).collect();
+        let had_record = self.store.delete_ending(key, ended).await?;
         self.view().retries.remove(key);
         self.ready_counts.lock().unwrap_or_else(|e| e.into_inner()).remove(key.as_str());
         let had_view = self.publish_removed(key, why);
@@ -116,6 +120,7 @@ impl Manager {
     /// Removes every environment whose TTL has run out. One that fails is
     /// shown FAILED and tried again after its backoff; the others go on.
     pub async fn reap(&self) -> usize {
+        self.reap_links().await;
         let now = now_ms();
         let expired: Vec<Key> = {
             let view = self.view();

@@ -11,6 +11,7 @@ mod authorize;
 mod clean;
 mod error;
 pub mod recover;
+mod share;
 mod start;
 mod status;
 mod view;
@@ -41,6 +42,8 @@ pub struct Settings {
     /// Points at which to stop and wait to be killed (tests of crash safety).
     pub pause_at: Option<String>,
     pub limits: Limits,
+    /// Links are `http://<slug>.<share_domain>/`; empty: sharing is off.
+    pub share_domain: String,
 }
 
 /// Bounds on what one request may ask for. Going over one is
@@ -78,6 +81,7 @@ impl Default for Settings {
             default_namespace: "default".into(),
             pause_at: None,
             limits: Limits::default(),
+            share_domain: String::new(),
         }
     }
 }

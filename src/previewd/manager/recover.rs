@@ -248,6 +248,7 @@ impl Manager {
             deleting: false,
             pods: Vec::new(),
             creator: String::new(),
+            shares: Vec::new(),
         };
         let mut env = EnvStatus::new(placeholder);
         env.failure = Some(why);

@@ -31,9 +31,11 @@ impl Manager {
         let config::ReadStart { key, configs, ttl } = config::read_start(&req)?;
         let ttl = ttl.map(|t| self.check_ttl(t)).transpose()?;
 
+        let share = configs.iter().find_map(|c| c.share.clone());
         let _guard = self.lock_key(&key).await;
         let existing = self.view().envs.get(&key).map(|e| e.record.clone());
-        self.apply(who, facts, key, existing, &req.pods, configs, ttl).await
+        let started = self.apply(who, facts, key, existing, &req.pods, configs, ttl).await?;
+        Ok(Started { share, ..started })
     }
 
     pub async fn add_pod(&self, key: &str, pod: Option<PodRequest>) -> Result<Started, Error> {
@@ -51,12 +53,14 @@ impl Manager {
         let pod = pod.ok_or_else(|| invalid("pod", "required"))?;
         let doc = config::parse_document(&pod.config)?;
         let cfg = config::interpret(doc, &key)?;
+        let share = cfg.share.clone();
         let _guard = self.lock_key(&key).await;
         let existing = self.view().envs.get(&key).map(|e| e.record.clone());
         let Some(existing) = existing else {
             return Err(Error::NotFound { field: "key".into(), message: format!("no environment {:?}", key.as_str()) });
         };
-        self.apply(who, facts, key, Some(existing), &[pod], vec![cfg], None).await
+        let started = self.apply(who, facts, key, Some(existing), &[pod], vec![cfg], None).await?;
+        Ok(Started { share, ..started })
     }
 
     fn check_ttl(&self, ttl: Ttl) -> Result<Ttl, Error> {
@@ -119,6 +123,7 @@ impl Manager {
             deleting: false,
             pods: Vec::new(),
             creator: who.user.clone(),
+            shares: Vec::new(),
         });
         let ttl_extended = match (is_new, ttl) {
             (true, t) => {
@@ -179,7 +184,7 @@ impl Manager {
         let mut environment = self.publish_settled(&rec, ttl_extended);
         environment.failure = None;
         warnings.extend(agent_warnings);
-        Ok(Started { key, environment, warnings })
+        Ok(Started { key, environment, warnings, share: None })
     }
 
     /// One pod of a request: where it goes (its namespace) and its record,

@@ -21,6 +21,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_CLEANED: _ClassVar[EventKind]
     EVENT_KIND_FAILURE_CHANGED: _ClassVar[EventKind]
     EVENT_KIND_AGENTS_CHANGED: _ClassVar[EventKind]
+    EVENT_KIND_SHARES_CHANGED: _ClassVar[EventKind]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +46,7 @@ EVENT_KIND_EXPIRED: EventKind
 EVENT_KIND_CLEANED: EventKind
 EVENT_KIND_FAILURE_CHANGED: EventKind
 EVENT_KIND_AGENTS_CHANGED: EventKind
+EVENT_KIND_SHARES_CHANGED: EventKind
 MODE_UNSPECIFIED: Mode
 MODE_STEAL: Mode
 MODE_MIRROR: Mode
@@ -128,7 +130,7 @@ class StatusEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., sequence: _Optional[int] = ..., environments: _Optional[_Iterable[_Union[Environment, _Mapping]]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ...) -> None: ...
 
 class Environment(_message.Message):
-    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending", "failure", "agents")
+    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending", "failure", "agents", "shares")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +140,7 @@ class Environment(_message.Message):
     PENDING_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     key: str
     namespace: str
     created_at: _timestamp_pb2.Timestamp
@@ -147,7 +150,8 @@ class Environment(_message.Message):
     pending: bool
     failure: str
     agents: _containers.RepeatedCompositeFieldContainer[Agent]
-    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ..., failure: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ...) -> None: ...
+    shares: _containers.RepeatedCompositeFieldContainer[ShareLink]
+    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ..., failure: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[ShareLink, _Mapping]]] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("pod", "target", "state", "reason")
@@ -212,6 +216,80 @@ class CleanedEnvironment(_message.Message):
     key: str
     objects: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, key: _Optional[str] = ..., objects: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ShareRequest(_message.Message):
+    __slots__ = ("key", "service", "port", "ttl", "staging_url", "revoke", "list")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    STAGING_URL_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    service: str
+    port: int
+    ttl: str
+    staging_url: str
+    revoke: str
+    list: bool
+    def __init__(self, key: _Optional[str] = ..., service: _Optional[str] = ..., port: _Optional[int] = ..., ttl: _Optional[str] = ..., staging_url: _Optional[str] = ..., revoke: _Optional[str] = ..., list: _Optional[bool] = ...) -> None: ...
+
+class ShareResponse(_message.Message):
+    __slots__ = ("links",)
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    links: _containers.RepeatedCompositeFieldContainer[ShareLink]
+    def __init__(self, links: _Optional[_Iterable[_Union[ShareLink, _Mapping]]] = ...) -> None: ...
+
+class ShareLink(_message.Message):
+    __slots__ = ("url", "slug", "key", "service", "port", "created_by", "created_at", "expires_at")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SLUG_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    slug: str
+    key: str
+    service: str
+    port: int
+    created_by: str
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, url: _Optional[str] = ..., slug: _Optional[str] = ..., key: _Optional[str] = ..., service: _Optional[str] = ..., port: _Optional[int] = ..., created_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GatewayHello(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class LinkSet(_message.Message):
+    __slots__ = ("links",)
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    links: _containers.RepeatedCompositeFieldContainer[GatewayLink]
+    def __init__(self, links: _Optional[_Iterable[_Union[GatewayLink, _Mapping]]] = ...) -> None: ...
+
+class GatewayLink(_message.Message):
+    __slots__ = ("slug", "key", "upstream", "authority", "expires_at", "ended", "staging_url")
+    SLUG_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    AUTHORITY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    STAGING_URL_FIELD_NUMBER: _ClassVar[int]
+    slug: str
+    key: str
+    upstream: str
+    authority: str
+    expires_at: _timestamp_pb2.Timestamp
+    ended: str
+    staging_url: str
+    def __init__(self, slug: _Optional[str] = ..., key: _Optional[str] = ..., upstream: _Optional[str] = ..., authority: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended: _Optional[str] = ..., staging_url: _Optional[str] = ...) -> None: ...
 
 class AgentHello(_message.Message):
     __slots__ = ("namespace", "pod")

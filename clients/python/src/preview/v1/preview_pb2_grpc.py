@@ -55,6 +55,11 @@ class PreviewServiceStub:
                 request_serializer=preview_dot_v1_dot_preview__pb2.CleanRequest.SerializeToString,
                 response_deserializer=preview_dot_v1_dot_preview__pb2.CleanResponse.FromString,
                 _registered_method=True)
+        self.Share = channel.unary_unary(
+                '/preview.v1.PreviewService/Share',
+                request_serializer=preview_dot_v1_dot_preview__pb2.ShareRequest.SerializeToString,
+                response_deserializer=preview_dot_v1_dot_preview__pb2.ShareResponse.FromString,
+                _registered_method=True)
 
 
 class PreviewServiceServicer:
@@ -94,6 +99,16 @@ class PreviewServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Share(self, request, context):
+        """Share makes a link that opens the environment in a browser, with no
+        kubeconfig: http://<slug>.<share domain>/ forwards to an entry Service
+        with the key added to every request. It also revokes a link, or lists
+        an environment's links. Needs the `share` verb on previewenvironments.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreviewServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +131,11 @@ def add_PreviewServiceServicer_to_server(servicer, server):
                     servicer.Clean,
                     request_deserializer=preview_dot_v1_dot_preview__pb2.CleanRequest.FromString,
                     response_serializer=preview_dot_v1_dot_preview__pb2.CleanResponse.SerializeToString,
+            ),
+            'Share': grpc.unary_unary_rpc_method_handler(
+                    servicer.Share,
+                    request_deserializer=preview_dot_v1_dot_preview__pb2.ShareRequest.FromString,
+                    response_serializer=preview_dot_v1_dot_preview__pb2.ShareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +247,112 @@ class PreviewService:
             '/preview.v1.PreviewService/Clean',
             preview_dot_v1_dot_preview__pb2.CleanRequest.SerializeToString,
             preview_dot_v1_dot_preview__pb2.CleanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Share(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/preview.v1.PreviewService/Share',
+            preview_dot_v1_dot_preview__pb2.ShareRequest.SerializeToString,
+            preview_dot_v1_dot_preview__pb2.ShareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class GatewayServiceStub:
+    """Links for preview-gateway: the share domain's routes, served by previewd
+    to the gateways. Callers need `watch` on previewenvironments/shares.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Links = channel.unary_stream(
+                '/preview.v1.GatewayService/Links',
+                request_serializer=preview_dot_v1_dot_preview__pb2.GatewayHello.SerializeToString,
+                response_deserializer=preview_dot_v1_dot_preview__pb2.LinkSet.FromString,
+                _registered_method=True)
+
+
+class GatewayServiceServicer:
+    """Links for preview-gateway: the share domain's routes, served by previewd
+    to the gateways. Callers need `watch` on previewenvironments/shares.
+    """
+
+    def Links(self, request, context):
+        """The full set of links, then the full set again after every change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GatewayServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Links': grpc.unary_stream_rpc_method_handler(
+                    servicer.Links,
+                    request_deserializer=preview_dot_v1_dot_preview__pb2.GatewayHello.FromString,
+                    response_serializer=preview_dot_v1_dot_preview__pb2.LinkSet.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'preview.v1.GatewayService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('preview.v1.GatewayService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GatewayService:
+    """Links for preview-gateway: the share domain's routes, served by previewd
+    to the gateways. Callers need `watch` on previewenvironments/shares.
+    """
+
+    @staticmethod
+    def Links(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/preview.v1.GatewayService/Links',
+            preview_dot_v1_dot_preview__pb2.GatewayHello.SerializeToString,
+            preview_dot_v1_dot_preview__pb2.LinkSet.FromString,
             options,
             channel_credentials,
             insecure,
