@@ -337,6 +337,21 @@ impl PreviewService for Api {
     }
 }
 
+/// Waits for the manager's next event (a lagging receiver counts as one);
+/// false when the stream should end: the server stops, the events end, or
+/// the stream's receiver went away.
+async fn next_change<T>(
+    events: &mut broadcast::Receiver<crate::previewd::manager::Event>,
+    stopping: &mut tokio::sync::watch::Receiver<bool>,
+    tx: &mpsc::Sender<T>,
+) -> bool {
+    tokio::select! {
+        ev = events.recv() => !matches!(ev, Err(broadcast::error::RecvError::Closed)),
+        _ = stopping.changed() => false,
+        _ = tx.closed() => false,
+    }
+}
+
 /// Serves `preview.v1.GatewayService`: the link set of each share gateway.
 /// The caller (a gateway's ServiceAccount) needs `watch` on
 /// `previewenvironments/shares` cluster-wide.
@@ -383,13 +398,8 @@ impl proto::gateway_service_server::GatewayService for GatewayApi {
                     // The gateway keeps its last set; the next event tries again.
                     Err(e) => tracing::warn!(error = %e, "link set not read"),
                 }
-                tokio::select! {
-                    ev = events.recv() => match ev {
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    },
-                    _ = stopping.changed() => break,
-                    _ = tx.closed() => break,
+                if !next_change(&mut events, &mut stopping, &tx).await {
+                    break;
                 }
             }
             tracing::info!(gateway = %name, "gateway gone");
@@ -468,15 +478,10 @@ impl proto::agent_service_server::AgentService for AgentApi {
                     }
                     last = Some(routes);
                 }
-                // Any change may move a route: recompute on every event.
-                tokio::select! {
-                    ev = events.recv() => match ev {
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    },
-                    _ = stopping.changed() => break,
-                    // The agent went away: say so in Status now, not at the next change.
-                    _ = tx.closed() => break,
+                // Any change may move a route: recompute on every event. The
+                // agent going away ends it too: Status says so now.
+                if !next_change(&mut events, &mut stopping, &tx).await {
+                    break;
                 }
             }
             manager.agent_connected(&hello.namespace, &hello.pod, false);

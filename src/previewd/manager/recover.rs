@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 
 use super::{Error, Manager};
+use crate::model::share::EndedLink;
 use crate::model::{EnvRecord, EnvStatus, Key, Mode, now_ms};
 use crate::previewd::cluster::names::LABEL_KEY;
 use crate::previewd::cluster::objects::ManagedObject;
@@ -200,7 +201,10 @@ impl Manager {
             for obj in objects {
                 self.cluster.delete_object(obj).await?;
             }
-            self.store.delete(&rec.key).await?;
+            // Its links end with it, as in a Clean or expiry that ran whole.
+            let reason = if rec.deleting { "cleaned" } else { "expired" };
+            let ended = rec.shares.iter().map(|l| EndedLink::of(l, reason, now_ms())).collect();
+            self.store.delete_ending(&rec.key, ended).await?;
             // The caller tells watchers (and agents) that it is gone.
             return Ok(Outcome::Removed { expired: !rec.deleting });
         }
