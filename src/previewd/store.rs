@@ -265,29 +265,43 @@ impl Store {
     }
 
     /// Every ended link kept, after dropping those older than `keep_after_ms`
-    /// and all but the newest [`MAX_ENDED`].
+    /// and all but the newest [`MAX_ENDED`]. A read, unless something is to
+    /// be dropped (gateway streams ask on every change).
     pub async fn ended_links(&self, keep_after_ms: i64) -> Result<Vec<EndedLink>, StoreError> {
-        self.write(true, move |t| {
-            let mut all = Vec::new();
-            for row in t.ended.iter()? {
-                let (k, v) = row?;
-                // One that does not parse is dropped below, like an old one.
-                let parsed: Option<EndedLink> = serde_json::from_slice(v.value()).ok();
-                all.push((k.value().to_string(), parsed));
-            }
-            all.sort_by_key(|(_, e)| std::cmp::Reverse(e.as_ref().map_or(i64::MIN, |e| e.ended_at_ms)));
-            let mut kept = Vec::new();
-            for (slug, e) in all {
-                match e {
-                    Some(e) if e.ended_at_ms > keep_after_ms && kept.len() < MAX_ENDED => kept.push(e),
-                    _ => {
-                        t.ended.remove(slug.as_str())?;
+        let inner = self.inner.clone();
+        let (kept, stale) = tokio::task::spawn_blocking(move || {
+            inner.with(|db| {
+                let tx = db.begin_read()?;
+                let table = tx.open_table(ENDED_LINKS)?;
+                let mut all = Vec::new();
+                for row in table.iter()? {
+                    let (k, v) = row?;
+                    // One that does not parse is dropped below, like an old one.
+                    let parsed: Option<EndedLink> = serde_json::from_slice(v.value()).ok();
+                    all.push((k.value().to_string(), parsed));
+                }
+                all.sort_by_key(|(_, e)| std::cmp::Reverse(e.as_ref().map_or(i64::MIN, |e| e.ended_at_ms)));
+                let (mut kept, mut stale) = (Vec::new(), Vec::new());
+                for (slug, e) in all {
+                    match e {
+                        Some(e) if e.ended_at_ms > keep_after_ms && kept.len() < MAX_ENDED => kept.push(e),
+                        _ => stale.push(slug),
                     }
                 }
-            }
-            Ok(kept)
+                Ok((kept, stale))
+            })
         })
-        .await
+        .await??;
+        if !stale.is_empty() {
+            self.write(true, move |t| {
+                for slug in &stale {
+                    t.ended.remove(slug.as_str())?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(kept)
     }
 
     /// Every record. One that does not parse does not stop the others: it

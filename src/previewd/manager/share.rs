@@ -24,7 +24,7 @@ impl Manager {
     async fn share_record(&self, who: &Caller, key: &Key) -> Result<EnvRecord, Error> {
         let rec = self.view().envs.get(key).map(|e| e.record.clone()).filter(|r| !r.deleting);
         let Some(rec) = rec else {
-            return Err(Error::NotFound { field: "key".into(), message: format!("no environment {key:?}") });
+            return Err(Error::NotFound { field: "key".into(), message: format!("no environment {:?}", key.as_str()) });
         };
         self.require(who, vec![Access::env("share", &rec.namespace)]).await?;
         Ok(rec)
@@ -45,7 +45,10 @@ impl Manager {
         if rec.shares.len() >= MAX_LINKS_PER_ENV {
             return Err(Error::ResourceExhausted {
                 field: "key".into(),
-                message: format!("environment {key:?} has {MAX_LINKS_PER_ENV} links, the most it may; revoke one"),
+                message: format!(
+                    "environment {:?} has {MAX_LINKS_PER_ENV} links, the most it may; revoke one",
+                    key.as_str()
+                ),
             });
         }
         let entry = self.entry_service(who, &rec, &spec.service).await?;
@@ -96,7 +99,7 @@ impl Manager {
         let Some(i) = rec.shares.iter().position(|l| l.slug == slug) else {
             return Err(Error::NotFound {
                 field: "revoke".into(),
-                message: format!("environment {key:?} has no live link {slug:?}"),
+                message: format!("environment {:?} has no live link {slug:?}", key.as_str()),
             });
         };
         let link = rec.shares.remove(i);
