@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz fuzz-tools chaos lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start bench-gateway screenshots
+.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz fuzz-tools chaos lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start bench-gateway screenshots kafka-up kafka-down bench-kafka
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -26,6 +26,14 @@ cluster-down:
 
 cluster-status:
 	deploy/local/cluster.sh status
+
+# Kafka 4.x (KRaft) on the node address, as a managed Kafka outside the
+# cluster: jars from Maven Central, cached; the split-queue tests use it.
+kafka-up:
+	deploy/local/kafka.sh up
+
+kafka-down:
+	deploy/local/kafka.sh down
 
 build: deps
 	cargo build --release --bins
@@ -86,7 +94,7 @@ lint: deps          ## formatting and clippy, warnings are errors
 # need the cluster or root, with the system-tests feature; parallel, one
 # namespace each), then the tests that must run alone (chaos case 3 restarts
 # the API server), then the cluster's own down/up lifecycle checks.
-test: lint generate-check images
+test: lint generate-check images kafka-up
 	cargo test --features system-tests --no-fail-fast -- --test-threads 4
 	cargo test --features system-tests --test chaos -- --ignored --test-threads 1
 	deploy/local/test-lifecycle.sh
@@ -97,11 +105,16 @@ bench-core: images
 bench-gateway: images  ## the share gateway's added p99 at 1k rps and throughput, against the Service direct
 	cargo test --release --features system-tests --test bench_gateway -- --ignored --nocapture --test-threads 1
 
+# previewd's Kafka splitter against a plain consume-produce copy loop, on the
+# real broker (no cluster needed).
+bench-kafka: deps kafka-up
+	cargo test --release --features system-tests --test bench_kafka -- --ignored --nocapture --test-threads 1
+
 # The share test's screenshots, into docs/screenshots (the README shows them).
 screenshots: images
 	PREVIEW_SCREENSHOTS=$(CURDIR)/docs/screenshots cargo test --features system-tests --test share -- --nocapture
 
-demo: images        ## the main job: a preview of orders on the local cluster
+demo: images kafka-up  ## the main job: a preview of orders on the local cluster
 	deploy/demo/demo.sh
 
 # From `preview start` to the first keyed request answered by the preview.

@@ -136,6 +136,24 @@ pub fn environment(env: &EnvStatus) -> proto::Environment {
         failure: env.failure.clone().unwrap_or_default(),
         agents: env.agents.iter().map(agent).collect(),
         shares: rec.shares.iter().map(|l| share_link(l, &rec.key)).collect(),
+        queues: rec
+            .queues
+            .iter()
+            .map(|b| {
+                let stats =
+                    env.queues.get(&b.env_topic).copied().unwrap_or(crate::model::QueueStats { forwarded: 0, lag: -1 });
+                proto::Queue {
+                    queue_id: b.queue_id.clone(),
+                    target: format!("deployment/{}", b.deployment),
+                    topic: b.env_topic.clone(),
+                    original_topic: b.original_topic.clone(),
+                    staging_topic: b.staging_topic.clone(),
+                    mode: b.mode.as_str().into(),
+                    forwarded: stats.forwarded,
+                    lag: stats.lag,
+                }
+            })
+            .collect(),
     }
 }
 

@@ -29,6 +29,7 @@ const LAYERS: &[(&str, u8)] = &[
 const PREVIEWD_LAYERS: &[(&str, u8)] = &[
     ("auth", 0),
     ("metrics", 0),
+    ("queues", 0),
     ("store", 0),
     ("cluster", 1),
     ("manager", 2),

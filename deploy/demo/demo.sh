@@ -3,7 +3,8 @@
 # (v1), run previewd (with its embedded redb store) and start a preview of
 # orders with a v2 image; then show a request without the key (all v1), one
 # with it (orders answered by v2), the same through the environment's share
-# link (preview-gateway), and the status table.
+# link (preview-gateway), Kafka records split by the key (order-events), and
+# the status table.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE="${PREVIEW_CACHE:-/var/cache/preview-env}"
@@ -24,10 +25,13 @@ SHARE_DOMAIN=preview.test:30080
 
 # What the in-cluster install also applies: previewd's namespace, the CRD
 # (environments are PreviewEnvironments) and the preview roles.
-"$KUBECTL" apply -f "$PREVIEWD_DIR/namespace.yaml" -f "$PREVIEWD_DIR/crd.yaml" -f "$PREVIEWD_DIR/roles.yaml" >/dev/null
-"$KUBECTL" wait --for condition=established --timeout=60s crd/previewenvironments.preview.dev >/dev/null
+"$KUBECTL" apply -f "$PREVIEWD_DIR/namespace.yaml" -f "$PREVIEWD_DIR/crd.yaml" -f "$PREVIEWD_DIR/crd-queuesplit.yaml" \
+  -f "$PREVIEWD_DIR/roles.yaml" >/dev/null
+"$KUBECTL" wait --for condition=established --timeout=60s crd/previewenvironments.preview.dev crd/queuesplits.preview.dev >/dev/null
+# order-events' topic, before it starts consuming it.
+"$BIN/preview-echo" kafka-send --brokers "$NODE_IP:9092" --topic demo-orders --count 0
 "$KUBECTL" apply -f "$HERE/demo.yaml" >/dev/null
-for d in frontend orders payments; do "$KUBECTL" -n demo rollout status "deploy/$d" --timeout=90s >/dev/null; done
+for d in frontend orders payments order-events; do "$KUBECTL" -n demo rollout status "deploy/$d" --timeout=90s >/dev/null; done
 
 if ! "$BIN/preview" status >/dev/null 2>&1; then
   mkdir -p "$DATA"
@@ -77,6 +81,21 @@ echo "The share link (no kubeconfig needed; a browser maps *.preview.test to $NO
 echo "  $LINK"
 echo "GET $LINK (curl, as a browser would send it):"
 curl -fsS --connect-to "::$NODE_IP:" "$LINK" | chain
+echo
+echo "\$ preview add-pod --key demo -f deploy/demo/events-preview.yaml --image preview.local/echo:v2"
+echo "  (the first split of order-events restarts it onto staging's temporary topic)"
+"$BIN/preview" add-pod --key demo -f "$HERE/events-preview.yaml" --image preview.local/echo:v2 >/dev/null
+RUN=$(date +%s)
+"$BIN/preview-echo" kafka-send --brokers "$NODE_IP:9092" --topic demo-orders -H "baggage: preview-key=demo" \
+  --first-id "${RUN}1" --count 2
+"$BIN/preview-echo" kafka-send --brokers "$NODE_IP:9092" --topic demo-orders --first-id "${RUN}5" --count 2
+echo "Sent 2 records with 'baggage: preview-key=demo' (ids ${RUN}1, ${RUN}2) and 2 without (${RUN}5, ${RUN}6) to demo-orders:"
+for _ in $(seq 1 60); do
+  n=$("$KUBECTL" -n demo logs -l app=order-events --tail=-1 2>/dev/null | grep -c "consumed id=$RUN" || true)
+  [ "${n:-0}" -ge 4 ] && break
+  sleep 0.5
+done
+"$KUBECTL" -n demo logs -l app=order-events --tail=-1 --prefix 2>/dev/null | grep "consumed id=$RUN" | sed 's/^/  /'
 echo
 echo "\$ preview status"
 "$BIN/preview" status

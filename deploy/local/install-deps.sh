@@ -2,7 +2,7 @@
 # Installs what the project needs on a fresh Debian machine (also used by CI).
 set -euo pipefail
 PKGS=(containerd runc containernetworking-plugins iptables conntrack etcd-server iproute2
-      openssl curl gcc libc6-dev make python3-venv nginx-light
+      openssl curl gcc g++ zlib1g-dev libc6-dev make python3-venv nginx-light
       libnginx-mod-stream  # nginx: the agent benchmark's peer; its stream module is the byte-copy floor
       chromium)  # the share-link test opens links in headless Chromium (playwright-core: clients/tools.sh)
 missing=()

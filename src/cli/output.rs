@@ -78,6 +78,21 @@ pub fn table(envs: &[proto::Environment], wide: bool, colour: bool, now_ms: i64)
             }
             rows.push(r);
         }
+        for q in &e.queues {
+            let lag = if q.lag < 0 { "?".to_string() } else { q.lag.to_string() };
+            let mut r = vec![
+                e.key.clone(),
+                "(queue)".into(),
+                q.target.clone(),
+                e.namespace.clone(),
+                format!("{} {}", q.mode, q.topic),
+                format!("{}: forwarded {}, lag {lag}; target reads {}", q.queue_id, q.forwarded, q.staging_topic),
+            ];
+            if wide {
+                r.extend(["-".to_string(), "-".to_string(), "-".to_string()]);
+            }
+            rows.push(r);
+        }
         for l in &e.shares {
             let mut r = vec![
                 e.key.clone(),
@@ -169,6 +184,10 @@ pub fn env_json(e: &proto::Environment) -> Value {
             "state": agent_state_name(a.state),
         })).collect::<Vec<_>>(),
         "shares": e.shares.iter().map(link_json).collect::<Vec<_>>(),
+        "queues": e.queues.iter().map(|q| json!({
+            "queueId": q.queue_id, "target": q.target, "topic": q.topic, "originalTopic": q.original_topic,
+            "stagingTopic": q.staging_topic, "mode": q.mode, "forwarded": q.forwarded, "lag": q.lag,
+        })).collect::<Vec<_>>(),
     })
 }
 

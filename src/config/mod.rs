@@ -1,7 +1,7 @@
 //! The user's config file: the subset of mirrord's config that applies to
 //! preview environments, in mirrord's own shape, plus keys and TTLs. One
 //! file per section: `target`, `feature.network`, `feature.env`,
-//! `feature.preview`.
+//! `feature.preview`, `feature.split_queues`.
 //!
 //! Parsing walks a `serde_json::Value` by hand so that every error names the
 //! field it is about, known-but-unsupported mirrord fields become warnings and
@@ -11,6 +11,7 @@ mod env;
 mod fields;
 mod network;
 mod preview;
+mod queues;
 mod target;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,8 @@ pub struct PodConfig {
     pub propagate_key: bool,
     /// A share link to make once the environment has started.
     pub share: Option<crate::model::share::ShareSpec>,
+    /// `feature.split_queues`: the queues whose messages it takes by filter.
+    pub queues: Vec<crate::model::queue::QueueAsk>,
     /// Known mirrord fields that previewd accepts but does not act on.
     pub warnings: Vec<String>,
 }
@@ -82,9 +85,19 @@ pub fn interpret(mut doc: Value, key: &Key) -> Result<PodConfig> {
     let mut incoming = network::Incoming::default();
     let mut env = BTreeMap::new();
     let mut preview = preview::Preview { propagate_key: true, replicas: 1, ..Default::default() };
+    let mut queues = Vec::new();
     if let Some(feature) = root.get("feature").filter(|v| !v.is_null()) {
         let feature = as_object("feature", feature)?;
-        check_fields(feature, "feature", &["network", "env", "preview"], MIRRORD_FEATURE, &mut warnings)?;
+        check_fields(
+            feature,
+            "feature",
+            &["network", "env", "preview", "split_queues"],
+            MIRRORD_FEATURE,
+            &mut warnings,
+        )?;
+        if let Some(v) = feature.get("split_queues") {
+            queues = queues::parse_split_queues(v)?;
+        }
         if let Some(v) = feature.get("network") {
             incoming = network::parse_network(v, &mut warnings)?;
         }
@@ -107,6 +120,7 @@ pub fn interpret(mut doc: Value, key: &Key) -> Result<PodConfig> {
         replicas: preview.replicas,
         propagate_key: preview.propagate_key,
         share: preview.share,
+        queues,
         warnings,
     })
 }
@@ -179,7 +193,7 @@ const MIRRORD_ROOT: &[&str] = &[
     "traceparent",
     "use_proxy",
 ];
-const MIRRORD_FEATURE: &[&str] = &["copy_target", "db_branches", "fs", "hostname", "magic", "split_queues"];
+const MIRRORD_FEATURE: &[&str] = &["copy_target", "db_branches", "fs", "hostname", "magic"];
 
 fn substitute_key(v: &mut Value, key: &str) {
     match v {

@@ -1,12 +1,13 @@
 //! The shared words of previewd, the agent and the CLI: keys, targets,
 //! modes, TTLs, environment records and routes, and the names previewd
-//! writes into pod specs for the agent to read. Plain data and its
+//! writes into pod specs for the agent to read, share links and split queues. Plain data and its
 //! validation only: no tonic, no kube.
 
 mod agent;
 mod field;
 mod key;
 pub mod podspec;
+pub mod queue;
 mod record;
 mod request;
 mod route;
@@ -18,7 +19,7 @@ pub use agent::{AgentState, AgentStatus};
 pub use field::{FieldError, validate_dns_label, validate_dns_subdomain};
 pub use key::{Key, MAX_KEY_LEN};
 pub use record::{EnvRecord, PodRecord, PodState};
-pub use request::{Cleaned, EnvStatus, PodRequest, StartRequest, Started};
+pub use request::{Cleaned, EnvStatus, PodRequest, QueueStats, StartRequest, Started};
 pub use route::Route;
 pub use target::{Mode, Target, WorkloadKind};
 pub use ttl::Ttl;

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use super::key::Key;
+use super::queue::QueueBinding;
 use super::share::ShareLink;
 use super::target::{Mode, Target, WorkloadKind};
 use crate::filter::FilterSpec;
@@ -33,6 +34,9 @@ pub struct EnvRecord {
     /// Its live share links.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shares: Vec<ShareLink>,
+    /// Its split queues, recorded before any temporary topic is made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<QueueBinding>,
 }
 
 /// One preview pod group (one or more replicas) of an environment.

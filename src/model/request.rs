@@ -38,11 +38,23 @@ pub struct EnvStatus {
     pub failure: Option<String>,
     /// The agent on each running pod of its targets.
     pub agents: Vec<AgentStatus>,
+    /// Each split queue's figures, by the environment's topic.
+    pub queues: BTreeMap<String, QueueStats>,
+}
+
+/// A split queue's figures as last read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Records the splitter forwarded to the environment since it started.
+    pub forwarded: u64,
+    /// Offsets of the environment's topic past the group's committed ones
+    /// (transaction markers count too); -1 when unknown.
+    pub lag: i64,
 }
 
 impl EnvStatus {
     pub fn new(record: EnvRecord) -> EnvStatus {
-        EnvStatus { record, pods: BTreeMap::new(), failure: None, agents: Vec::new() }
+        EnvStatus { record, pods: BTreeMap::new(), failure: None, agents: Vec::new(), queues: BTreeMap::new() }
     }
 }
 

@@ -19,6 +19,7 @@ use crate::previewd::auth::proof::Prover;
 use crate::previewd::auth::{Access, AuditLine, AuthError, AuthMode, Caller};
 use crate::previewd::cluster::KubeError;
 use crate::previewd::manager::{AgentPlan, CleanSelector, Error, Facts, Manager, Selector};
+use crate::previewd::queues::QueueError;
 use crate::previewd::store::StoreError;
 use crate::proto::preview_service_server::PreviewService;
 use crate::proto::{self, clean_request};
@@ -70,6 +71,10 @@ fn status_of(e: &Error) -> Status {
         Error::Store(StoreError::Io { .. }) => Status::unavailable(msg),
         Error::Store(_) => Status::internal(msg),
         Error::Auth(a) => auth_status(a, msg),
+        Error::Queue { source, .. } if matches!(**source, QueueError::TopicMissing { .. }) => {
+            Status::failed_precondition(msg)
+        }
+        Error::Queue { .. } => Status::unavailable(msg),
     }
 }
 

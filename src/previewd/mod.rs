@@ -1,5 +1,6 @@
 //! previewd, the control plane: the gRPC API, the environment manager, the
-//! redb store, cluster operations, agent attachment and metrics.
+//! redb store, cluster operations, agent attachment, metrics and the queue
+//! splitters.
 //!
 //! Nothing here is imported by the agent or the CLI.
 
@@ -9,5 +10,6 @@ pub mod auth;
 pub mod cluster;
 pub mod manager;
 pub mod metrics;
+pub mod queues;
 pub mod server;
 pub mod store;

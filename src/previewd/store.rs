@@ -365,6 +365,7 @@ mod tests {
             }],
             creator: String::new(),
             shares: Vec::new(),
+            queues: Vec::new(),
         }
     }
 

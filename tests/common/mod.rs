@@ -52,8 +52,16 @@ pub fn ensure_crd() -> Result<()> {
                 .map_err(|e| e.to_string())?;
             if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
         };
-        run(&["apply", "-f", &format!("{dir}/crd.yaml"), "-f", &format!("{dir}/roles.yaml")])?;
-        run(&["wait", "--for", "condition=established", "--timeout=60s", "crd/previewenvironments.preview.dev"])
+        let crds = [format!("{dir}/crd.yaml"), format!("{dir}/crd-queuesplit.yaml"), format!("{dir}/roles.yaml")];
+        run(&["apply", "-f", &crds[0], "-f", &crds[1], "-f", &crds[2]])?;
+        run(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "crd/previewenvironments.preview.dev",
+            "crd/queuesplits.preview.dev",
+        ])
     })
     .clone()
     .map_err(|e| anyhow::anyhow!("applying the CRD: {e}"))

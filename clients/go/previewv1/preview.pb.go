@@ -685,7 +685,9 @@ type Environment struct {
 	// keyed requests can reach the environment.
 	Agents []*Agent `protobuf:"bytes,9,rep,name=agents,proto3" json:"agents,omitempty"`
 	// Its live share links.
-	Shares        []*ShareLink `protobuf:"bytes,10,rep,name=shares,proto3" json:"shares,omitempty"`
+	Shares []*ShareLink `protobuf:"bytes,10,rep,name=shares,proto3" json:"shares,omitempty"`
+	// Its split queues (feature.split_queues).
+	Queues        []*Queue `protobuf:"bytes,11,rep,name=queues,proto3" json:"queues,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -790,6 +792,124 @@ func (x *Environment) GetShares() []*ShareLink {
 	return nil
 }
 
+func (x *Environment) GetQueues() []*Queue {
+	if x != nil {
+		return x.Queues
+	}
+	return nil
+}
+
+// One split queue of an environment. While any environment splits a queue
+// of a target, the target reads `staging_topic` (previewd restarted it once
+// to point its topic variable there, and restarts it again, back to
+// `original_topic`, when the last such environment ends).
+type Queue struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The queue id, as the QueueSplit declares it.
+	QueueId string `protobuf:"bytes,1,opt,name=queue_id,json=queueId,proto3" json:"queue_id,omitempty"`
+	// The split target, `deployment/<name>`.
+	Target string `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	// This environment's topic: its preview pods read it.
+	Topic         string `protobuf:"bytes,3,opt,name=topic,proto3" json:"topic,omitempty"`
+	OriginalTopic string `protobuf:"bytes,4,opt,name=original_topic,json=originalTopic,proto3" json:"original_topic,omitempty"`
+	StagingTopic  string `protobuf:"bytes,5,opt,name=staging_topic,json=stagingTopic,proto3" json:"staging_topic,omitempty"`
+	// "steal" or "mirror".
+	Mode string `protobuf:"bytes,6,opt,name=mode,proto3" json:"mode,omitempty"`
+	// Records forwarded to `topic` since the splitter (re)started.
+	Forwarded uint64 `protobuf:"varint,7,opt,name=forwarded,proto3" json:"forwarded,omitempty"`
+	// Offsets in `topic` past the group's committed ones (Kafka's consumer
+	// lag: transaction markers count too); -1 when unknown.
+	Lag           int64 `protobuf:"varint,8,opt,name=lag,proto3" json:"lag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Queue) Reset() {
+	*x = Queue{}
+	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Queue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Queue) ProtoMessage() {}
+
+func (x *Queue) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Queue.ProtoReflect.Descriptor instead.
+func (*Queue) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Queue) GetQueueId() string {
+	if x != nil {
+		return x.QueueId
+	}
+	return ""
+}
+
+func (x *Queue) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *Queue) GetTopic() string {
+	if x != nil {
+		return x.Topic
+	}
+	return ""
+}
+
+func (x *Queue) GetOriginalTopic() string {
+	if x != nil {
+		return x.OriginalTopic
+	}
+	return ""
+}
+
+func (x *Queue) GetStagingTopic() string {
+	if x != nil {
+		return x.StagingTopic
+	}
+	return ""
+}
+
+func (x *Queue) GetMode() string {
+	if x != nil {
+		return x.Mode
+	}
+	return ""
+}
+
+func (x *Queue) GetForwarded() uint64 {
+	if x != nil {
+		return x.Forwarded
+	}
+	return 0
+}
+
+func (x *Queue) GetLag() int64 {
+	if x != nil {
+		return x.Lag
+	}
+	return 0
+}
+
 type Agent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The target pod.
@@ -805,7 +925,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	mi := &file_preview_v1_preview_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -817,7 +937,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	mi := &file_preview_v1_preview_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -830,7 +950,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{8}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Agent) GetPod() string {
@@ -888,7 +1008,7 @@ type Pod struct {
 
 func (x *Pod) Reset() {
 	*x = Pod{}
-	mi := &file_preview_v1_preview_proto_msgTypes[9]
+	mi := &file_preview_v1_preview_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -900,7 +1020,7 @@ func (x *Pod) String() string {
 func (*Pod) ProtoMessage() {}
 
 func (x *Pod) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[9]
+	mi := &file_preview_v1_preview_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -913,7 +1033,7 @@ func (x *Pod) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pod.ProtoReflect.Descriptor instead.
 func (*Pod) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{9}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Pod) GetName() string {
@@ -1014,7 +1134,7 @@ type CleanRequest struct {
 
 func (x *CleanRequest) Reset() {
 	*x = CleanRequest{}
-	mi := &file_preview_v1_preview_proto_msgTypes[10]
+	mi := &file_preview_v1_preview_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1026,7 +1146,7 @@ func (x *CleanRequest) String() string {
 func (*CleanRequest) ProtoMessage() {}
 
 func (x *CleanRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[10]
+	mi := &file_preview_v1_preview_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1039,7 +1159,7 @@ func (x *CleanRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanRequest.ProtoReflect.Descriptor instead.
 func (*CleanRequest) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{10}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CleanRequest) GetSelector() isCleanRequest_Selector {
@@ -1107,7 +1227,7 @@ type CleanResponse struct {
 
 func (x *CleanResponse) Reset() {
 	*x = CleanResponse{}
-	mi := &file_preview_v1_preview_proto_msgTypes[11]
+	mi := &file_preview_v1_preview_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1119,7 +1239,7 @@ func (x *CleanResponse) String() string {
 func (*CleanResponse) ProtoMessage() {}
 
 func (x *CleanResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[11]
+	mi := &file_preview_v1_preview_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1132,7 +1252,7 @@ func (x *CleanResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanResponse.ProtoReflect.Descriptor instead.
 func (*CleanResponse) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{11}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CleanResponse) GetRemoved() []*CleanedEnvironment {
@@ -1153,7 +1273,7 @@ type CleanedEnvironment struct {
 
 func (x *CleanedEnvironment) Reset() {
 	*x = CleanedEnvironment{}
-	mi := &file_preview_v1_preview_proto_msgTypes[12]
+	mi := &file_preview_v1_preview_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1165,7 +1285,7 @@ func (x *CleanedEnvironment) String() string {
 func (*CleanedEnvironment) ProtoMessage() {}
 
 func (x *CleanedEnvironment) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[12]
+	mi := &file_preview_v1_preview_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1178,7 +1298,7 @@ func (x *CleanedEnvironment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanedEnvironment.ProtoReflect.Descriptor instead.
 func (*CleanedEnvironment) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{12}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CleanedEnvironment) GetKey() string {
@@ -1218,7 +1338,7 @@ type ShareRequest struct {
 
 func (x *ShareRequest) Reset() {
 	*x = ShareRequest{}
-	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	mi := &file_preview_v1_preview_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1230,7 +1350,7 @@ func (x *ShareRequest) String() string {
 func (*ShareRequest) ProtoMessage() {}
 
 func (x *ShareRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	mi := &file_preview_v1_preview_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1243,7 +1363,7 @@ func (x *ShareRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareRequest.ProtoReflect.Descriptor instead.
 func (*ShareRequest) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{13}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ShareRequest) GetKey() string {
@@ -1305,7 +1425,7 @@ type ShareResponse struct {
 
 func (x *ShareResponse) Reset() {
 	*x = ShareResponse{}
-	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	mi := &file_preview_v1_preview_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1317,7 +1437,7 @@ func (x *ShareResponse) String() string {
 func (*ShareResponse) ProtoMessage() {}
 
 func (x *ShareResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	mi := &file_preview_v1_preview_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1330,7 +1450,7 @@ func (x *ShareResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareResponse.ProtoReflect.Descriptor instead.
 func (*ShareResponse) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{14}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ShareResponse) GetLinks() []*ShareLink {
@@ -1359,7 +1479,7 @@ type ShareLink struct {
 
 func (x *ShareLink) Reset() {
 	*x = ShareLink{}
-	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	mi := &file_preview_v1_preview_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1371,7 +1491,7 @@ func (x *ShareLink) String() string {
 func (*ShareLink) ProtoMessage() {}
 
 func (x *ShareLink) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	mi := &file_preview_v1_preview_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1384,7 +1504,7 @@ func (x *ShareLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareLink.ProtoReflect.Descriptor instead.
 func (*ShareLink) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{15}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ShareLink) GetUrl() string {
@@ -1453,7 +1573,7 @@ type GatewayHello struct {
 
 func (x *GatewayHello) Reset() {
 	*x = GatewayHello{}
-	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	mi := &file_preview_v1_preview_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +1585,7 @@ func (x *GatewayHello) String() string {
 func (*GatewayHello) ProtoMessage() {}
 
 func (x *GatewayHello) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	mi := &file_preview_v1_preview_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +1598,7 @@ func (x *GatewayHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewayHello.ProtoReflect.Descriptor instead.
 func (*GatewayHello) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{16}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GatewayHello) GetName() string {
@@ -1497,7 +1617,7 @@ type LinkSet struct {
 
 func (x *LinkSet) Reset() {
 	*x = LinkSet{}
-	mi := &file_preview_v1_preview_proto_msgTypes[17]
+	mi := &file_preview_v1_preview_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1509,7 +1629,7 @@ func (x *LinkSet) String() string {
 func (*LinkSet) ProtoMessage() {}
 
 func (x *LinkSet) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[17]
+	mi := &file_preview_v1_preview_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1522,7 +1642,7 @@ func (x *LinkSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LinkSet.ProtoReflect.Descriptor instead.
 func (*LinkSet) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{17}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *LinkSet) GetLinks() []*GatewayLink {
@@ -1553,7 +1673,7 @@ type GatewayLink struct {
 
 func (x *GatewayLink) Reset() {
 	*x = GatewayLink{}
-	mi := &file_preview_v1_preview_proto_msgTypes[18]
+	mi := &file_preview_v1_preview_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1565,7 +1685,7 @@ func (x *GatewayLink) String() string {
 func (*GatewayLink) ProtoMessage() {}
 
 func (x *GatewayLink) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[18]
+	mi := &file_preview_v1_preview_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1578,7 +1698,7 @@ func (x *GatewayLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewayLink.ProtoReflect.Descriptor instead.
 func (*GatewayLink) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{18}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *GatewayLink) GetSlug() string {
@@ -1640,7 +1760,7 @@ type AgentHello struct {
 
 func (x *AgentHello) Reset() {
 	*x = AgentHello{}
-	mi := &file_preview_v1_preview_proto_msgTypes[19]
+	mi := &file_preview_v1_preview_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1652,7 +1772,7 @@ func (x *AgentHello) String() string {
 func (*AgentHello) ProtoMessage() {}
 
 func (x *AgentHello) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[19]
+	mi := &file_preview_v1_preview_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1665,7 +1785,7 @@ func (x *AgentHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentHello.ProtoReflect.Descriptor instead.
 func (*AgentHello) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{19}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AgentHello) GetNamespace() string {
@@ -1691,7 +1811,7 @@ type RouteSet struct {
 
 func (x *RouteSet) Reset() {
 	*x = RouteSet{}
-	mi := &file_preview_v1_preview_proto_msgTypes[20]
+	mi := &file_preview_v1_preview_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1703,7 +1823,7 @@ func (x *RouteSet) String() string {
 func (*RouteSet) ProtoMessage() {}
 
 func (x *RouteSet) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[20]
+	mi := &file_preview_v1_preview_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1716,7 +1836,7 @@ func (x *RouteSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteSet.ProtoReflect.Descriptor instead.
 func (*RouteSet) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{20}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RouteSet) GetRoutes() []*Route {
@@ -1743,7 +1863,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_preview_v1_preview_proto_msgTypes[21]
+	mi := &file_preview_v1_preview_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1755,7 +1875,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[21]
+	mi := &file_preview_v1_preview_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1768,7 +1888,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{21}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Route) GetKey() string {
@@ -1831,7 +1951,7 @@ type Filter struct {
 
 func (x *Filter) Reset() {
 	*x = Filter{}
-	mi := &file_preview_v1_preview_proto_msgTypes[22]
+	mi := &file_preview_v1_preview_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1843,7 +1963,7 @@ func (x *Filter) String() string {
 func (*Filter) ProtoMessage() {}
 
 func (x *Filter) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[22]
+	mi := &file_preview_v1_preview_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1856,7 +1976,7 @@ func (x *Filter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Filter.ProtoReflect.Descriptor instead.
 func (*Filter) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{22}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Filter) GetKind() isFilter_Kind {
@@ -1971,7 +2091,7 @@ type FilterList struct {
 
 func (x *FilterList) Reset() {
 	*x = FilterList{}
-	mi := &file_preview_v1_preview_proto_msgTypes[23]
+	mi := &file_preview_v1_preview_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1983,7 +2103,7 @@ func (x *FilterList) String() string {
 func (*FilterList) ProtoMessage() {}
 
 func (x *FilterList) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[23]
+	mi := &file_preview_v1_preview_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1996,7 +2116,7 @@ func (x *FilterList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FilterList.ProtoReflect.Descriptor instead.
 func (*FilterList) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{23}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *FilterList) GetFilters() []*Filter {
@@ -2041,7 +2161,7 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04kind\x18\x01 \x01(\x0e2\x15.preview.v1.EventKindR\x04kind\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12;\n" +
 	"\fenvironments\x18\x03 \x03(\v2\x17.preview.v1.EnvironmentR\fenvironments\x12!\n" +
-	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\x8c\x03\n" +
+	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\xb7\x03\n" +
 	"\vEnvironment\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x129\n" +
@@ -2055,7 +2175,17 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\afailure\x18\b \x01(\tR\afailure\x12)\n" +
 	"\x06agents\x18\t \x03(\v2\x11.preview.v1.AgentR\x06agents\x12-\n" +
 	"\x06shares\x18\n" +
-	" \x03(\v2\x15.preview.v1.ShareLinkR\x06shares\"w\n" +
+	" \x03(\v2\x15.preview.v1.ShareLinkR\x06shares\x12)\n" +
+	"\x06queues\x18\v \x03(\v2\x11.preview.v1.QueueR\x06queues\"\xe0\x01\n" +
+	"\x05Queue\x12\x19\n" +
+	"\bqueue_id\x18\x01 \x01(\tR\aqueueId\x12\x16\n" +
+	"\x06target\x18\x02 \x01(\tR\x06target\x12\x14\n" +
+	"\x05topic\x18\x03 \x01(\tR\x05topic\x12%\n" +
+	"\x0eoriginal_topic\x18\x04 \x01(\tR\roriginalTopic\x12#\n" +
+	"\rstaging_topic\x18\x05 \x01(\tR\fstagingTopic\x12\x12\n" +
+	"\x04mode\x18\x06 \x01(\tR\x04mode\x12\x1c\n" +
+	"\tforwarded\x18\a \x01(\x04R\tforwarded\x12\x10\n" +
+	"\x03lag\x18\b \x01(\x03R\x03lag\"w\n" +
 	"\x05Agent\x12\x10\n" +
 	"\x03pod\x18\x01 \x01(\tR\x03pod\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12,\n" +
@@ -2198,7 +2328,7 @@ func file_preview_v1_preview_proto_rawDescGZIP() []byte {
 }
 
 var file_preview_v1_preview_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_preview_v1_preview_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_preview_v1_preview_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_preview_v1_preview_proto_goTypes = []any{
 	(EventKind)(0),                // 0: preview.v1.EventKind
 	(Mode)(0),                     // 1: preview.v1.Mode
@@ -2211,23 +2341,24 @@ var file_preview_v1_preview_proto_goTypes = []any{
 	(*StatusRequest)(nil),         // 8: preview.v1.StatusRequest
 	(*StatusEvent)(nil),           // 9: preview.v1.StatusEvent
 	(*Environment)(nil),           // 10: preview.v1.Environment
-	(*Agent)(nil),                 // 11: preview.v1.Agent
-	(*Pod)(nil),                   // 12: preview.v1.Pod
-	(*CleanRequest)(nil),          // 13: preview.v1.CleanRequest
-	(*CleanResponse)(nil),         // 14: preview.v1.CleanResponse
-	(*CleanedEnvironment)(nil),    // 15: preview.v1.CleanedEnvironment
-	(*ShareRequest)(nil),          // 16: preview.v1.ShareRequest
-	(*ShareResponse)(nil),         // 17: preview.v1.ShareResponse
-	(*ShareLink)(nil),             // 18: preview.v1.ShareLink
-	(*GatewayHello)(nil),          // 19: preview.v1.GatewayHello
-	(*LinkSet)(nil),               // 20: preview.v1.LinkSet
-	(*GatewayLink)(nil),           // 21: preview.v1.GatewayLink
-	(*AgentHello)(nil),            // 22: preview.v1.AgentHello
-	(*RouteSet)(nil),              // 23: preview.v1.RouteSet
-	(*Route)(nil),                 // 24: preview.v1.Route
-	(*Filter)(nil),                // 25: preview.v1.Filter
-	(*FilterList)(nil),            // 26: preview.v1.FilterList
-	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
+	(*Queue)(nil),                 // 11: preview.v1.Queue
+	(*Agent)(nil),                 // 12: preview.v1.Agent
+	(*Pod)(nil),                   // 13: preview.v1.Pod
+	(*CleanRequest)(nil),          // 14: preview.v1.CleanRequest
+	(*CleanResponse)(nil),         // 15: preview.v1.CleanResponse
+	(*CleanedEnvironment)(nil),    // 16: preview.v1.CleanedEnvironment
+	(*ShareRequest)(nil),          // 17: preview.v1.ShareRequest
+	(*ShareResponse)(nil),         // 18: preview.v1.ShareResponse
+	(*ShareLink)(nil),             // 19: preview.v1.ShareLink
+	(*GatewayHello)(nil),          // 20: preview.v1.GatewayHello
+	(*LinkSet)(nil),               // 21: preview.v1.LinkSet
+	(*GatewayLink)(nil),           // 22: preview.v1.GatewayLink
+	(*AgentHello)(nil),            // 23: preview.v1.AgentHello
+	(*RouteSet)(nil),              // 24: preview.v1.RouteSet
+	(*Route)(nil),                 // 25: preview.v1.Route
+	(*Filter)(nil),                // 26: preview.v1.Filter
+	(*FilterList)(nil),            // 27: preview.v1.FilterList
+	(*timestamppb.Timestamp)(nil), // 28: google.protobuf.Timestamp
 }
 var file_preview_v1_preview_proto_depIdxs = []int32{
 	3,  // 0: preview.v1.StartRequest.pods:type_name -> preview.v1.PodRequest
@@ -2236,46 +2367,47 @@ var file_preview_v1_preview_proto_depIdxs = []int32{
 	10, // 3: preview.v1.AddPodResponse.environment:type_name -> preview.v1.Environment
 	0,  // 4: preview.v1.StatusEvent.kind:type_name -> preview.v1.EventKind
 	10, // 5: preview.v1.StatusEvent.environments:type_name -> preview.v1.Environment
-	12, // 6: preview.v1.StatusEvent.pod:type_name -> preview.v1.Pod
-	27, // 7: preview.v1.Environment.created_at:type_name -> google.protobuf.Timestamp
-	27, // 8: preview.v1.Environment.expires_at:type_name -> google.protobuf.Timestamp
+	13, // 6: preview.v1.StatusEvent.pod:type_name -> preview.v1.Pod
+	28, // 7: preview.v1.Environment.created_at:type_name -> google.protobuf.Timestamp
+	28, // 8: preview.v1.Environment.expires_at:type_name -> google.protobuf.Timestamp
 	1,  // 9: preview.v1.Environment.mode:type_name -> preview.v1.Mode
-	12, // 10: preview.v1.Environment.pods:type_name -> preview.v1.Pod
-	11, // 11: preview.v1.Environment.agents:type_name -> preview.v1.Agent
-	18, // 12: preview.v1.Environment.shares:type_name -> preview.v1.ShareLink
-	2,  // 13: preview.v1.Agent.state:type_name -> preview.v1.AgentState
-	15, // 14: preview.v1.CleanResponse.removed:type_name -> preview.v1.CleanedEnvironment
-	18, // 15: preview.v1.ShareResponse.links:type_name -> preview.v1.ShareLink
-	27, // 16: preview.v1.ShareLink.created_at:type_name -> google.protobuf.Timestamp
-	27, // 17: preview.v1.ShareLink.expires_at:type_name -> google.protobuf.Timestamp
-	21, // 18: preview.v1.LinkSet.links:type_name -> preview.v1.GatewayLink
-	27, // 19: preview.v1.GatewayLink.expires_at:type_name -> google.protobuf.Timestamp
-	24, // 20: preview.v1.RouteSet.routes:type_name -> preview.v1.Route
-	1,  // 21: preview.v1.Route.mode:type_name -> preview.v1.Mode
-	25, // 22: preview.v1.Route.filter:type_name -> preview.v1.Filter
-	27, // 23: preview.v1.Route.expires_at:type_name -> google.protobuf.Timestamp
-	26, // 24: preview.v1.Filter.all_of:type_name -> preview.v1.FilterList
-	26, // 25: preview.v1.Filter.any_of:type_name -> preview.v1.FilterList
-	25, // 26: preview.v1.FilterList.filters:type_name -> preview.v1.Filter
-	4,  // 27: preview.v1.PreviewService.Start:input_type -> preview.v1.StartRequest
-	6,  // 28: preview.v1.PreviewService.AddPod:input_type -> preview.v1.AddPodRequest
-	8,  // 29: preview.v1.PreviewService.Status:input_type -> preview.v1.StatusRequest
-	13, // 30: preview.v1.PreviewService.Clean:input_type -> preview.v1.CleanRequest
-	16, // 31: preview.v1.PreviewService.Share:input_type -> preview.v1.ShareRequest
-	19, // 32: preview.v1.GatewayService.Links:input_type -> preview.v1.GatewayHello
-	22, // 33: preview.v1.AgentService.Routes:input_type -> preview.v1.AgentHello
-	5,  // 34: preview.v1.PreviewService.Start:output_type -> preview.v1.StartResponse
-	7,  // 35: preview.v1.PreviewService.AddPod:output_type -> preview.v1.AddPodResponse
-	9,  // 36: preview.v1.PreviewService.Status:output_type -> preview.v1.StatusEvent
-	14, // 37: preview.v1.PreviewService.Clean:output_type -> preview.v1.CleanResponse
-	17, // 38: preview.v1.PreviewService.Share:output_type -> preview.v1.ShareResponse
-	20, // 39: preview.v1.GatewayService.Links:output_type -> preview.v1.LinkSet
-	23, // 40: preview.v1.AgentService.Routes:output_type -> preview.v1.RouteSet
-	34, // [34:41] is the sub-list for method output_type
-	27, // [27:34] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	13, // 10: preview.v1.Environment.pods:type_name -> preview.v1.Pod
+	12, // 11: preview.v1.Environment.agents:type_name -> preview.v1.Agent
+	19, // 12: preview.v1.Environment.shares:type_name -> preview.v1.ShareLink
+	11, // 13: preview.v1.Environment.queues:type_name -> preview.v1.Queue
+	2,  // 14: preview.v1.Agent.state:type_name -> preview.v1.AgentState
+	16, // 15: preview.v1.CleanResponse.removed:type_name -> preview.v1.CleanedEnvironment
+	19, // 16: preview.v1.ShareResponse.links:type_name -> preview.v1.ShareLink
+	28, // 17: preview.v1.ShareLink.created_at:type_name -> google.protobuf.Timestamp
+	28, // 18: preview.v1.ShareLink.expires_at:type_name -> google.protobuf.Timestamp
+	22, // 19: preview.v1.LinkSet.links:type_name -> preview.v1.GatewayLink
+	28, // 20: preview.v1.GatewayLink.expires_at:type_name -> google.protobuf.Timestamp
+	25, // 21: preview.v1.RouteSet.routes:type_name -> preview.v1.Route
+	1,  // 22: preview.v1.Route.mode:type_name -> preview.v1.Mode
+	26, // 23: preview.v1.Route.filter:type_name -> preview.v1.Filter
+	28, // 24: preview.v1.Route.expires_at:type_name -> google.protobuf.Timestamp
+	27, // 25: preview.v1.Filter.all_of:type_name -> preview.v1.FilterList
+	27, // 26: preview.v1.Filter.any_of:type_name -> preview.v1.FilterList
+	26, // 27: preview.v1.FilterList.filters:type_name -> preview.v1.Filter
+	4,  // 28: preview.v1.PreviewService.Start:input_type -> preview.v1.StartRequest
+	6,  // 29: preview.v1.PreviewService.AddPod:input_type -> preview.v1.AddPodRequest
+	8,  // 30: preview.v1.PreviewService.Status:input_type -> preview.v1.StatusRequest
+	14, // 31: preview.v1.PreviewService.Clean:input_type -> preview.v1.CleanRequest
+	17, // 32: preview.v1.PreviewService.Share:input_type -> preview.v1.ShareRequest
+	20, // 33: preview.v1.GatewayService.Links:input_type -> preview.v1.GatewayHello
+	23, // 34: preview.v1.AgentService.Routes:input_type -> preview.v1.AgentHello
+	5,  // 35: preview.v1.PreviewService.Start:output_type -> preview.v1.StartResponse
+	7,  // 36: preview.v1.PreviewService.AddPod:output_type -> preview.v1.AddPodResponse
+	9,  // 37: preview.v1.PreviewService.Status:output_type -> preview.v1.StatusEvent
+	15, // 38: preview.v1.PreviewService.Clean:output_type -> preview.v1.CleanResponse
+	18, // 39: preview.v1.PreviewService.Share:output_type -> preview.v1.ShareResponse
+	21, // 40: preview.v1.GatewayService.Links:output_type -> preview.v1.LinkSet
+	24, // 41: preview.v1.AgentService.Routes:output_type -> preview.v1.RouteSet
+	35, // [35:42] is the sub-list for method output_type
+	28, // [28:35] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_preview_v1_preview_proto_init() }
@@ -2283,12 +2415,12 @@ func file_preview_v1_preview_proto_init() {
 	if File_preview_v1_preview_proto != nil {
 		return
 	}
-	file_preview_v1_preview_proto_msgTypes[10].OneofWrappers = []any{
+	file_preview_v1_preview_proto_msgTypes[11].OneofWrappers = []any{
 		(*CleanRequest_Key)(nil),
 		(*CleanRequest_Glob)(nil),
 		(*CleanRequest_AllExpired)(nil),
 	}
-	file_preview_v1_preview_proto_msgTypes[22].OneofWrappers = []any{
+	file_preview_v1_preview_proto_msgTypes[23].OneofWrappers = []any{
 		(*Filter_Header)(nil),
 		(*Filter_Path)(nil),
 		(*Filter_Method)(nil),
@@ -2302,7 +2434,7 @@ func file_preview_v1_preview_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_preview_v1_preview_proto_rawDesc), len(file_preview_v1_preview_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

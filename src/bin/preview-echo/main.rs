@@ -8,7 +8,8 @@
 //! downstream calls, their failures and the retries. `get URL` is a tiny
 //! client for tests run inside pods. A browser (Accept: text/html) gets a
 //! page that calls the chain by `fetch` and over a WebSocket and shows which
-//! version answered at each hop.
+//! version answered at each hop. With `KAFKA_TOPIC` set it also consumes
+//! that topic and records what it consumed (see `kafka`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 mod echo_ws;
+mod kafka;
 mod page;
 
 use anyhow::Context;
@@ -63,6 +65,31 @@ enum Cmd {
         /// Also echo raw TCP bytes back on this address.
         #[arg(long, env = "ECHO_TCP_ECHO")]
         tcp_echo: Option<SocketAddr>,
+        /// Consume this Kafka topic (with the next three).
+        #[arg(long, env = "KAFKA_TOPIC")]
+        kafka_topic: Option<String>,
+        #[arg(long, env = "KAFKA_BROKERS", default_value = "")]
+        kafka_brokers: String,
+        #[arg(long, env = "KAFKA_GROUP", default_value = "echo")]
+        kafka_group: String,
+        /// Where to record each consumed record's id and who consumed it
+        /// (empty: only logged).
+        #[arg(long, env = "KAFKA_RECORD_TOPIC", default_value = "")]
+        kafka_record_to: String,
+    },
+    /// Send Kafka records (the topic is made if missing): ids in an `id` header.
+    KafkaSend {
+        #[arg(long, env = "KAFKA_BROKERS")]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        /// Extra headers, `Name: value`.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        first_id: u64,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
     },
     /// Print this network namespace's outbound IPv4 address (no packet is sent).
     Whoami,
@@ -376,7 +403,40 @@ async fn main() -> anyhow::Result<()> {
         args.push("serve".into());
     }
     match Cli::parse_from(args).cmd {
-        Cmd::Serve { listen, version, downstream, drop_baggage, retry_downstream, tcp_echo, grpc_listen } => {
+        Cmd::Serve {
+            listen,
+            version,
+            downstream,
+            drop_baggage,
+            retry_downstream,
+            tcp_echo,
+            grpc_listen,
+            kafka_topic,
+            kafka_brokers,
+            kafka_group,
+            kafka_record_to,
+        } => {
+            if let Some(topic) = kafka_topic {
+                let settings = kafka::Settings {
+                    brokers: kafka_brokers,
+                    topic,
+                    group: kafka_group,
+                    record_to: kafka_record_to,
+                    by: std::env::var("PREVIEW_KEY").unwrap_or_else(|_| "staging".into()),
+                    pod: std::env::var("HOSTNAME").unwrap_or_default(),
+                };
+                let consumer = std::thread::spawn(move || kafka::run(settings));
+                tokio::spawn(async move {
+                    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                        return;
+                    };
+                    term.recv().await;
+                    kafka::STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // The transaction in flight ends, then the consumer leaves.
+                    let _ = tokio::task::spawn_blocking(move || consumer.join()).await;
+                    std::process::exit(0);
+                });
+            }
             if let Some(addr) = grpc_listen {
                 let svc = preview::proto::echo::echo_server::EchoServer::new(GrpcEcho { version: version.clone() });
                 let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
@@ -409,6 +469,16 @@ async fn main() -> anyhow::Result<()> {
                 fresh: unpooled_client(),
             };
             serve(app, listen).await
+        }
+        Cmd::KafkaSend { brokers, topic, headers, first_id, count } => {
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    let (n, v) = h.split_once(':').with_context(|| format!("-H {h:?}: expected `Name: value`"))?;
+                    Ok((n.trim().to_string(), v.trim().to_string()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            kafka::send(&brokers, &topic, &headers, first_id, count).await
         }
         Cmd::Whoami => {
             // connect() on UDP only picks a route and source address.

@@ -2,12 +2,14 @@
 //! agents in a target pod (`agents`, pure functions),
 //! building preview pods (`pods`, pure functions), the owner objects and
 //! deletes by label (`objects`), pod states (`state`) and the pod watch
-//! (`watch`). Names and labels are in `names`.
+//! (`watch`), and the QueueSplits and target restarts of queue splitting
+//! (`queuesplits`). Names and labels are in `names`.
 
 pub mod agents;
 pub mod names;
 pub mod objects;
 pub mod pods;
+pub mod queuesplits;
 pub mod services;
 pub mod state;
 mod targets;

@@ -103,6 +103,11 @@ impl Manager {
             }
         }
         let objects = self.cluster.delete_env(key).await?;
+        // Its split queues end once its pods are gone: their unread records
+        // go back to staging, and the last one restores the target.
+        if let Some(r) = &rec {
+            self.end_queues(r).await?;
+        }
         // Its links end with it: their URLs answer "ended" from here on.
         let reason = if why == proto::EventKind::Expired { "expired" } else { "cleaned" };
         let ended = rec.iter().flat_map(|r| &r.shares).map(|l| EndedLink::of(l, reason, now_ms())).collect();
@@ -121,6 +126,7 @@ impl Manager {
     /// shown FAILED and tried again after its backoff; the others go on.
     pub async fn reap(&self) -> usize {
         self.reap_links().await;
+        self.refresh_queue_stats().await;
         let now = now_ms();
         let expired: Vec<Key> = {
             let view = self.view();

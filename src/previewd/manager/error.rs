@@ -4,6 +4,7 @@
 use crate::model::FieldError;
 use crate::previewd::auth::AuthError;
 use crate::previewd::cluster::KubeError;
+use crate::previewd::queues::QueueError;
 use crate::previewd::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,15 @@ pub enum Error {
     /// The API server could not be asked who the caller is or what they may do.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// A broker call failed (`field`: the split queue it is about).
+    #[error("{}{source}", field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
+    Queue { field: Option<String>, source: Box<QueueError> },
+}
+
+impl From<QueueError> for Error {
+    fn from(source: QueueError) -> Self {
+        Error::Queue { field: None, source: Box::new(source) }
+    }
 }
 
 impl From<KubeError> for Error {

@@ -5,11 +5,13 @@
 //! publishes ordered change events to watchers. Mutations of one key are
 //! serialised by a per-key lock; the view's lock is never held across an
 //! `.await`. Start and AddPod are in `start`, Clean and expiry in `clean`,
-//! recovery in `recover`, and Status in `status` over the `view`.
+//! recovery in `recover`, split queues in `queues`, and Status in `status`
+//! over the `view`.
 
 mod authorize;
 mod clean;
 mod error;
+mod queues;
 pub mod recover;
 mod share;
 mod start;
@@ -108,6 +110,8 @@ pub struct Manager {
     auth: Arc<Auth>,
     /// The ready count last written to each environment's object.
     ready_counts: Mutex<HashMap<String, usize>>,
+    /// The running queue splitters.
+    splits: crate::previewd::queues::Splits,
 }
 
 /// What a Start or AddPod was about, for its audit line: filled in as the
@@ -138,6 +142,7 @@ impl Manager {
             metrics: Arc::default(),
             auth,
             ready_counts: Mutex::new(HashMap::new()),
+            splits: Default::default(),
         })
     }
 
@@ -163,7 +168,50 @@ impl Manager {
                 agent_pods: Manager::agent_counts(&view).into_iter().map(|(s, n)| (s.as_str(), n)).collect(),
             }
         };
-        self.metrics.render(gauges)
+        let mut out = self.metrics.render(gauges);
+        self.render_queue_metrics(&mut out);
+        out
+    }
+
+    /// Each split queue's figures, as Status shows them.
+    fn render_queue_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let view = self.view();
+        let rows: Vec<(String, crate::model::QueueStats)> = view
+            .envs
+            .values()
+            .flat_map(|e| {
+                e.record.queues.iter().map(move |b| {
+                    let labels = format!(
+                        "namespace=\"{}\",key=\"{}\",deployment=\"{}\",queue=\"{}\"",
+                        e.record.namespace, e.record.key, b.deployment, b.queue_id
+                    );
+                    (
+                        labels,
+                        e.queues
+                            .get(&b.env_topic)
+                            .copied()
+                            .unwrap_or(crate::model::QueueStats { forwarded: 0, lag: -1 }),
+                    )
+                })
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "# HELP preview_queue_forwarded_total Records the splitter forwarded to an environment's topic since it started.\n\
+             # TYPE preview_queue_forwarded_total counter"
+        );
+        for (l, s) in &rows {
+            let _ = writeln!(out, "preview_queue_forwarded_total{{{l}}} {}", s.forwarded);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP preview_queue_lag Offsets of an environment's topic past its consumers' committed ones (-1: unknown).\n\
+             # TYPE preview_queue_lag gauge"
+        );
+        for (l, s) in &rows {
+            let _ = writeln!(out, "preview_queue_lag{{{l}}} {}", s.lag);
+        }
     }
 
     fn view(&self) -> std::sync::MutexGuard<'_, View> {

@@ -105,6 +105,9 @@ impl Manager {
             tracing::warn!(error = %e, "the API server is not answering; serving the store and retrying");
         }
         known.extend(records.iter().map(|r| r.key.to_string()));
+        // Live ones first: ending a split queue asks whether others remain on it.
+        let now = now_ms();
+        records.sort_by_key(|r| r.deleting || r.expired_at(now));
         for rec in records {
             let result = match &objects {
                 Ok(all) => {
@@ -144,6 +147,8 @@ impl Manager {
                 }
             }
         }
+        // Every split the live records have runs again, from its committed offsets.
+        self.resume_splits().await;
         report.live = self.len();
         report
     }
@@ -184,6 +189,9 @@ impl Manager {
                 Ok(Outcome::Live { .. }) => {
                     tracing::info!(key = %key, "recovered after a failure");
                     self.set_failure(&key, None);
+                    if !rec.queues.is_empty() {
+                        self.resume_splits().await;
+                    }
                 }
                 Ok(Outcome::Removed { expired }) => {
                     self.view().retries.remove(&key);
@@ -202,6 +210,8 @@ impl Manager {
                 self.cluster.delete_object(obj).await?;
             }
             // Its links end with it, as in a Clean or expiry that ran whole.
+            // Its split queues end as in a Clean (unread records to staging).
+            self.end_queues(rec).await?;
             let reason = if rec.deleting { "cleaned" } else { "expired" };
             let ended = rec.shares.iter().map(|l| EndedLink::of(l, reason, now_ms())).collect();
             self.store.delete_ending(&rec.key, ended).await?;
@@ -211,6 +221,9 @@ impl Manager {
         let existing: Vec<&String> =
             objects.iter().filter(|o| o.kind == "pod" && o.namespace == rec.namespace).map(|o| &o.name).collect();
         let missing = rec.pod_names().filter(|n| !existing.contains(n)).count();
+        if rec.pending {
+            self.realize_queues(rec, false).await?;
+        }
         if missing > 0 || rec.pending {
             self.realize(rec).await?;
         }
@@ -253,6 +266,7 @@ impl Manager {
             pods: Vec::new(),
             creator: String::new(),
             shares: Vec::new(),
+            queues: Vec::new(),
         };
         let mut env = EnvStatus::new(placeholder);
         env.failure = Some(why);

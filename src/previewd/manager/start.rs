@@ -13,7 +13,7 @@ use crate::model::{
     EnvRecord, FieldError, Key, Mode, PodRecord, PodRequest, StartRequest, Started, Target, Ttl, now_ms,
     validate_dns_label,
 };
-use crate::previewd::auth::{AuthMode, Caller};
+use crate::previewd::auth::{Access, AuthMode, Caller};
 use crate::previewd::cluster::KubeError;
 use crate::previewd::cluster::agents;
 use crate::previewd::cluster::pods::{self, PodPlan};
@@ -92,9 +92,14 @@ impl Manager {
         let mut warnings = Vec::new();
         let mut planned: Vec<PodRecord> = Vec::new();
         let mut env_ns = existing.as_ref().map(|e| e.namespace.clone());
+        let mut queues = Vec::new();
         for (i, (req, cfg)) in reqs.iter().zip(configs).enumerate() {
             let at = if reqs.len() > 1 { format!("pods[{i}]") } else { String::new() };
-            let (ns, pod) = self.plan_pod(who, facts, &key, &at, req, &cfg, env_ns.as_deref()).await?;
+            let (ns, mut pod) = self.plan_pod(who, facts, &key, &at, req, &cfg, env_ns.as_deref()).await?;
+            if !cfg.queues.is_empty() {
+                self.require(who, vec![Access::env("split", &ns)]).await?;
+                queues.extend(self.plan_queues(&key, &ns, &at, &cfg.queues, &mut pod).await?);
+            }
             if planned.iter().any(|p| p.group == pod.group) {
                 let msg = format!("two pods named {:?}; give each a distinct name", pod.group);
                 return Err(FieldError::new("name", msg).within(&at).into());
@@ -124,6 +129,7 @@ impl Manager {
             pods: Vec::new(),
             creator: who.user.clone(),
             shares: Vec::new(),
+            queues: Vec::new(),
         });
         let ttl_extended = match (is_new, ttl) {
             (true, t) => {
@@ -145,6 +151,12 @@ impl Manager {
                 rec.pods.push(p);
             }
         }
+        for q in queues {
+            rec.queues.retain(|o| {
+                (o.deployment.as_str(), o.queue_id.as_str()) != (q.deployment.as_str(), q.queue_id.as_str())
+            });
+            rec.queues.push(q);
+        }
         rec.pending = true;
         // A Start revives an environment whose removal had begun and failed.
         rec.deleting = false;
@@ -165,7 +177,13 @@ impl Manager {
         self.publish_upsert(&rec, is_new);
         // The agent warnings read the target's pods, independent of what
         // realize creates: read them meanwhile, off Start's critical path.
-        let (realized, agent_warnings) = tokio::join!(self.realize(&rec), self.agent_warnings(&rec));
+        // Split queues first: a preview pod's topic exists, and is routed to,
+        // before the pod starts reading it.
+        let realize = async {
+            self.realize_queues(&rec, true).await?;
+            self.realize(&rec).await
+        };
+        let (realized, agent_warnings) = tokio::join!(realize, self.agent_warnings(&rec));
         if let Err(e) = realized {
             // Nothing half-made: undo what this request added, keep what was.
             tracing::warn!(key = %key, error = %e, "start failed; rolling back");

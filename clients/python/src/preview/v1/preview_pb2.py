@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18preview/v1/preview.proto\x12\npreview.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\nPodRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"N\n\x0cStartRequest\x12$\n\x04pods\x18\x01 \x03(\x0b\x32\x16.preview.v1.PodRequest\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0b\n\x03ttl\x18\x03 \x01(\t\"\\\n\rStartResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x0b\x65nvironment\x18\x02 \x01(\x0b\x32\x17.preview.v1.Environment\x12\x10\n\x08warnings\x18\x03 \x03(\t\"A\n\rAddPodRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x03pod\x18\x02 \x01(\x0b\x32\x16.preview.v1.PodRequest\"P\n\x0e\x41\x64\x64PodResponse\x12,\n\x0b\x65nvironment\x18\x01 \x01(\x0b\x32\x17.preview.v1.Environment\x12\x10\n\x08warnings\x18\x02 \x03(\t\">\n\rStatusRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\r\n\x05watch\x18\x03 \x01(\x08\"\x91\x01\n\x0bStatusEvent\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.preview.v1.EventKind\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12-\n\x0c\x65nvironments\x18\x03 \x03(\x0b\x32\x17.preview.v1.Environment\x12\x1c\n\x03pod\x18\x04 \x01(\x0b\x32\x0f.preview.v1.Pod\"\xb8\x02\n\x0b\x45nvironment\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04mode\x18\x05 \x01(\x0e\x32\x10.preview.v1.Mode\x12\x1d\n\x04pods\x18\x06 \x03(\x0b\x32\x0f.preview.v1.Pod\x12\x0f\n\x07pending\x18\x07 \x01(\x08\x12\x0f\n\x07\x66\x61ilure\x18\x08 \x01(\t\x12!\n\x06\x61gents\x18\t \x03(\x0b\x32\x11.preview.v1.Agent\x12%\n\x06shares\x18\n \x03(\x0b\x32\x15.preview.v1.ShareLink\"[\n\x05\x41gent\x12\x0b\n\x03pod\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.preview.v1.AgentState\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xc2\x01\n\x03Pod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12\r\n\x05phase\x18\x05 \x01(\t\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x10\n\x08restarts\x18\x07 \x01(\r\x12\x0c\n\x04node\x18\x08 \x01(\t\x12\n\n\x02ip\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\r\n\x05group\x18\x0c \x01(\t\"P\n\x0c\x43leanRequest\x12\r\n\x03key\x18\x01 \x01(\tH\x00\x12\x0e\n\x04glob\x18\x02 \x01(\tH\x00\x12\x15\n\x0b\x61ll_expired\x18\x03 \x01(\x08H\x00\x42\n\n\x08selector\"@\n\rCleanResponse\x12/\n\x07removed\x18\x01 \x03(\x0b\x32\x1e.preview.v1.CleanedEnvironment\"2\n\x12\x43leanedEnvironment\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07objects\x18\x02 \x03(\t\"z\n\x0cShareRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0b\n\x03ttl\x18\x04 \x01(\t\x12\x13\n\x0bstaging_url\x18\x05 \x01(\t\x12\x0e\n\x06revoke\x18\x06 \x01(\t\x12\x0c\n\x04list\x18\x07 \x01(\x08\"5\n\rShareResponse\x12$\n\x05links\x18\x01 \x03(\x0b\x32\x15.preview.v1.ShareLink\"\xc6\x01\n\tShareLink\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0c\n\x04slug\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12\x12\n\ncreated_by\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1c\n\x0cGatewayHello\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x07LinkSet\x12&\n\x05links\x18\x01 \x03(\x0b\x32\x17.preview.v1.GatewayLink\"\xa1\x01\n\x0bGatewayLink\x12\x0c\n\x04slug\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08upstream\x18\x03 \x01(\t\x12\x11\n\tauthority\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65nded\x18\x06 \x01(\t\x12\x13\n\x0bstaging_url\x18\x07 \x01(\t\",\n\nAgentHello\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\"-\n\x08RouteSet\x12!\n\x06routes\x18\x01 \x03(\x0b\x32\x11.preview.v1.Route\"\xac\x01\n\x05Route\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x04mode\x18\x02 \x01(\x0e\x32\x10.preview.v1.Mode\x12\"\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x12.preview.v1.Filter\x12\r\n\x05ports\x18\x04 \x03(\r\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa7\x01\n\x06\x46ilter\x12\x10\n\x06header\x18\x01 \x01(\tH\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\x10\n\x06method\x18\x03 \x01(\tH\x00\x12(\n\x06\x61ll_of\x18\x04 \x01(\x0b\x32\x16.preview.v1.FilterListH\x00\x12(\n\x06\x61ny_of\x18\x05 \x01(\x0b\x32\x16.preview.v1.FilterListH\x00\x12\r\n\x03key\x18\x06 \x01(\tH\x00\x42\x06\n\x04kind\"1\n\nFilterList\x12#\n\x07\x66ilters\x18\x01 \x03(\x0b\x32\x12.preview.v1.Filter*\xa1\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_SNAPSHOT\x10\x01\x12\x18\n\x14\x45VENT_KIND_ENV_ADDED\x10\x02\x12\x1a\n\x16\x45VENT_KIND_POD_CHANGED\x10\x03\x12\x1b\n\x17\x45VENT_KIND_TTL_EXTENDED\x10\x04\x12\x16\n\x12\x45VENT_KIND_EXPIRED\x10\x05\x12\x16\n\x12\x45VENT_KIND_CLEANED\x10\x06\x12\x1e\n\x1a\x45VENT_KIND_FAILURE_CHANGED\x10\x07\x12\x1d\n\x19\x45VENT_KIND_AGENTS_CHANGED\x10\x08\x12\x1d\n\x19\x45VENT_KIND_SHARES_CHANGED\x10\t*=\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n\nMODE_STEAL\x10\x01\x12\x0f\n\x0bMODE_MIRROR\x10\x02*\xa6\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41GENT_STATE_ATTACHING\x10\x01\x12\x17\n\x13\x41GENT_STATE_ROUTING\x10\x02\x12\x16\n\x12\x41GENT_STATE_FAILED\x10\x03\x12\x16\n\x12\x41GENT_STATE_CAPPED\x10\x04\x12\x17\n\x13\x41GENT_STATE_FOREIGN\x10\x05\x32\xcb\x02\n\x0ePreviewService\x12<\n\x05Start\x12\x18.preview.v1.StartRequest\x1a\x19.preview.v1.StartResponse\x12?\n\x06\x41\x64\x64Pod\x12\x19.preview.v1.AddPodRequest\x1a\x1a.preview.v1.AddPodResponse\x12>\n\x06Status\x12\x19.preview.v1.StatusRequest\x1a\x17.preview.v1.StatusEvent0\x01\x12<\n\x05\x43lean\x12\x18.preview.v1.CleanRequest\x1a\x19.preview.v1.CleanResponse\x12<\n\x05Share\x12\x18.preview.v1.ShareRequest\x1a\x19.preview.v1.ShareResponse2J\n\x0eGatewayService\x12\x38\n\x05Links\x12\x18.preview.v1.GatewayHello\x1a\x13.preview.v1.LinkSet0\x01\x32H\n\x0c\x41gentService\x12\x38\n\x06Routes\x12\x16.preview.v1.AgentHello\x1a\x14.preview.v1.RouteSet0\x01\x42?Z=github.com/preview-env/preview/clients/go/previewv1;previewv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18preview/v1/preview.proto\x12\npreview.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\\\n\nPodRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"N\n\x0cStartRequest\x12$\n\x04pods\x18\x01 \x03(\x0b\x32\x16.preview.v1.PodRequest\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0b\n\x03ttl\x18\x03 \x01(\t\"\\\n\rStartResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x0b\x65nvironment\x18\x02 \x01(\x0b\x32\x17.preview.v1.Environment\x12\x10\n\x08warnings\x18\x03 \x03(\t\"A\n\rAddPodRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x03pod\x18\x02 \x01(\x0b\x32\x16.preview.v1.PodRequest\"P\n\x0e\x41\x64\x64PodResponse\x12,\n\x0b\x65nvironment\x18\x01 \x01(\x0b\x32\x17.preview.v1.Environment\x12\x10\n\x08warnings\x18\x02 \x03(\t\">\n\rStatusRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\r\n\x05watch\x18\x03 \x01(\x08\"\x91\x01\n\x0bStatusEvent\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.preview.v1.EventKind\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12-\n\x0c\x65nvironments\x18\x03 \x03(\x0b\x32\x17.preview.v1.Environment\x12\x1c\n\x03pod\x18\x04 \x01(\x0b\x32\x0f.preview.v1.Pod\"\xdb\x02\n\x0b\x45nvironment\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x04mode\x18\x05 \x01(\x0e\x32\x10.preview.v1.Mode\x12\x1d\n\x04pods\x18\x06 \x03(\x0b\x32\x0f.preview.v1.Pod\x12\x0f\n\x07pending\x18\x07 \x01(\x08\x12\x0f\n\x07\x66\x61ilure\x18\x08 \x01(\t\x12!\n\x06\x61gents\x18\t \x03(\x0b\x32\x11.preview.v1.Agent\x12%\n\x06shares\x18\n \x03(\x0b\x32\x15.preview.v1.ShareLink\x12!\n\x06queues\x18\x0b \x03(\x0b\x32\x11.preview.v1.Queue\"\x95\x01\n\x05Queue\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x16\n\x0eoriginal_topic\x18\x04 \x01(\t\x12\x15\n\rstaging_topic\x18\x05 \x01(\t\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\x11\n\tforwarded\x18\x07 \x01(\x04\x12\x0b\n\x03lag\x18\x08 \x01(\x03\"[\n\x05\x41gent\x12\x0b\n\x03pod\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.preview.v1.AgentState\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xc2\x01\n\x03Pod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12\r\n\x05phase\x18\x05 \x01(\t\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x10\n\x08restarts\x18\x07 \x01(\r\x12\x0c\n\x04node\x18\x08 \x01(\t\x12\n\n\x02ip\x18\t \x01(\t\x12\x12\n\nlast_error\x18\n \x01(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\r\n\x05group\x18\x0c \x01(\t\"P\n\x0c\x43leanRequest\x12\r\n\x03key\x18\x01 \x01(\tH\x00\x12\x0e\n\x04glob\x18\x02 \x01(\tH\x00\x12\x15\n\x0b\x61ll_expired\x18\x03 \x01(\x08H\x00\x42\n\n\x08selector\"@\n\rCleanResponse\x12/\n\x07removed\x18\x01 \x03(\x0b\x32\x1e.preview.v1.CleanedEnvironment\"2\n\x12\x43leanedEnvironment\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07objects\x18\x02 \x03(\t\"z\n\x0cShareRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0b\n\x03ttl\x18\x04 \x01(\t\x12\x13\n\x0bstaging_url\x18\x05 \x01(\t\x12\x0e\n\x06revoke\x18\x06 \x01(\t\x12\x0c\n\x04list\x18\x07 \x01(\x08\"5\n\rShareResponse\x12$\n\x05links\x18\x01 \x03(\x0b\x32\x15.preview.v1.ShareLink\"\xc6\x01\n\tShareLink\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0c\n\x04slug\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12\x12\n\ncreated_by\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1c\n\x0cGatewayHello\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x07LinkSet\x12&\n\x05links\x18\x01 \x03(\x0b\x32\x17.preview.v1.GatewayLink\"\xa1\x01\n\x0bGatewayLink\x12\x0c\n\x04slug\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08upstream\x18\x03 \x01(\t\x12\x11\n\tauthority\x18\x04 \x01(\t\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65nded\x18\x06 \x01(\t\x12\x13\n\x0bstaging_url\x18\x07 \x01(\t\",\n\nAgentHello\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\"-\n\x08RouteSet\x12!\n\x06routes\x18\x01 \x03(\x0b\x32\x11.preview.v1.Route\"\xac\x01\n\x05Route\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x04mode\x18\x02 \x01(\x0e\x32\x10.preview.v1.Mode\x12\"\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x12.preview.v1.Filter\x12\r\n\x05ports\x18\x04 \x03(\r\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa7\x01\n\x06\x46ilter\x12\x10\n\x06header\x18\x01 \x01(\tH\x00\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12\x10\n\x06method\x18\x03 \x01(\tH\x00\x12(\n\x06\x61ll_of\x18\x04 \x01(\x0b\x32\x16.preview.v1.FilterListH\x00\x12(\n\x06\x61ny_of\x18\x05 \x01(\x0b\x32\x16.preview.v1.FilterListH\x00\x12\r\n\x03key\x18\x06 \x01(\tH\x00\x42\x06\n\x04kind\"1\n\nFilterList\x12#\n\x07\x66ilters\x18\x01 \x03(\x0b\x32\x12.preview.v1.Filter*\xa1\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_SNAPSHOT\x10\x01\x12\x18\n\x14\x45VENT_KIND_ENV_ADDED\x10\x02\x12\x1a\n\x16\x45VENT_KIND_POD_CHANGED\x10\x03\x12\x1b\n\x17\x45VENT_KIND_TTL_EXTENDED\x10\x04\x12\x16\n\x12\x45VENT_KIND_EXPIRED\x10\x05\x12\x16\n\x12\x45VENT_KIND_CLEANED\x10\x06\x12\x1e\n\x1a\x45VENT_KIND_FAILURE_CHANGED\x10\x07\x12\x1d\n\x19\x45VENT_KIND_AGENTS_CHANGED\x10\x08\x12\x1d\n\x19\x45VENT_KIND_SHARES_CHANGED\x10\t*=\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n\nMODE_STEAL\x10\x01\x12\x0f\n\x0bMODE_MIRROR\x10\x02*\xa6\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41GENT_STATE_ATTACHING\x10\x01\x12\x17\n\x13\x41GENT_STATE_ROUTING\x10\x02\x12\x16\n\x12\x41GENT_STATE_FAILED\x10\x03\x12\x16\n\x12\x41GENT_STATE_CAPPED\x10\x04\x12\x17\n\x13\x41GENT_STATE_FOREIGN\x10\x05\x32\xcb\x02\n\x0ePreviewService\x12<\n\x05Start\x12\x18.preview.v1.StartRequest\x1a\x19.preview.v1.StartResponse\x12?\n\x06\x41\x64\x64Pod\x12\x19.preview.v1.AddPodRequest\x1a\x1a.preview.v1.AddPodResponse\x12>\n\x06Status\x12\x19.preview.v1.StatusRequest\x1a\x17.preview.v1.StatusEvent0\x01\x12<\n\x05\x43lean\x12\x18.preview.v1.CleanRequest\x1a\x19.preview.v1.CleanResponse\x12<\n\x05Share\x12\x18.preview.v1.ShareRequest\x1a\x19.preview.v1.ShareResponse2J\n\x0eGatewayService\x12\x38\n\x05Links\x12\x18.preview.v1.GatewayHello\x1a\x13.preview.v1.LinkSet0\x01\x32H\n\x0c\x41gentService\x12\x38\n\x06Routes\x12\x16.preview.v1.AgentHello\x1a\x14.preview.v1.RouteSet0\x01\x42?Z=github.com/preview-env/preview/clients/go/previewv1;previewv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'preview.v1.preview_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z=github.com/preview-env/preview/clients/go/previewv1;previewv1'
-  _globals['_EVENTKIND']._serialized_start=2622
-  _globals['_EVENTKIND']._serialized_end=2911
-  _globals['_MODE']._serialized_start=2913
-  _globals['_MODE']._serialized_end=2974
-  _globals['_AGENTSTATE']._serialized_start=2977
-  _globals['_AGENTSTATE']._serialized_end=3143
+  _globals['_EVENTKIND']._serialized_start=2809
+  _globals['_EVENTKIND']._serialized_end=3098
+  _globals['_MODE']._serialized_start=3100
+  _globals['_MODE']._serialized_end=3161
+  _globals['_AGENTSTATE']._serialized_start=3164
+  _globals['_AGENTSTATE']._serialized_end=3330
   _globals['_PODREQUEST']._serialized_start=73
   _globals['_PODREQUEST']._serialized_end=165
   _globals['_STARTREQUEST']._serialized_start=167
@@ -54,43 +54,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSEVENT']._serialized_start=555
   _globals['_STATUSEVENT']._serialized_end=700
   _globals['_ENVIRONMENT']._serialized_start=703
-  _globals['_ENVIRONMENT']._serialized_end=1015
-  _globals['_AGENT']._serialized_start=1017
-  _globals['_AGENT']._serialized_end=1108
-  _globals['_POD']._serialized_start=1111
-  _globals['_POD']._serialized_end=1305
-  _globals['_CLEANREQUEST']._serialized_start=1307
-  _globals['_CLEANREQUEST']._serialized_end=1387
-  _globals['_CLEANRESPONSE']._serialized_start=1389
-  _globals['_CLEANRESPONSE']._serialized_end=1453
-  _globals['_CLEANEDENVIRONMENT']._serialized_start=1455
-  _globals['_CLEANEDENVIRONMENT']._serialized_end=1505
-  _globals['_SHAREREQUEST']._serialized_start=1507
-  _globals['_SHAREREQUEST']._serialized_end=1629
-  _globals['_SHARERESPONSE']._serialized_start=1631
-  _globals['_SHARERESPONSE']._serialized_end=1684
-  _globals['_SHARELINK']._serialized_start=1687
-  _globals['_SHARELINK']._serialized_end=1885
-  _globals['_GATEWAYHELLO']._serialized_start=1887
-  _globals['_GATEWAYHELLO']._serialized_end=1915
-  _globals['_LINKSET']._serialized_start=1917
-  _globals['_LINKSET']._serialized_end=1966
-  _globals['_GATEWAYLINK']._serialized_start=1969
-  _globals['_GATEWAYLINK']._serialized_end=2130
-  _globals['_AGENTHELLO']._serialized_start=2132
-  _globals['_AGENTHELLO']._serialized_end=2176
-  _globals['_ROUTESET']._serialized_start=2178
-  _globals['_ROUTESET']._serialized_end=2223
-  _globals['_ROUTE']._serialized_start=2226
-  _globals['_ROUTE']._serialized_end=2398
-  _globals['_FILTER']._serialized_start=2401
-  _globals['_FILTER']._serialized_end=2568
-  _globals['_FILTERLIST']._serialized_start=2570
-  _globals['_FILTERLIST']._serialized_end=2619
-  _globals['_PREVIEWSERVICE']._serialized_start=3146
-  _globals['_PREVIEWSERVICE']._serialized_end=3477
-  _globals['_GATEWAYSERVICE']._serialized_start=3479
-  _globals['_GATEWAYSERVICE']._serialized_end=3553
-  _globals['_AGENTSERVICE']._serialized_start=3555
-  _globals['_AGENTSERVICE']._serialized_end=3627
+  _globals['_ENVIRONMENT']._serialized_end=1050
+  _globals['_QUEUE']._serialized_start=1053
+  _globals['_QUEUE']._serialized_end=1202
+  _globals['_AGENT']._serialized_start=1204
+  _globals['_AGENT']._serialized_end=1295
+  _globals['_POD']._serialized_start=1298
+  _globals['_POD']._serialized_end=1492
+  _globals['_CLEANREQUEST']._serialized_start=1494
+  _globals['_CLEANREQUEST']._serialized_end=1574
+  _globals['_CLEANRESPONSE']._serialized_start=1576
+  _globals['_CLEANRESPONSE']._serialized_end=1640
+  _globals['_CLEANEDENVIRONMENT']._serialized_start=1642
+  _globals['_CLEANEDENVIRONMENT']._serialized_end=1692
+  _globals['_SHAREREQUEST']._serialized_start=1694
+  _globals['_SHAREREQUEST']._serialized_end=1816
+  _globals['_SHARERESPONSE']._serialized_start=1818
+  _globals['_SHARERESPONSE']._serialized_end=1871
+  _globals['_SHARELINK']._serialized_start=1874
+  _globals['_SHARELINK']._serialized_end=2072
+  _globals['_GATEWAYHELLO']._serialized_start=2074
+  _globals['_GATEWAYHELLO']._serialized_end=2102
+  _globals['_LINKSET']._serialized_start=2104
+  _globals['_LINKSET']._serialized_end=2153
+  _globals['_GATEWAYLINK']._serialized_start=2156
+  _globals['_GATEWAYLINK']._serialized_end=2317
+  _globals['_AGENTHELLO']._serialized_start=2319
+  _globals['_AGENTHELLO']._serialized_end=2363
+  _globals['_ROUTESET']._serialized_start=2365
+  _globals['_ROUTESET']._serialized_end=2410
+  _globals['_ROUTE']._serialized_start=2413
+  _globals['_ROUTE']._serialized_end=2585
+  _globals['_FILTER']._serialized_start=2588
+  _globals['_FILTER']._serialized_end=2755
+  _globals['_FILTERLIST']._serialized_start=2757
+  _globals['_FILTERLIST']._serialized_end=2806
+  _globals['_PREVIEWSERVICE']._serialized_start=3333
+  _globals['_PREVIEWSERVICE']._serialized_end=3664
+  _globals['_GATEWAYSERVICE']._serialized_start=3666
+  _globals['_GATEWAYSERVICE']._serialized_end=3740
+  _globals['_AGENTSERVICE']._serialized_start=3742
+  _globals['_AGENTSERVICE']._serialized_end=3814
 # @@protoc_insertion_point(module_scope)

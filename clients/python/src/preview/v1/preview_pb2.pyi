@@ -130,7 +130,7 @@ class StatusEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., sequence: _Optional[int] = ..., environments: _Optional[_Iterable[_Union[Environment, _Mapping]]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ...) -> None: ...
 
 class Environment(_message.Message):
-    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending", "failure", "agents", "shares")
+    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending", "failure", "agents", "shares", "queues")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class Environment(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
     key: str
     namespace: str
     created_at: _timestamp_pb2.Timestamp
@@ -151,7 +152,28 @@ class Environment(_message.Message):
     failure: str
     agents: _containers.RepeatedCompositeFieldContainer[Agent]
     shares: _containers.RepeatedCompositeFieldContainer[ShareLink]
-    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ..., failure: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[ShareLink, _Mapping]]] = ...) -> None: ...
+    queues: _containers.RepeatedCompositeFieldContainer[Queue]
+    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ..., failure: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[ShareLink, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[Queue, _Mapping]]] = ...) -> None: ...
+
+class Queue(_message.Message):
+    __slots__ = ("queue_id", "target", "topic", "original_topic", "staging_topic", "mode", "forwarded", "lag")
+    QUEUE_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    ORIGINAL_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    STAGING_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    queue_id: str
+    target: str
+    topic: str
+    original_topic: str
+    staging_topic: str
+    mode: str
+    forwarded: int
+    lag: int
+    def __init__(self, queue_id: _Optional[str] = ..., target: _Optional[str] = ..., topic: _Optional[str] = ..., original_topic: _Optional[str] = ..., staging_topic: _Optional[str] = ..., mode: _Optional[str] = ..., forwarded: _Optional[int] = ..., lag: _Optional[int] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("pod", "target", "state", "reason")
