@@ -29,6 +29,12 @@ pub use ttl::Ttl;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const VERSION_HEADER: &str = "preview-version";
 
+/// FNV-1a: a hash that is the same in every process and release (pod
+/// names, temporary topic names).
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
 /// Wall-clock Unix time in milliseconds (0 before 1970).
 pub fn now_ms() -> i64 {
     use std::time::{SystemTime, UNIX_EPOCH};

@@ -100,19 +100,15 @@ pub fn split_id(namespace: &str, deployment: &str, queue_id: &str) -> String {
 /// Staging's temporary topic for a split, a function of the split alone, so
 /// every environment on it names the same one.
 pub fn staging_topic(namespace: &str, deployment: &str, queue_id: &str) -> String {
-    format!("{TOPIC_PREFIX}{:016x}-staging", hash(split_id(namespace, deployment, queue_id).as_bytes()))
+    format!("{TOPIC_PREFIX}{:016x}-staging", super::stable_hash(split_id(namespace, deployment, queue_id).as_bytes()))
 }
 
 /// An environment's temporary topic for a split.
 pub fn env_topic(namespace: &str, deployment: &str, queue_id: &str, key: &str) -> String {
-    let split = hash(split_id(namespace, deployment, queue_id).as_bytes());
+    let split = super::stable_hash(split_id(namespace, deployment, queue_id).as_bytes());
     // Topic names allow [a-zA-Z0-9._-]; keys are DNS-label-like, but be sure.
     let readable: String = key.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
-    format!("{TOPIC_PREFIX}{split:016x}-{readable}-{:08x}", hash(key.as_bytes()) as u32)
-}
-
-fn hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
+    format!("{TOPIC_PREFIX}{split:016x}-{readable}-{:08x}", super::stable_hash(key.as_bytes()) as u32)
 }
 
 /// Compiles one `message_filter` regex (the same limits as HTTP filters).

@@ -1,6 +1,7 @@
 //! Building preview pods and agent containers: pure functions from a plan
 //! to Kubernetes objects, tested without a cluster.
 
+pub use crate::model::stable_hash;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
@@ -193,12 +194,6 @@ pub fn agent_args(server: &str, linger: std::time::Duration) -> Vec<String> {
 /// The arguments of an agent that removes rules a killed agent left.
 pub fn cleanup_args() -> Vec<String> {
     vec![CMD_CLEANUP.into()]
-}
-
-/// FNV-1a: a stable hash (std's hasher may change between releases), used to
-/// name pods after their spec.
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 /// Pod names: `<group>-<key>-<spec hash>[-<replica>]`, at most 63 characters.

@@ -53,23 +53,34 @@ pub fn probe(brokers: &str, topic: &str) -> Result<i32, QueueError> {
     }
 }
 
-/// Makes each topic with its partition count; one that exists is fine.
-pub async fn create_topics(brokers: &str, topics: &[(String, i32)]) -> Result<(), QueueError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(brokers).create().map_err(kafka("making a client"))?;
-    let new: Vec<NewTopic> = topics.iter().map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(-1))).collect();
-    let opts = AdminOptions::new().operation_timeout(Some(TXN_TIMEOUT));
-    for r in admin.create_topics(new.iter(), &opts).await.map_err(kafka("creating topics"))? {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => {
-                return Err(QueueError::Kafka {
-                    action: format!("creating topic {t}"),
-                    source: KafkaError::AdminOp(code),
-                });
-            }
+fn admin(brokers: &str) -> Result<(AdminClient<DefaultClientContext>, AdminOptions), QueueError> {
+    let admin = base_config(brokers).create().map_err(kafka("making a client"))?;
+    Ok((admin, AdminOptions::new().operation_timeout(Some(TXN_TIMEOUT))))
+}
+
+/// An admin call's per-item results: `fine` codes count as done (the
+/// calls are idempotent), any other is the error, named by `what` and item.
+fn settled(
+    results: Vec<Result<String, (String, RDKafkaErrorCode)>>,
+    fine: &[RDKafkaErrorCode],
+    what: &str,
+) -> Result<(), QueueError> {
+    for r in results {
+        if let Err((item, code)) = r
+            && !fine.contains(&code)
+        {
+            return Err(QueueError::Kafka { action: format!("{what} {item}"), source: KafkaError::AdminOp(code) });
         }
     }
     Ok(())
+}
+
+/// Makes each topic with its partition count; one that exists is fine.
+pub async fn create_topics(brokers: &str, topics: &[(String, i32)]) -> Result<(), QueueError> {
+    let (admin, opts) = admin(brokers)?;
+    let new: Vec<NewTopic> = topics.iter().map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(-1))).collect();
+    let results = admin.create_topics(new.iter(), &opts).await.map_err(kafka("creating topics"))?;
+    settled(results, &[RDKafkaErrorCode::TopicAlreadyExists], "creating topic")
 }
 
 /// Deletes topics; one that is already gone is fine.
@@ -77,39 +88,16 @@ pub async fn delete_topics(brokers: &str, topics: &[&str]) -> Result<(), QueueEr
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = base_config(brokers).create().map_err(kafka("making a client"))?;
-    let opts = AdminOptions::new().operation_timeout(Some(TXN_TIMEOUT));
-    for r in admin.delete_topics(topics, &opts).await.map_err(kafka("deleting topics"))? {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((t, code)) => {
-                return Err(QueueError::Kafka {
-                    action: format!("deleting topic {t}"),
-                    source: KafkaError::AdminOp(code),
-                });
-            }
-        }
-    }
-    Ok(())
+    let (admin, opts) = admin(brokers)?;
+    let results = admin.delete_topics(topics, &opts).await.map_err(kafka("deleting topics"))?;
+    settled(results, &[RDKafkaErrorCode::UnknownTopicOrPartition], "deleting topic")
 }
 
 /// Forgets a consumer group's offsets (the drain's own group, once done).
 pub async fn delete_group(brokers: &str, group: &str) -> Result<(), QueueError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(brokers).create().map_err(kafka("making a client"))?;
-    let opts = AdminOptions::new().operation_timeout(Some(TXN_TIMEOUT));
-    for r in admin.delete_groups(&[group], &opts).await.map_err(kafka("deleting a group"))? {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
-            Err((_, RDKafkaErrorCode::NonEmptyGroup)) => {}
-            Err((g, code)) => {
-                return Err(QueueError::Kafka {
-                    action: format!("deleting group {g}"),
-                    source: KafkaError::AdminOp(code),
-                });
-            }
-        }
-    }
-    Ok(())
+    let (admin, opts) = admin(brokers)?;
+    let results = admin.delete_groups(&[group], &opts).await.map_err(kafka("deleting a group"))?;
+    settled(results, &[RDKafkaErrorCode::GroupIdNotFound, RDKafkaErrorCode::NonEmptyGroup], "deleting group")
 }
 
 /// `group`'s committed offsets on `topic`'s partitions (`None`: none
