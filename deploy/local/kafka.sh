@@ -22,6 +22,13 @@ log() { echo "kafka: $*" >&2; }
 die() { echo "kafka: error: $*" >&2; exit 1; }
 
 alive() { [ -f "$PIDF" ] && kill -0 "$(cat "$PIDF")" 2>/dev/null; }
+# Alive is not enough: a broker that lost the node address (cluster.sh down
+# removes it) goes from STARTED to SHUTTING_DOWN and hangs there, its
+# process and listener still up. Its last state change is in its log.
+answers() {
+  (exec 3<>"/dev/tcp/$NODE_IP/$PORT") 2>/dev/null &&
+    grep "BrokerServer id=1\] Transition from" "$STATE/kafka.log" 2>/dev/null | tail -1 | grep -q "to STARTED"
+}
 
 fetch() {
   [ -f "$HOME_DIR/.complete" ] && return 0
@@ -91,7 +98,8 @@ java_run() { # java_run MAIN ARGS...
 }
 
 up() {
-  if alive; then log "already running (pid $(cat "$PIDF")) on $NODE_IP:$PORT"; return 0; fi
+  if alive && answers; then log "already running (pid $(cat "$PIDF")) on $NODE_IP:$PORT"; return 0; fi
+  if alive; then log "pid $(cat "$PIDF") does not answer on $NODE_IP:$PORT: restarting it"; down; fi
   fetch
   ensure_node_ip
   config
@@ -105,7 +113,7 @@ up() {
     >"$STATE/stdout.log" 2>&1 </dev/null &
   echo $! >"$PIDF"
   local end=$(( $(date +%s) + 90 ))
-  until (exec 3<>"/dev/tcp/$NODE_IP/$PORT") 2>/dev/null; do
+  until answers; do
     alive || { tail -20 "$STATE/stdout.log" "$STATE/kafka.log" >&2 || true; die "the broker exited"; }
     [ "$(date +%s)" -lt "$end" ] || die "the broker did not listen on $NODE_IP:$PORT within 90 s"
     sleep 0.5
@@ -127,7 +135,7 @@ down() {
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  status) if alive; then echo "kafka: running (pid $(cat "$PIDF")) on $NODE_IP:$PORT"; else echo "kafka: stopped"; exit 1; fi ;;
+  status) if alive && answers; then echo "kafka: running (pid $(cat "$PIDF")) on $NODE_IP:$PORT"; else echo "kafka: stopped"; exit 1; fi ;;
   reset) down; rm -rf "$STATE" ;;
   *) echo "usage: $0 up|down|status|reset" >&2; exit 2 ;;
 esac
