@@ -35,6 +35,22 @@ pub(super) fn base_config(brokers: &str) -> ClientConfig {
     c
 }
 
+/// A transactional producer's config: the splitter's and the drain's.
+pub(super) fn transactional(brokers: &str, id: &str) -> ClientConfig {
+    let mut c = base_config(brokers);
+    c.set("transactional.id", id)
+        .set("enable.idempotence", "true")
+        // A batch is produced whole and then committed: lingering only
+        // delays the commit.
+        .set("linger.ms", "1")
+        // The next transaction's first requests meet CONCURRENT_TRANSACTIONS
+        // while the broker still writes the last one's markers (a few ms);
+        // librdkafka retries them after retry.backoff.ms, 100 ms by default.
+        .set("retry.backoff.ms", "5")
+        .set("retry.backoff.max.ms", "20");
+    c
+}
+
 fn kafka(action: impl Into<String>) -> impl FnOnce(KafkaError) -> QueueError {
     let action = action.into();
     move |source| QueueError::Kafka { action, source }
@@ -227,11 +243,7 @@ pub fn drain(brokers: &str, src: &str, dst: &str, dst_partitions: i32, group: &s
         tpl.add_partition_offset(src, p, Offset::Offset(start[p as usize])).map_err(kafka("assigning"))?;
     }
     consumer.assign(&tpl).map_err(kafka(format!("assigning {src}")))?;
-    let producer: BaseProducer = base_config(brokers)
-        .set("transactional.id", &drain_group)
-        .set("enable.idempotence", "true")
-        .create()
-        .map_err(kafka("making a producer"))?;
+    let producer: BaseProducer = transactional(brokers, &drain_group).create().map_err(kafka("making a producer"))?;
     producer.init_transactions(TXN_TIMEOUT).map_err(kafka("starting transactions"))?;
     let metadata = consumer.group_metadata().ok_or_else(|| QueueError::Kafka {
         action: "reading the drain's group".into(),
@@ -280,7 +292,7 @@ pub fn drain(brokers: &str, src: &str, dst: &str, dst_partitions: i32, group: &s
         }
         let done = producer
             .send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT)
-            .and_then(|_| producer.commit_transaction(TXN_TIMEOUT));
+            .and_then(|_| commit(&producer, TXN_TIMEOUT));
         if let Err(e) = done {
             let _ = producer.abort_transaction(TXN_TIMEOUT);
             return Err(QueueError::Kafka { action: format!("moving {src} into {dst}"), source: e });
@@ -291,6 +303,27 @@ pub fn drain(brokers: &str, src: &str, dst: &str, dst_partitions: i32, group: &s
         }
     }
     Ok(moved)
+}
+
+/// Commits the open transaction once every record in it is acknowledged.
+/// rdkafka's `commit_transaction` first flushes with `BaseProducer::flush`,
+/// which serves delivery reports by `poll(100 ms)`, and that poll never
+/// returns early: each transaction would cost at least 100 ms. Serving them
+/// here in 1 ms steps leaves nothing for that flush to wait on.
+pub fn commit(producer: &BaseProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let until = Instant::now() + timeout;
+    loop {
+        // flush(0) also sends what lingers at once; it times out while
+        // records are unacknowledged.
+        match producer.flush(Duration::ZERO) {
+            Ok(()) => break,
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) if Instant::now() < until => {
+                producer.poll(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    producer.commit_transaction(until.saturating_duration_since(Instant::now()))
 }
 
 /// Produces a copy of `m` (key, payload, timestamp, headers) to `topic`'s

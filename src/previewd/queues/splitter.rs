@@ -191,11 +191,7 @@ fn session(
         .create_with_context(Ctx { rebalanced: AtomicBool::new(false), joined: AtomicBool::new(false) })
         .map_err(kafka("making the splitter's consumer"))?;
     consumer.subscribe(&[&spec.source]).map_err(kafka("subscribing"))?;
-    let producer: BaseProducer = base_config(&spec.brokers)
-        .set("transactional.id", &spec.transactional_id)
-        .set("enable.idempotence", "true")
-        // Batches fill while a batch is produced; a commit flushes at once.
-        .set("linger.ms", "5")
+    let producer: BaseProducer = kafka::transactional(&spec.brokers, &spec.transactional_id)
         .create()
         .map_err(kafka("making the splitter's producer"))?;
     producer.init_transactions(TXN_TIMEOUT).map_err(kafka("starting transactions"))?;
@@ -317,7 +313,7 @@ fn session(
                     .send_offsets_to_transaction(&offsets, &meta, TXN_TIMEOUT)
                     .map_err(kafka("committing offsets"))?;
             }
-            producer.commit_transaction(TXN_TIMEOUT).map_err(kafka("committing a transaction"))?;
+            kafka::commit(&producer, TXN_TIMEOUT).map_err(kafka("committing a transaction"))?;
             Ok::<_, QueueError>(counts)
         })();
         match result {
