@@ -40,9 +40,9 @@ pub(super) fn transactional(brokers: &str, id: &str) -> ClientConfig {
     let mut c = base_config(brokers);
     c.set("transactional.id", id)
         .set("enable.idempotence", "true")
-        // A batch is produced whole and then committed: lingering only
-        // delays the commit.
-        .set("linger.ms", "1")
+        // Batches fill while a batch is produced; `commit` sends what
+        // lingers at once.
+        .set("linger.ms", "5")
         // The next transaction's first requests meet CONCURRENT_TRANSACTIONS
         // while the broker still writes the last one's markers (a few ms);
         // librdkafka retries them after retry.backoff.ms, 100 ms by default.
