@@ -88,10 +88,20 @@ pub fn interpret(mut doc: Value, key: &Key) -> Result<PodConfig> {
     let mut queues = Vec::new();
     if let Some(feature) = root.get("feature").filter(|v| !v.is_null()) {
         let feature = as_object("feature", feature)?;
+        // An ignored branch would leave the preview writing to staging's
+        // database, the harm a branch exists to prevent: refused, not warned.
+        if feature.get("db_branches").is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
+            return Err(FieldError::new(
+                "feature.db_branches",
+                "database branches are not supported by previewd yet, and without one the preview would use \
+                 staging's database; remove the field to use staging's database knowingly",
+            ));
+        }
         check_fields(
             feature,
             "feature",
-            &["network", "env", "preview", "split_queues"],
+            // db_branches: an empty list passes; any branch is refused above.
+            &["network", "env", "preview", "split_queues", "db_branches"],
             MIRRORD_FEATURE,
             &mut warnings,
         )?;
@@ -193,7 +203,7 @@ const MIRRORD_ROOT: &[&str] = &[
     "traceparent",
     "use_proxy",
 ];
-const MIRRORD_FEATURE: &[&str] = &["copy_target", "db_branches", "fs", "hostname", "magic"];
+const MIRRORD_FEATURE: &[&str] = &["copy_target", "fs", "hostname", "magic"];
 
 fn substitute_key(v: &mut Value, key: &str) {
     match v {
@@ -283,6 +293,18 @@ feature:
         assert_eq!(cfg.warnings.len(), 2, "{:?}", cfg.warnings);
         assert!(cfg.warnings.iter().any(|w| w.starts_with("feature.fs")));
         assert!(cfg.warnings.iter().any(|w| w.starts_with("agent")));
+    }
+
+    #[test]
+    fn db_branches_are_refused_not_ignored() {
+        let branch = r#"{"feature": {"db_branches": [{"type": "pg", "name": "orders", "connection": {"url": {"type": "env", "variable": "DATABASE_URL"}}}]}}"#;
+        let e = parse(branch).unwrap_err();
+        assert_eq!(e.field, "feature.db_branches");
+        assert!(e.to_string().contains("staging's database"), "{e}");
+        assert_eq!(parse(r#"{"feature": {"db_branches": {}}}"#).unwrap_err().field, "feature.db_branches");
+        for none in [r#"{"feature": {"db_branches": []}}"#, r#"{"feature": {"db_branches": null}}"#] {
+            assert!(parse(none).unwrap().warnings.is_empty(), "{none}");
+        }
     }
 
     #[test]
