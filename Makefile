@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz fuzz-tools chaos lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start bench-gateway screenshots kafka-up kafka-down bench-kafka
+.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz fuzz-tools chaos lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start bench-gateway screenshots kafka-up kafka-down bench-kafka db-up db-down
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -34,6 +34,14 @@ kafka-up:
 
 kafka-down:
 	deploy/local/kafka.sh down
+
+# Staging's PostgreSQL 15 and MariaDB 10.11 on the node address (database
+# branches, issue 17, build on them; no test uses them yet).
+db-up:
+	deploy/local/databases.sh up
+
+db-down:
+	deploy/local/databases.sh down
 
 build: deps
 	cargo build --release --bins
