@@ -7,6 +7,7 @@
 //! field it is about, known-but-unsupported mirrord fields become warnings and
 //! anything else is an error.
 
+mod db;
 mod env;
 mod fields;
 mod network;
@@ -88,9 +89,9 @@ pub fn interpret(mut doc: Value, key: &Key) -> Result<PodConfig> {
     let mut queues = Vec::new();
     if let Some(feature) = root.get("feature").filter(|v| !v.is_null()) {
         let feature = as_object("feature", feature)?;
-        // An ignored branch would leave the preview writing to staging's
-        // database, the harm a branch exists to prevent: refused, not warned.
-        if feature.get("db_branches").is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
+        // Checked, then refused: an ignored branch would leave the preview
+        // writing to staging's database, the harm a branch exists to prevent.
+        if !db::parse_db_branches(feature.get("db_branches").unwrap_or(&Value::Null), &mut warnings)?.is_empty() {
             return Err(FieldError::new(
                 "feature.db_branches",
                 "database branches are not supported by previewd yet, and without one the preview would use \
@@ -302,6 +303,9 @@ feature:
         assert_eq!(e.field, "feature.db_branches");
         assert!(e.to_string().contains("staging's database"), "{e}");
         assert_eq!(parse(r#"{"feature": {"db_branches": {}}}"#).unwrap_err().field, "feature.db_branches");
+        let bad_type =
+            r#"{"feature": {"db_branches": [{"type": "redis", "connection": {"type": "env", "url": "U"}}]}}"#;
+        assert_eq!(parse(bad_type).unwrap_err().field, "feature.db_branches[0].type");
         for none in [r#"{"feature": {"db_branches": []}}"#, r#"{"feature": {"db_branches": null}}"#] {
             assert!(parse(none).unwrap().warnings.is_empty(), "{none}");
         }

@@ -1,9 +1,10 @@
 //! The shared words of previewd, the agent and the CLI: keys, targets,
 //! modes, TTLs, environment records and routes, and the names previewd
-//! writes into pod specs for the agent to read, share links and split queues. Plain data and its
+//! writes into pod specs for the agent to read, share links, split queues and database branches. Plain data and its
 //! validation only: no tonic, no kube.
 
 mod agent;
+pub mod db;
 mod field;
 mod key;
 pub mod podspec;
