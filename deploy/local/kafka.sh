@@ -23,11 +23,17 @@ die() { echo "kafka: error: $*" >&2; exit 1; }
 
 alive() { [ -f "$PIDF" ] && kill -0 "$(cat "$PIDF")" 2>/dev/null; }
 # Alive is not enough: a broker that lost the node address (cluster.sh down
-# removes it) goes from STARTED to SHUTTING_DOWN and hangs there, its
-# process and listener still up. Its last state change is in its log.
+# removes it) either goes from STARTED to SHUTTING_DOWN and hangs there, or
+# its controller channel stops on a fatal error while the broker stays
+# STARTED; either way its process and listener stay up. So it counts as
+# serving only if its last state change is to STARTED and nothing fatal
+# was logged since.
 answers() {
-  (exec 3<>"/dev/tcp/$NODE_IP/$PORT") 2>/dev/null &&
-    grep "BrokerServer id=1\] Transition from" "$STATE/kafka.log" 2>/dev/null | tail -1 | grep -q "to STARTED"
+  (exec 3<>"/dev/tcp/$NODE_IP/$PORT") 2>/dev/null || return 1
+  local at
+  at=$(grep -n "BrokerServer id=1\] Transition from" "$STATE/kafka.log" 2>/dev/null | tail -1) || return 1
+  case "$at" in *"to STARTED"*) ;; *) return 1 ;; esac
+  ! tail -n +"${at%%:*}" "$STATE/kafka.log" | grep -q "fatal error"
 }
 
 fetch() {
