@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
 use preview::model::queue::{MessageFilter, QueueMode};
-use preview::previewd::queues::{Route, SplitSpec, Splitter};
+use preview::previewd::queues::{Route, SplitSpec, Splitter, kafka};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -79,16 +79,8 @@ fn fill(topic: &str, n: u64) -> Result<()> {
         if i % 4 == 0 {
             h = h.insert(Header { key: "x-preview-key", value: Some("k1") });
         }
-        let mut rec = BaseRecord::<str, [u8]>::to(topic).key(&key).payload(&payload).headers(h);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    p.poll(Duration::from_millis(5));
-                }
-            }
-        }
+        let rec = BaseRecord::<[u8], [u8]>::to(topic).key(key.as_bytes()).payload(&payload).headers(h);
+        kafka::send(&p, rec)?;
     }
     p.flush(Duration::from_secs(60))?;
     Ok(())
@@ -123,15 +115,7 @@ fn copy_loop(src: &str, dst: &str, n: u64) -> Result<Duration> {
         if let Some(v) = m.payload() {
             rec = rec.payload(v);
         }
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    p.poll(Duration::from_millis(1));
-                }
-            }
-        }
+        kafka::send(&p, rec)?;
         p.poll(Duration::ZERO);
         done += 1;
     }

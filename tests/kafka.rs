@@ -18,6 +18,7 @@ use common::*;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{DynamicObject, PostParams};
+use preview::previewd::queues::kafka;
 use preview::proto;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -96,16 +97,8 @@ fn produce(topic: &str, from: u32, to: u32, headers: impl Fn(u32) -> Vec<(&'stat
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
         let key = format!("customer-{}", i % 97);
-        let mut rec = BaseRecord::<str, [u8]>::to(topic).key(&key).payload(&[b'x'; 64][..]).headers(h);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    p.poll(Duration::from_millis(10));
-                }
-            }
-        }
+        let rec = BaseRecord::<[u8], [u8]>::to(topic).key(key.as_bytes()).payload(&[b'x'; 64][..]).headers(h);
+        kafka::send(&p, rec)?;
         p.poll(Duration::ZERO);
     }
     p.flush(Duration::from_secs(30))?;

@@ -355,8 +355,9 @@ pub(super) fn forward<M: Message>(
     send(producer, rec)
 }
 
-/// Sends one record, serving delivery reports while the queue is full.
-fn send(producer: &BaseProducer, mut rec: BaseRecord<'_, [u8], [u8]>) -> Result<(), QueueError> {
+/// Sends one record, serving delivery reports while the queue is full; any
+/// other error is returned (the tests' producers use it too).
+pub fn send(producer: &BaseProducer, mut rec: BaseRecord<'_, [u8], [u8]>) -> Result<(), QueueError> {
     loop {
         match producer.send(rec) {
             Ok(()) => return Ok(()),
