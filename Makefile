@@ -35,8 +35,8 @@ kafka-up:
 kafka-down:
 	deploy/local/kafka.sh down
 
-# Staging's PostgreSQL 15 and MariaDB 10.11 on the node address (database
-# branches, issue 17, build on them; no test uses them yet).
+# Staging's PostgreSQL 15 and MariaDB 10.11 on the node address: the
+# sources of database branches (tests/db.rs).
 db-up:
 	deploy/local/databases.sh up
 
@@ -53,6 +53,13 @@ AGENT_TOOLS := /usr/sbin/xtables-nft-multi=/usr/bin/iptables-nft \
   /usr/sbin/xtables-nft-multi=/usr/bin/iptables-nft-restore /usr/sbin/conntrack=/usr/bin/conntrack \
   $(foreach x,standard tcp REDIRECT owner mark comment conntrack,$(XT)/libxt_$(x).so)
 
+# The branch server (database branches): Debian's PostgreSQL 15 server,
+# its modules (but the LLVM JIT's), its share files and the UTC zone.
+PG := /usr/lib/postgresql/15
+PG_FILES = $(PG)/bin/postgres $(PG)/bin/initdb \
+  $(filter-out $(PG)/lib/llvmjit.so,$(wildcard $(PG)/lib/*.so)) /usr/share/postgresql/15 \
+  /usr/share/zoneinfo/UTC /usr/share/zoneinfo/Etc/UTC /usr/share/zoneinfo/GMT
+
 # Images from local files, imported into the cluster's containerd.
 images: build cluster-up
 	@mkdir -p $(IMAGES)
@@ -63,8 +70,10 @@ images: build cluster-up
 	  $(RELEASE)/previewd=/usr/local/bin/previewd $(RELEASE)/preview=/usr/local/bin/preview >/dev/null
 	deploy/local/image.sh build $(IMAGES)/agent.tar preview.local/agent:dev /usr/local/bin/preview-agent \
 	  $(RELEASE)/preview-agent=/usr/local/bin/preview-agent $(AGENT_TOOLS) >/dev/null
+	deploy/local/image.sh build $(IMAGES)/postgres.tar preview.local/postgres:15 /usr/local/bin/postgres-server \
+	  --env TZ=UTC deploy/local/db/postgres-server.sh=/usr/local/bin/postgres-server /bin/dash=/bin/sh $(PG_FILES) >/dev/null
 	CONTAINERD_ADDRESS=/run/preview-cluster/containerd/containerd.sock deploy/local/image.sh import \
-	  $(IMAGES)/echo-v1.tar $(IMAGES)/echo-v2.tar $(IMAGES)/previewd.tar $(IMAGES)/agent.tar
+	  $(IMAGES)/echo-v1.tar $(IMAGES)/echo-v2.tar $(IMAGES)/previewd.tar $(IMAGES)/agent.tar $(IMAGES)/postgres.tar
 
 tools: deps         ## pinned generators, grpcurl and the Python test venv (cached)
 	clients/tools.sh
@@ -102,7 +111,7 @@ lint: deps          ## formatting and clippy, warnings are errors
 # need the cluster or root, with the system-tests feature; parallel, one
 # namespace each), then the tests that must run alone (chaos case 3 restarts
 # the API server), then the cluster's own down/up lifecycle checks.
-test: lint generate-check images kafka-up
+test: lint generate-check images kafka-up db-up
 	cargo test --features system-tests --no-fail-fast -- --test-threads 4
 	cargo test --features system-tests --test chaos -- --ignored --test-threads 1
 	deploy/local/test-lifecycle.sh
@@ -118,11 +127,16 @@ bench-gateway: images  ## the share gateway's added p99 at 1k rps and throughput
 bench-kafka: deps kafka-up
 	cargo test --release --features system-tests --test bench_kafka -- --ignored --nocapture --test-threads 1
 
+# Database branches: time to Ready of a first branch against pg_dump | psql
+# by hand, and of a branch cloned from the snapshot.
+bench-db: images db-up  ## a branch's time to Ready, against the same copy by hand
+	cargo test --release --features system-tests --test bench_db -- --ignored --nocapture --test-threads 1
+
 # The share test's screenshots, into docs/screenshots (the README shows them).
 screenshots: images
 	PREVIEW_SCREENSHOTS=$(CURDIR)/docs/screenshots cargo test --features system-tests --test share -- --nocapture
 
-demo: images kafka-up  ## the main job: a preview of orders on the local cluster
+demo: images kafka-up db-up  ## the main job: a preview of orders on the local cluster
 	deploy/demo/demo.sh
 
 # From `preview start` to the first keyed request answered by the preview.

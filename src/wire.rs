@@ -154,6 +154,24 @@ pub fn environment(env: &EnvStatus) -> proto::Environment {
                 }
             })
             .collect(),
+        db_branches: rec.dbs.iter().map(|b| db_branch(b, env.dbs.get(&b.database))).collect(),
+    }
+}
+
+pub fn db_branch(b: &crate::model::db::DbBinding, stats: Option<&crate::model::DbStats>) -> proto::DbBranch {
+    let default = crate::model::DbStats { size_bytes: -1, ..Default::default() };
+    let st = stats.unwrap_or(&default);
+    proto::DbBranch {
+        r#type: b.db_type.as_str().into(),
+        source: b.source.clone(),
+        server: b.server.clone(),
+        database: b.database.clone(),
+        copy: b.copy.as_str().into(),
+        phase: st.phase.as_str().into(),
+        reason: st.reason.clone(),
+        size_bytes: st.size_bytes,
+        snapshot_at: st.snapshot_at_ms.map(timestamp),
+        secret: b.secret.clone(),
     }
 }
 

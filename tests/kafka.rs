@@ -10,7 +10,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -35,41 +34,6 @@ fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> 
 
 const BROKERS: &str = "198.18.255.254:9092";
 const V2: &str = "preview.local/echo:v2";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The real previewd binary, so that it can be killed with SIGKILL.
-fn spawn_previewd(ns: &str, data: &std::path::Path, port: u16, metrics: u16) -> Result<Proc> {
-    let child = Command::new(env!("CARGO_BIN_EXE_previewd"))
-        .env("KUBECONFIG", kubeconfig_path())
-        .env("RUST_LOG", "warn")
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--auth", "none", "--system-namespace", SYSTEM_NS])
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--default-namespace", ns, "--instance", ns, "--image-pull-policy", "Never", "--reap-interval", "1s"])
-        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    Ok(Proc(child))
-}
-
-async fn connect_when_up(addr: &str) -> Result<preview::cli::Client> {
-    eventually("previewd to answer", Duration::from_secs(60), || async {
-        match common::connect(addr).await {
-            Ok(mut c) => Ok(c.status(proto::StatusRequest::default()).await.ok().map(|_| c)),
-            Err(_) => Ok(None),
-        }
-    })
-    .await
-}
 
 async fn create_topics(topics: &[&str]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", BROKERS).create()?;

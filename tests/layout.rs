@@ -28,6 +28,7 @@ const LAYERS: &[(&str, u8)] = &[
 /// The same inside previewd.
 const PREVIEWD_LAYERS: &[(&str, u8)] = &[
     ("auth", 0),
+    ("dbs", 0),
     ("metrics", 0),
     ("queues", 0),
     ("store", 0),

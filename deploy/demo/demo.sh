@@ -3,8 +3,9 @@
 # (v1), run previewd (with its embedded redb store) and start a preview of
 # orders with a v2 image; then show a request without the key (all v1), one
 # with it (orders answered by v2), the same through the environment's share
-# link (preview-gateway), Kafka records split by the key (order-events), and
-# the status table.
+# link (preview-gateway), the preview's own branch of staging's orders
+# database, Kafka records split by the key (order-events), and the status
+# table.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE="${PREVIEW_CACHE:-/var/cache/preview-env}"
@@ -28,6 +29,17 @@ SHARE_DOMAIN=preview.test:30080
 "$KUBECTL" apply -f "$PREVIEWD_DIR/namespace.yaml" -f "$PREVIEWD_DIR/crd.yaml" -f "$PREVIEWD_DIR/crd-queuesplit.yaml" \
   -f "$PREVIEWD_DIR/roles.yaml" >/dev/null
 "$KUBECTL" wait --for condition=established --timeout=60s crd/previewenvironments.preview.dev crd/queuesplits.preview.dev >/dev/null
+# Staging's orders database (deploy/local/databases.sh on the node address),
+# with a table of 3 orders, and the Secret the orders Deployment reads its URL from.
+PGPASSWORD="${PREVIEW_DB_PASSWORD:-staging-pw}" /usr/lib/postgresql/15/bin/psql -X -q -v ON_ERROR_STOP=1 \
+  "postgres://staging@$NODE_IP:5432/orders" <<'SQL'
+CREATE TABLE IF NOT EXISTS orders (id serial PRIMARY KEY, item text NOT NULL DEFAULT 'from a preview', at timestamptz NOT NULL DEFAULT now());
+INSERT INTO orders (item) SELECT 'staging order ' || i FROM generate_series(1, 3) i WHERE NOT EXISTS (SELECT 1 FROM orders);
+SQL
+"$KUBECTL" create namespace demo --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
+"$KUBECTL" -n demo create secret generic orders-db \
+  --from-literal=url="postgres://staging:${PREVIEW_DB_PASSWORD:-staging-pw}@$NODE_IP:5432/orders" \
+  --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
 # order-events' topic, before it starts consuming it.
 "$BIN/preview-echo" kafka-send --brokers "$NODE_IP:9092" --topic demo-orders --count 0
 "$KUBECTL" apply -f "$HERE/demo.yaml" >/dev/null
@@ -81,6 +93,15 @@ echo "The share link (no kubeconfig needed; a browser maps *.preview.test to $NO
 echo "  $LINK"
 echo "GET $LINK (curl, as a browser would send it):"
 curl -fsS --connect-to "::$NODE_IP:" "$LINK" | chain
+echo
+# The preview's branch: orders v2 writes there; staging's database is untouched.
+PREVIEW_IP=$("$KUBECTL" -n demo get pod -l preview.dev/key=demo,preview.dev/group=orders -o jsonpath='{.items[0].status.podIP}')
+STAGING_IP=$("$KUBECTL" -n demo get pod -l 'app=orders,!preview.dev/key' -o jsonpath='{.items[0].status.podIP}')
+"$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/write?table=orders" >/dev/null
+"$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/write?table=orders" >/dev/null
+echo "orders v2 wrote 2 orders to its database branch (GET /db/write twice); rows per table:"
+echo "  preview (v2): $("$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/count")"
+echo "  staging (v1): $("$BIN/preview-echo" get "http://$STAGING_IP:8080/db/count")"
 echo
 echo "\$ preview add-pod --key demo -f deploy/demo/events-preview.yaml --image preview.local/echo:v2"
 echo "  (the first split of order-events restarts it onto staging's temporary topic)"

@@ -4,7 +4,8 @@
 #
 #   image.sh build OUT.tar REF ENTRYPOINT [--env K=V]... FILE[=DEST]...
 #       Each FILE is copied to DEST (default: the same path); for dynamically
-#       linked programs their shared libraries come along.
+#       linked programs their shared libraries come along. A directory is
+#       copied whole (data files: no libraries are looked for in it).
 #   image.sh import TAR...       (uses $CONTAINERD_ADDRESS)
 set -euo pipefail
 
@@ -15,10 +16,15 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 copy_with_libs() {
   local src=$1 dst=$2 root=$3
   [ -e "$src" ] || die "file not found: $src"
+  if [ -d "$src" ]; then
+    mkdir -p "$root$dst" && cp -a "$src/." "$root$dst/"
+    return
+  fi
   install -D -m "$(stat -c %a "$src")" "$src" "$root$dst"
   # ldd prints "lib => /path (addr)" and "/lib64/ld-linux… (addr)".
   if ldd "$src" >/dev/null 2>&1; then
-    ldd "$src" | grep -oE '/[^ ]+' | while read -r lib; do
+    # A module with no NEEDED entries prints "statically linked": no paths.
+    ldd "$src" | { grep -oE '/[^ ]+' || true; } | while read -r lib; do
       [ -e "$lib" ] && install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
     done
   fi

@@ -62,12 +62,27 @@ pub enum Command {
     /// Make a link that opens an environment in a browser (no kubeconfig
     /// needed); --revoke ends one, --list lists them.
     Share(ShareArgs),
+    /// Database branches: `db refresh --key K` takes new snapshots.
+    #[command(subcommand)]
+    Db(DbCommand),
     /// Print the client's and the server's versions.
     Version(VersionArgs),
     /// Print a shell completion script, e.g. `source <(preview completion bash)`.
     Completion {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DbCommand {
+    /// Take a new snapshot of each source the environment has a branch of:
+    /// branches made from then on start from it (existing ones keep their data).
+    Refresh {
+        #[arg(long)]
+        key: String,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -253,6 +268,22 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 links.iter().for_each(|l| println!("revoked {}", l.url));
             } else {
                 output::print_links(&links, a.output);
+            }
+            Ok(())
+        }
+        Command::Db(DbCommand::Refresh { key, output }) => {
+            let resp = client.refresh_db(proto::RefreshDbRequest { key }).await?.into_inner();
+            match output {
+                Output::Json | Output::Yaml => {
+                    let doc = json!({"branches": resp.branches.iter().map(output::db_json).collect::<Vec<_>>()});
+                    match output {
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default()),
+                        _ => print!("{}", serde_yaml::to_string(&doc).unwrap_or_default()),
+                    }
+                }
+                Output::Table | Output::Wide => {
+                    resp.branches.iter().for_each(|b| println!("refreshed {} ({})", b.source, output::db_state(b)))
+                }
             }
             Ok(())
         }

@@ -93,6 +93,20 @@ pub fn table(envs: &[proto::Environment], wide: bool, colour: bool, now_ms: i64)
             }
             rows.push(r);
         }
+        for b in &e.db_branches {
+            let mut r = vec![
+                e.key.clone(),
+                "(db)".into(),
+                b.source.clone(),
+                e.namespace.clone(),
+                format!("{} {}", b.r#type, b.copy),
+                db_state(b),
+            ];
+            if wide {
+                r.extend(["-".to_string(), "-".to_string(), "-".to_string()]);
+            }
+            rows.push(r);
+        }
         for l in &e.shares {
             let mut r = vec![
                 e.key.clone(),
@@ -188,6 +202,28 @@ pub fn env_json(e: &proto::Environment) -> Value {
             "queueId": q.queue_id, "target": q.target, "topic": q.topic, "originalTopic": q.original_topic,
             "stagingTopic": q.staging_topic, "mode": q.mode, "forwarded": q.forwarded, "lag": q.lag,
         })).collect::<Vec<_>>(),
+        "dbBranches": e.db_branches.iter().map(db_json).collect::<Vec<_>>(),
+    })
+}
+
+/// A branch's phase, size and snapshot age, as one cell.
+pub fn db_state(b: &proto::DbBranch) -> String {
+    if b.phase == "Failed" {
+        return format!("Failed: {}", b.reason);
+    }
+    let size = if b.size_bytes < 0 { "size ?".to_string() } else { format!("{} KiB", b.size_bytes / 1024) };
+    let age = b.snapshot_at.as_ref().map(|t| {
+        let secs = (crate::model::now_ms() / 1000 - t.seconds).max(0);
+        format!(", snapshot {secs}s old")
+    });
+    format!("{} {}: {size}{}", b.phase, b.database, age.unwrap_or_default())
+}
+
+pub fn db_json(b: &proto::DbBranch) -> Value {
+    json!({
+        "type": b.r#type, "source": b.source, "server": b.server, "database": b.database, "copy": b.copy,
+        "phase": b.phase, "reason": b.reason, "sizeBytes": b.size_bytes, "secret": b.secret,
+        "snapshotAt": b.snapshot_at.as_ref().map(|t| t.seconds),
     })
 }
 

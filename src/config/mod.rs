@@ -46,6 +46,9 @@ pub struct PodConfig {
     pub share: Option<crate::model::share::ShareSpec>,
     /// `feature.split_queues`: the queues whose messages it takes by filter.
     pub queues: Vec<crate::model::queue::QueueAsk>,
+    /// `feature.db_branches`: the databases it gets a branch of.
+    #[serde(default)]
+    pub db_branches: Vec<crate::model::db::DbBranchAsk>,
     /// Known mirrord fields that previewd accepts but does not act on.
     pub warnings: Vec<String>,
 }
@@ -87,21 +90,13 @@ pub fn interpret(mut doc: Value, key: &Key) -> Result<PodConfig> {
     let mut env = BTreeMap::new();
     let mut preview = preview::Preview { propagate_key: true, replicas: 1, ..Default::default() };
     let mut queues = Vec::new();
+    let mut db_branches = Vec::new();
     if let Some(feature) = root.get("feature").filter(|v| !v.is_null()) {
         let feature = as_object("feature", feature)?;
-        // Checked, then refused: an ignored branch would leave the preview
-        // writing to staging's database, the harm a branch exists to prevent.
-        if !db::parse_db_branches(feature.get("db_branches").unwrap_or(&Value::Null), &mut warnings)?.is_empty() {
-            return Err(FieldError::new(
-                "feature.db_branches",
-                "database branches are not supported by previewd yet, and without one the preview would use \
-                 staging's database; remove the field to use staging's database knowingly",
-            ));
-        }
+        db_branches = db::parse_db_branches(feature.get("db_branches").unwrap_or(&Value::Null), &mut warnings)?;
         check_fields(
             feature,
             "feature",
-            // db_branches: an empty list passes; any branch is refused above.
             &["network", "env", "preview", "split_queues", "db_branches"],
             MIRRORD_FEATURE,
             &mut warnings,
@@ -132,6 +127,7 @@ pub fn interpret(mut doc: Value, key: &Key) -> Result<PodConfig> {
         propagate_key: preview.propagate_key,
         share: preview.share,
         queues,
+        db_branches,
         warnings,
     })
 }
@@ -297,17 +293,17 @@ feature:
     }
 
     #[test]
-    fn db_branches_are_refused_not_ignored() {
+    fn db_branches_are_read() {
         let branch = r#"{"feature": {"db_branches": [{"type": "pg", "name": "orders", "connection": {"url": {"type": "env", "variable": "DATABASE_URL"}}}]}}"#;
-        let e = parse(branch).unwrap_err();
-        assert_eq!(e.field, "feature.db_branches");
-        assert!(e.to_string().contains("staging's database"), "{e}");
+        let cfg = parse(branch).unwrap();
+        assert_eq!(cfg.db_branches.len(), 1);
+        assert_eq!(cfg.db_branches[0].db_type, crate::model::db::DbType::Postgres);
         assert_eq!(parse(r#"{"feature": {"db_branches": {}}}"#).unwrap_err().field, "feature.db_branches");
         let bad_type =
             r#"{"feature": {"db_branches": [{"type": "redis", "connection": {"type": "env", "url": "U"}}]}}"#;
         assert_eq!(parse(bad_type).unwrap_err().field, "feature.db_branches[0].type");
         for none in [r#"{"feature": {"db_branches": []}}"#, r#"{"feature": {"db_branches": null}}"#] {
-            assert!(parse(none).unwrap().warnings.is_empty(), "{none}");
+            assert!(parse(none).unwrap().db_branches.is_empty(), "{none}");
         }
     }
 

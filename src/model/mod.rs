@@ -20,7 +20,7 @@ pub use agent::{AgentState, AgentStatus};
 pub use field::{FieldError, validate_dns_label, validate_dns_subdomain};
 pub use key::{Key, MAX_KEY_LEN};
 pub use record::{EnvRecord, PodRecord, PodState};
-pub use request::{Cleaned, EnvStatus, PodRequest, QueueStats, StartRequest, Started};
+pub use request::{Cleaned, DbPhase, DbStats, EnvStatus, PodRequest, QueueStats, StartRequest, Started};
 pub use route::Route;
 pub use target::{Mode, Target, WorkloadKind};
 pub use ttl::Ttl;

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use super::db::DbBinding;
 use super::key::Key;
 use super::queue::QueueBinding;
 use super::share::ShareLink;
@@ -37,6 +38,9 @@ pub struct EnvRecord {
     /// Its split queues, recorded before any temporary topic is made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queues: Vec<QueueBinding>,
+    /// Its database branches, recorded before any is made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dbs: Vec<DbBinding>,
 }
 
 /// One preview pod group (one or more replicas) of an environment.

@@ -40,6 +40,38 @@ pub struct EnvStatus {
     pub agents: Vec<AgentStatus>,
     /// Each split queue's figures, by the environment's topic.
     pub queues: BTreeMap<String, QueueStats>,
+    /// Each database branch's state, by its database's name.
+    pub dbs: BTreeMap<String, DbStats>,
+}
+
+/// A database branch as last seen.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DbStats {
+    /// `Creating` until it is ready, or `Failed` with `reason`.
+    pub phase: DbPhase,
+    pub reason: String,
+    /// Its size on the branch server; -1 when unknown.
+    pub size_bytes: i64,
+    /// When the snapshot it was cloned from was taken.
+    pub snapshot_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DbPhase {
+    #[default]
+    Creating,
+    Ready,
+    Failed,
+}
+
+impl DbPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbPhase::Creating => "Creating",
+            DbPhase::Ready => "Ready",
+            DbPhase::Failed => "Failed",
+        }
+    }
 }
 
 /// A split queue's figures as last read.
@@ -54,7 +86,14 @@ pub struct QueueStats {
 
 impl EnvStatus {
     pub fn new(record: EnvRecord) -> EnvStatus {
-        EnvStatus { record, pods: BTreeMap::new(), failure: None, agents: Vec::new(), queues: BTreeMap::new() }
+        EnvStatus {
+            record,
+            pods: BTreeMap::new(),
+            failure: None,
+            agents: Vec::new(),
+            queues: BTreeMap::new(),
+            dbs: BTreeMap::new(),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod api;
 pub mod attach;
 pub mod auth;
 pub mod cluster;
+pub mod dbs;
 pub mod manager;
 pub mod metrics;
 pub mod queues;

@@ -366,6 +366,7 @@ mod tests {
             creator: String::new(),
             shares: Vec::new(),
             queues: Vec::new(),
+            dbs: Vec::new(),
         }
     }
 

@@ -111,6 +111,17 @@ pub fn kubectl() -> String {
 /// An echo Deployment and Service named `name`, answering with `version`.
 pub async fn echo_app(ns: &TestNs, name: &str, version: &str, replicas: i32, extra_env: &[(&str, &str)]) -> Result<()> {
     let env: Vec<_> = extra_env.iter().map(|(k, v)| serde_json::json!({"name": k, "value": v})).collect();
+    echo_app_env(ns, name, version, replicas, env).await
+}
+
+/// [`echo_app`] with env entries as the pod spec has them (`valueFrom` too).
+pub async fn echo_app_env(
+    ns: &TestNs,
+    name: &str,
+    version: &str,
+    replicas: i32,
+    env: Vec<serde_json::Value>,
+) -> Result<()> {
     let dep: Deployment = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
         "spec": {
@@ -529,4 +540,41 @@ pub mod identity {
         std::fs::write(&path, serde_yaml::to_string(&kc)?)?;
         Ok(path)
     }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real previewd binary on loopback, so that it can be killed with SIGKILL.
+pub fn spawn_previewd(ns: &str, data: &std::path::Path, port: u16, metrics: u16) -> Result<Proc> {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_previewd"))
+        .env("KUBECONFIG", kubeconfig_path())
+        .env("RUST_LOG", std::env::var("PREVIEWD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--auth", "none", "--system-namespace", SYSTEM_NS])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--default-namespace", ns, "--instance", ns, "--image-pull-policy", "Never", "--reap-interval", "1s"])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    Ok(Proc(child))
+}
+
+/// A client of the previewd at `addr`, once it answers Status.
+pub async fn connect_when_up(addr: &str) -> Result<preview::cli::Client> {
+    eventually("previewd to answer", Duration::from_secs(60), || async {
+        match connect(addr).await {
+            Ok(mut c) => Ok(c.status(preview::proto::StatusRequest::default()).await.ok().map(|_| c)),
+            Err(_) => Ok(None),
+        }
+    })
+    .await
 }

@@ -221,6 +221,95 @@ func (AgentState) EnumDescriptor() ([]byte, []int) {
 	return file_preview_v1_preview_proto_rawDescGZIP(), []int{2}
 }
 
+type RefreshDbRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RefreshDbRequest) Reset() {
+	*x = RefreshDbRequest{}
+	mi := &file_preview_v1_preview_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RefreshDbRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RefreshDbRequest) ProtoMessage() {}
+
+func (x *RefreshDbRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RefreshDbRequest.ProtoReflect.Descriptor instead.
+func (*RefreshDbRequest) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *RefreshDbRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+type RefreshDbResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Each branch, with its snapshot's new time.
+	Branches      []*DbBranch `protobuf:"bytes,1,rep,name=branches,proto3" json:"branches,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RefreshDbResponse) Reset() {
+	*x = RefreshDbResponse{}
+	mi := &file_preview_v1_preview_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RefreshDbResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RefreshDbResponse) ProtoMessage() {}
+
+func (x *RefreshDbResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RefreshDbResponse.ProtoReflect.Descriptor instead.
+func (*RefreshDbResponse) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RefreshDbResponse) GetBranches() []*DbBranch {
+	if x != nil {
+		return x.Branches
+	}
+	return nil
+}
+
 // One preview pod (or a set of replicas) to run in an environment.
 type PodRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -240,7 +329,7 @@ type PodRequest struct {
 
 func (x *PodRequest) Reset() {
 	*x = PodRequest{}
-	mi := &file_preview_v1_preview_proto_msgTypes[0]
+	mi := &file_preview_v1_preview_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -252,7 +341,7 @@ func (x *PodRequest) String() string {
 func (*PodRequest) ProtoMessage() {}
 
 func (x *PodRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[0]
+	mi := &file_preview_v1_preview_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -265,7 +354,7 @@ func (x *PodRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PodRequest.ProtoReflect.Descriptor instead.
 func (*PodRequest) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{0}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *PodRequest) GetConfig() string {
@@ -317,7 +406,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_preview_v1_preview_proto_msgTypes[1]
+	mi := &file_preview_v1_preview_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -329,7 +418,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[1]
+	mi := &file_preview_v1_preview_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -342,7 +431,7 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{1}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *StartRequest) GetPods() []*PodRequest {
@@ -378,7 +467,7 @@ type StartResponse struct {
 
 func (x *StartResponse) Reset() {
 	*x = StartResponse{}
-	mi := &file_preview_v1_preview_proto_msgTypes[2]
+	mi := &file_preview_v1_preview_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -390,7 +479,7 @@ func (x *StartResponse) String() string {
 func (*StartResponse) ProtoMessage() {}
 
 func (x *StartResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[2]
+	mi := &file_preview_v1_preview_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -403,7 +492,7 @@ func (x *StartResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartResponse.ProtoReflect.Descriptor instead.
 func (*StartResponse) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{2}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *StartResponse) GetKey() string {
@@ -437,7 +526,7 @@ type AddPodRequest struct {
 
 func (x *AddPodRequest) Reset() {
 	*x = AddPodRequest{}
-	mi := &file_preview_v1_preview_proto_msgTypes[3]
+	mi := &file_preview_v1_preview_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -449,7 +538,7 @@ func (x *AddPodRequest) String() string {
 func (*AddPodRequest) ProtoMessage() {}
 
 func (x *AddPodRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[3]
+	mi := &file_preview_v1_preview_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -462,7 +551,7 @@ func (x *AddPodRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPodRequest.ProtoReflect.Descriptor instead.
 func (*AddPodRequest) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{3}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AddPodRequest) GetKey() string {
@@ -489,7 +578,7 @@ type AddPodResponse struct {
 
 func (x *AddPodResponse) Reset() {
 	*x = AddPodResponse{}
-	mi := &file_preview_v1_preview_proto_msgTypes[4]
+	mi := &file_preview_v1_preview_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -501,7 +590,7 @@ func (x *AddPodResponse) String() string {
 func (*AddPodResponse) ProtoMessage() {}
 
 func (x *AddPodResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[4]
+	mi := &file_preview_v1_preview_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -514,7 +603,7 @@ func (x *AddPodResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddPodResponse.ProtoReflect.Descriptor instead.
 func (*AddPodResponse) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{4}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *AddPodResponse) GetEnvironment() *Environment {
@@ -545,7 +634,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_preview_v1_preview_proto_msgTypes[5]
+	mi := &file_preview_v1_preview_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -557,7 +646,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[5]
+	mi := &file_preview_v1_preview_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -570,7 +659,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{5}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StatusRequest) GetKey() string {
@@ -610,7 +699,7 @@ type StatusEvent struct {
 
 func (x *StatusEvent) Reset() {
 	*x = StatusEvent{}
-	mi := &file_preview_v1_preview_proto_msgTypes[6]
+	mi := &file_preview_v1_preview_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -622,7 +711,7 @@ func (x *StatusEvent) String() string {
 func (*StatusEvent) ProtoMessage() {}
 
 func (x *StatusEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[6]
+	mi := &file_preview_v1_preview_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -635,7 +724,7 @@ func (x *StatusEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusEvent.ProtoReflect.Descriptor instead.
 func (*StatusEvent) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{6}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StatusEvent) GetKind() EventKind {
@@ -687,14 +776,16 @@ type Environment struct {
 	// Its live share links.
 	Shares []*ShareLink `protobuf:"bytes,10,rep,name=shares,proto3" json:"shares,omitempty"`
 	// Its split queues (feature.split_queues).
-	Queues        []*Queue `protobuf:"bytes,11,rep,name=queues,proto3" json:"queues,omitempty"`
+	Queues []*Queue `protobuf:"bytes,11,rep,name=queues,proto3" json:"queues,omitempty"`
+	// Its database branches (feature.db_branches).
+	DbBranches    []*DbBranch `protobuf:"bytes,12,rep,name=db_branches,json=dbBranches,proto3" json:"db_branches,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Environment) Reset() {
 	*x = Environment{}
-	mi := &file_preview_v1_preview_proto_msgTypes[7]
+	mi := &file_preview_v1_preview_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -706,7 +797,7 @@ func (x *Environment) String() string {
 func (*Environment) ProtoMessage() {}
 
 func (x *Environment) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[7]
+	mi := &file_preview_v1_preview_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -719,7 +810,7 @@ func (x *Environment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Environment.ProtoReflect.Descriptor instead.
 func (*Environment) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{7}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Environment) GetKey() string {
@@ -799,6 +890,141 @@ func (x *Environment) GetQueues() []*Queue {
 	return nil
 }
 
+func (x *Environment) GetDbBranches() []*DbBranch {
+	if x != nil {
+		return x.DbBranches
+	}
+	return nil
+}
+
+// One database branch: a database of the environment's own in a branch
+// server (a pod in the namespace, one per source database), cloned from a
+// snapshot of the source. The preview pods read its connection from
+// `secret`, in the variables the target reads the source's from.
+type DbBranch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "pg" (PostgreSQL).
+	Type string `protobuf:"bytes,1,opt,name=type,proto3" json:"type,omitempty"`
+	// The source, host:port/database (never a user or password).
+	Source string `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	// The branch server (its Pod and Service).
+	Server string `protobuf:"bytes,3,opt,name=server,proto3" json:"server,omitempty"`
+	// The environment's database (and role) in the branch server.
+	Database string `protobuf:"bytes,4,opt,name=database,proto3" json:"database,omitempty"`
+	// "empty", "schema" or "all".
+	Copy string `protobuf:"bytes,5,opt,name=copy,proto3" json:"copy,omitempty"`
+	// "Creating", "Ready" or "Failed" (then `reason` says why).
+	Phase  string `protobuf:"bytes,6,opt,name=phase,proto3" json:"phase,omitempty"`
+	Reason string `protobuf:"bytes,7,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Its size on the branch server; -1 when not yet known.
+	SizeBytes int64 `protobuf:"varint,8,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// When the snapshot it was cloned from was taken.
+	SnapshotAt    *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=snapshot_at,json=snapshotAt,proto3" json:"snapshot_at,omitempty"`
+	Secret        string                 `protobuf:"bytes,10,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DbBranch) Reset() {
+	*x = DbBranch{}
+	mi := &file_preview_v1_preview_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DbBranch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DbBranch) ProtoMessage() {}
+
+func (x *DbBranch) ProtoReflect() protoreflect.Message {
+	mi := &file_preview_v1_preview_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DbBranch.ProtoReflect.Descriptor instead.
+func (*DbBranch) Descriptor() ([]byte, []int) {
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *DbBranch) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *DbBranch) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *DbBranch) GetServer() string {
+	if x != nil {
+		return x.Server
+	}
+	return ""
+}
+
+func (x *DbBranch) GetDatabase() string {
+	if x != nil {
+		return x.Database
+	}
+	return ""
+}
+
+func (x *DbBranch) GetCopy() string {
+	if x != nil {
+		return x.Copy
+	}
+	return ""
+}
+
+func (x *DbBranch) GetPhase() string {
+	if x != nil {
+		return x.Phase
+	}
+	return ""
+}
+
+func (x *DbBranch) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *DbBranch) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+func (x *DbBranch) GetSnapshotAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SnapshotAt
+	}
+	return nil
+}
+
+func (x *DbBranch) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
 // One split queue of an environment. While any environment splits a queue
 // of a target, the target reads `staging_topic` (previewd restarted it once
 // to point its topic variable there, and restarts it again, back to
@@ -826,7 +1052,7 @@ type Queue struct {
 
 func (x *Queue) Reset() {
 	*x = Queue{}
-	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	mi := &file_preview_v1_preview_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -838,7 +1064,7 @@ func (x *Queue) String() string {
 func (*Queue) ProtoMessage() {}
 
 func (x *Queue) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[8]
+	mi := &file_preview_v1_preview_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -851,7 +1077,7 @@ func (x *Queue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Queue.ProtoReflect.Descriptor instead.
 func (*Queue) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{8}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Queue) GetQueueId() string {
@@ -925,7 +1151,7 @@ type Agent struct {
 
 func (x *Agent) Reset() {
 	*x = Agent{}
-	mi := &file_preview_v1_preview_proto_msgTypes[9]
+	mi := &file_preview_v1_preview_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -937,7 +1163,7 @@ func (x *Agent) String() string {
 func (*Agent) ProtoMessage() {}
 
 func (x *Agent) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[9]
+	mi := &file_preview_v1_preview_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -950,7 +1176,7 @@ func (x *Agent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Agent.ProtoReflect.Descriptor instead.
 func (*Agent) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{9}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Agent) GetPod() string {
@@ -1008,7 +1234,7 @@ type Pod struct {
 
 func (x *Pod) Reset() {
 	*x = Pod{}
-	mi := &file_preview_v1_preview_proto_msgTypes[10]
+	mi := &file_preview_v1_preview_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1020,7 +1246,7 @@ func (x *Pod) String() string {
 func (*Pod) ProtoMessage() {}
 
 func (x *Pod) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[10]
+	mi := &file_preview_v1_preview_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1033,7 +1259,7 @@ func (x *Pod) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pod.ProtoReflect.Descriptor instead.
 func (*Pod) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{10}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Pod) GetName() string {
@@ -1134,7 +1360,7 @@ type CleanRequest struct {
 
 func (x *CleanRequest) Reset() {
 	*x = CleanRequest{}
-	mi := &file_preview_v1_preview_proto_msgTypes[11]
+	mi := &file_preview_v1_preview_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1146,7 +1372,7 @@ func (x *CleanRequest) String() string {
 func (*CleanRequest) ProtoMessage() {}
 
 func (x *CleanRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[11]
+	mi := &file_preview_v1_preview_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1159,7 +1385,7 @@ func (x *CleanRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanRequest.ProtoReflect.Descriptor instead.
 func (*CleanRequest) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{11}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CleanRequest) GetSelector() isCleanRequest_Selector {
@@ -1227,7 +1453,7 @@ type CleanResponse struct {
 
 func (x *CleanResponse) Reset() {
 	*x = CleanResponse{}
-	mi := &file_preview_v1_preview_proto_msgTypes[12]
+	mi := &file_preview_v1_preview_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1239,7 +1465,7 @@ func (x *CleanResponse) String() string {
 func (*CleanResponse) ProtoMessage() {}
 
 func (x *CleanResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[12]
+	mi := &file_preview_v1_preview_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1252,7 +1478,7 @@ func (x *CleanResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanResponse.ProtoReflect.Descriptor instead.
 func (*CleanResponse) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{12}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CleanResponse) GetRemoved() []*CleanedEnvironment {
@@ -1273,7 +1499,7 @@ type CleanedEnvironment struct {
 
 func (x *CleanedEnvironment) Reset() {
 	*x = CleanedEnvironment{}
-	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	mi := &file_preview_v1_preview_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1285,7 +1511,7 @@ func (x *CleanedEnvironment) String() string {
 func (*CleanedEnvironment) ProtoMessage() {}
 
 func (x *CleanedEnvironment) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[13]
+	mi := &file_preview_v1_preview_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1298,7 +1524,7 @@ func (x *CleanedEnvironment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanedEnvironment.ProtoReflect.Descriptor instead.
 func (*CleanedEnvironment) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{13}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CleanedEnvironment) GetKey() string {
@@ -1338,7 +1564,7 @@ type ShareRequest struct {
 
 func (x *ShareRequest) Reset() {
 	*x = ShareRequest{}
-	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	mi := &file_preview_v1_preview_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1350,7 +1576,7 @@ func (x *ShareRequest) String() string {
 func (*ShareRequest) ProtoMessage() {}
 
 func (x *ShareRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[14]
+	mi := &file_preview_v1_preview_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1363,7 +1589,7 @@ func (x *ShareRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareRequest.ProtoReflect.Descriptor instead.
 func (*ShareRequest) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{14}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ShareRequest) GetKey() string {
@@ -1425,7 +1651,7 @@ type ShareResponse struct {
 
 func (x *ShareResponse) Reset() {
 	*x = ShareResponse{}
-	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	mi := &file_preview_v1_preview_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1437,7 +1663,7 @@ func (x *ShareResponse) String() string {
 func (*ShareResponse) ProtoMessage() {}
 
 func (x *ShareResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[15]
+	mi := &file_preview_v1_preview_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1450,7 +1676,7 @@ func (x *ShareResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareResponse.ProtoReflect.Descriptor instead.
 func (*ShareResponse) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{15}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ShareResponse) GetLinks() []*ShareLink {
@@ -1479,7 +1705,7 @@ type ShareLink struct {
 
 func (x *ShareLink) Reset() {
 	*x = ShareLink{}
-	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	mi := &file_preview_v1_preview_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1491,7 +1717,7 @@ func (x *ShareLink) String() string {
 func (*ShareLink) ProtoMessage() {}
 
 func (x *ShareLink) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[16]
+	mi := &file_preview_v1_preview_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1504,7 +1730,7 @@ func (x *ShareLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShareLink.ProtoReflect.Descriptor instead.
 func (*ShareLink) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{16}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ShareLink) GetUrl() string {
@@ -1573,7 +1799,7 @@ type GatewayHello struct {
 
 func (x *GatewayHello) Reset() {
 	*x = GatewayHello{}
-	mi := &file_preview_v1_preview_proto_msgTypes[17]
+	mi := &file_preview_v1_preview_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1585,7 +1811,7 @@ func (x *GatewayHello) String() string {
 func (*GatewayHello) ProtoMessage() {}
 
 func (x *GatewayHello) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[17]
+	mi := &file_preview_v1_preview_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1598,7 +1824,7 @@ func (x *GatewayHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewayHello.ProtoReflect.Descriptor instead.
 func (*GatewayHello) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{17}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GatewayHello) GetName() string {
@@ -1617,7 +1843,7 @@ type LinkSet struct {
 
 func (x *LinkSet) Reset() {
 	*x = LinkSet{}
-	mi := &file_preview_v1_preview_proto_msgTypes[18]
+	mi := &file_preview_v1_preview_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1629,7 +1855,7 @@ func (x *LinkSet) String() string {
 func (*LinkSet) ProtoMessage() {}
 
 func (x *LinkSet) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[18]
+	mi := &file_preview_v1_preview_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1642,7 +1868,7 @@ func (x *LinkSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LinkSet.ProtoReflect.Descriptor instead.
 func (*LinkSet) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{18}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *LinkSet) GetLinks() []*GatewayLink {
@@ -1673,7 +1899,7 @@ type GatewayLink struct {
 
 func (x *GatewayLink) Reset() {
 	*x = GatewayLink{}
-	mi := &file_preview_v1_preview_proto_msgTypes[19]
+	mi := &file_preview_v1_preview_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1685,7 +1911,7 @@ func (x *GatewayLink) String() string {
 func (*GatewayLink) ProtoMessage() {}
 
 func (x *GatewayLink) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[19]
+	mi := &file_preview_v1_preview_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1698,7 +1924,7 @@ func (x *GatewayLink) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewayLink.ProtoReflect.Descriptor instead.
 func (*GatewayLink) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{19}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GatewayLink) GetSlug() string {
@@ -1760,7 +1986,7 @@ type AgentHello struct {
 
 func (x *AgentHello) Reset() {
 	*x = AgentHello{}
-	mi := &file_preview_v1_preview_proto_msgTypes[20]
+	mi := &file_preview_v1_preview_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1772,7 +1998,7 @@ func (x *AgentHello) String() string {
 func (*AgentHello) ProtoMessage() {}
 
 func (x *AgentHello) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[20]
+	mi := &file_preview_v1_preview_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1785,7 +2011,7 @@ func (x *AgentHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentHello.ProtoReflect.Descriptor instead.
 func (*AgentHello) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{20}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *AgentHello) GetNamespace() string {
@@ -1811,7 +2037,7 @@ type RouteSet struct {
 
 func (x *RouteSet) Reset() {
 	*x = RouteSet{}
-	mi := &file_preview_v1_preview_proto_msgTypes[21]
+	mi := &file_preview_v1_preview_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1823,7 +2049,7 @@ func (x *RouteSet) String() string {
 func (*RouteSet) ProtoMessage() {}
 
 func (x *RouteSet) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[21]
+	mi := &file_preview_v1_preview_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1836,7 +2062,7 @@ func (x *RouteSet) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteSet.ProtoReflect.Descriptor instead.
 func (*RouteSet) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{21}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RouteSet) GetRoutes() []*Route {
@@ -1863,7 +2089,7 @@ type Route struct {
 
 func (x *Route) Reset() {
 	*x = Route{}
-	mi := &file_preview_v1_preview_proto_msgTypes[22]
+	mi := &file_preview_v1_preview_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1875,7 +2101,7 @@ func (x *Route) String() string {
 func (*Route) ProtoMessage() {}
 
 func (x *Route) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[22]
+	mi := &file_preview_v1_preview_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1888,7 +2114,7 @@ func (x *Route) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Route.ProtoReflect.Descriptor instead.
 func (*Route) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{22}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Route) GetKey() string {
@@ -1951,7 +2177,7 @@ type Filter struct {
 
 func (x *Filter) Reset() {
 	*x = Filter{}
-	mi := &file_preview_v1_preview_proto_msgTypes[23]
+	mi := &file_preview_v1_preview_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1963,7 +2189,7 @@ func (x *Filter) String() string {
 func (*Filter) ProtoMessage() {}
 
 func (x *Filter) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[23]
+	mi := &file_preview_v1_preview_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1976,7 +2202,7 @@ func (x *Filter) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Filter.ProtoReflect.Descriptor instead.
 func (*Filter) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{23}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Filter) GetKind() isFilter_Kind {
@@ -2091,7 +2317,7 @@ type FilterList struct {
 
 func (x *FilterList) Reset() {
 	*x = FilterList{}
-	mi := &file_preview_v1_preview_proto_msgTypes[24]
+	mi := &file_preview_v1_preview_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2103,7 +2329,7 @@ func (x *FilterList) String() string {
 func (*FilterList) ProtoMessage() {}
 
 func (x *FilterList) ProtoReflect() protoreflect.Message {
-	mi := &file_preview_v1_preview_proto_msgTypes[24]
+	mi := &file_preview_v1_preview_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2116,7 +2342,7 @@ func (x *FilterList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FilterList.ProtoReflect.Descriptor instead.
 func (*FilterList) Descriptor() ([]byte, []int) {
-	return file_preview_v1_preview_proto_rawDescGZIP(), []int{24}
+	return file_preview_v1_preview_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *FilterList) GetFilters() []*Filter {
@@ -2131,7 +2357,11 @@ var File_preview_v1_preview_proto protoreflect.FileDescriptor
 const file_preview_v1_preview_proto_rawDesc = "" +
 	"\n" +
 	"\x18preview/v1/preview.proto\x12\n" +
-	"preview.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x01\n" +
+	"preview.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"$\n" +
+	"\x10RefreshDbRequest\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\"E\n" +
+	"\x11RefreshDbResponse\x120\n" +
+	"\bbranches\x18\x01 \x03(\v2\x14.preview.v1.DbBranchR\bbranches\"\x84\x01\n" +
 	"\n" +
 	"PodRequest\x12\x16\n" +
 	"\x06config\x18\x01 \x01(\tR\x06config\x12\x14\n" +
@@ -2161,7 +2391,7 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x04kind\x18\x01 \x01(\x0e2\x15.preview.v1.EventKindR\x04kind\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12;\n" +
 	"\fenvironments\x18\x03 \x03(\v2\x17.preview.v1.EnvironmentR\fenvironments\x12!\n" +
-	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\xb7\x03\n" +
+	"\x03pod\x18\x04 \x01(\v2\x0f.preview.v1.PodR\x03pod\"\xee\x03\n" +
 	"\vEnvironment\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x129\n" +
@@ -2176,7 +2406,23 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x06agents\x18\t \x03(\v2\x11.preview.v1.AgentR\x06agents\x12-\n" +
 	"\x06shares\x18\n" +
 	" \x03(\v2\x15.preview.v1.ShareLinkR\x06shares\x12)\n" +
-	"\x06queues\x18\v \x03(\v2\x11.preview.v1.QueueR\x06queues\"\xe0\x01\n" +
+	"\x06queues\x18\v \x03(\v2\x11.preview.v1.QueueR\x06queues\x125\n" +
+	"\vdb_branches\x18\f \x03(\v2\x14.preview.v1.DbBranchR\n" +
+	"dbBranches\"\xa0\x02\n" +
+	"\bDbBranch\x12\x12\n" +
+	"\x04type\x18\x01 \x01(\tR\x04type\x12\x16\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\x12\x16\n" +
+	"\x06server\x18\x03 \x01(\tR\x06server\x12\x1a\n" +
+	"\bdatabase\x18\x04 \x01(\tR\bdatabase\x12\x12\n" +
+	"\x04copy\x18\x05 \x01(\tR\x04copy\x12\x14\n" +
+	"\x05phase\x18\x06 \x01(\tR\x05phase\x12\x16\n" +
+	"\x06reason\x18\a \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\b \x01(\x03R\tsizeBytes\x12;\n" +
+	"\vsnapshot_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"snapshotAt\x12\x16\n" +
+	"\x06secret\x18\n" +
+	" \x01(\tR\x06secret\"\xe0\x01\n" +
 	"\x05Queue\x12\x19\n" +
 	"\bqueue_id\x18\x01 \x01(\tR\aqueueId\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x14\n" +
@@ -2303,13 +2549,14 @@ const file_preview_v1_preview_proto_rawDesc = "" +
 	"\x13AGENT_STATE_ROUTING\x10\x02\x12\x16\n" +
 	"\x12AGENT_STATE_FAILED\x10\x03\x12\x16\n" +
 	"\x12AGENT_STATE_CAPPED\x10\x04\x12\x17\n" +
-	"\x13AGENT_STATE_FOREIGN\x10\x052\xcb\x02\n" +
+	"\x13AGENT_STATE_FOREIGN\x10\x052\x95\x03\n" +
 	"\x0ePreviewService\x12<\n" +
 	"\x05Start\x12\x18.preview.v1.StartRequest\x1a\x19.preview.v1.StartResponse\x12?\n" +
 	"\x06AddPod\x12\x19.preview.v1.AddPodRequest\x1a\x1a.preview.v1.AddPodResponse\x12>\n" +
 	"\x06Status\x12\x19.preview.v1.StatusRequest\x1a\x17.preview.v1.StatusEvent0\x01\x12<\n" +
 	"\x05Clean\x12\x18.preview.v1.CleanRequest\x1a\x19.preview.v1.CleanResponse\x12<\n" +
-	"\x05Share\x12\x18.preview.v1.ShareRequest\x1a\x19.preview.v1.ShareResponse2J\n" +
+	"\x05Share\x12\x18.preview.v1.ShareRequest\x1a\x19.preview.v1.ShareResponse\x12H\n" +
+	"\tRefreshDb\x12\x1c.preview.v1.RefreshDbRequest\x1a\x1d.preview.v1.RefreshDbResponse2J\n" +
 	"\x0eGatewayService\x128\n" +
 	"\x05Links\x12\x18.preview.v1.GatewayHello\x1a\x13.preview.v1.LinkSet0\x012H\n" +
 	"\fAgentService\x128\n" +
@@ -2328,86 +2575,94 @@ func file_preview_v1_preview_proto_rawDescGZIP() []byte {
 }
 
 var file_preview_v1_preview_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_preview_v1_preview_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_preview_v1_preview_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_preview_v1_preview_proto_goTypes = []any{
 	(EventKind)(0),                // 0: preview.v1.EventKind
 	(Mode)(0),                     // 1: preview.v1.Mode
 	(AgentState)(0),               // 2: preview.v1.AgentState
-	(*PodRequest)(nil),            // 3: preview.v1.PodRequest
-	(*StartRequest)(nil),          // 4: preview.v1.StartRequest
-	(*StartResponse)(nil),         // 5: preview.v1.StartResponse
-	(*AddPodRequest)(nil),         // 6: preview.v1.AddPodRequest
-	(*AddPodResponse)(nil),        // 7: preview.v1.AddPodResponse
-	(*StatusRequest)(nil),         // 8: preview.v1.StatusRequest
-	(*StatusEvent)(nil),           // 9: preview.v1.StatusEvent
-	(*Environment)(nil),           // 10: preview.v1.Environment
-	(*Queue)(nil),                 // 11: preview.v1.Queue
-	(*Agent)(nil),                 // 12: preview.v1.Agent
-	(*Pod)(nil),                   // 13: preview.v1.Pod
-	(*CleanRequest)(nil),          // 14: preview.v1.CleanRequest
-	(*CleanResponse)(nil),         // 15: preview.v1.CleanResponse
-	(*CleanedEnvironment)(nil),    // 16: preview.v1.CleanedEnvironment
-	(*ShareRequest)(nil),          // 17: preview.v1.ShareRequest
-	(*ShareResponse)(nil),         // 18: preview.v1.ShareResponse
-	(*ShareLink)(nil),             // 19: preview.v1.ShareLink
-	(*GatewayHello)(nil),          // 20: preview.v1.GatewayHello
-	(*LinkSet)(nil),               // 21: preview.v1.LinkSet
-	(*GatewayLink)(nil),           // 22: preview.v1.GatewayLink
-	(*AgentHello)(nil),            // 23: preview.v1.AgentHello
-	(*RouteSet)(nil),              // 24: preview.v1.RouteSet
-	(*Route)(nil),                 // 25: preview.v1.Route
-	(*Filter)(nil),                // 26: preview.v1.Filter
-	(*FilterList)(nil),            // 27: preview.v1.FilterList
-	(*timestamppb.Timestamp)(nil), // 28: google.protobuf.Timestamp
+	(*RefreshDbRequest)(nil),      // 3: preview.v1.RefreshDbRequest
+	(*RefreshDbResponse)(nil),     // 4: preview.v1.RefreshDbResponse
+	(*PodRequest)(nil),            // 5: preview.v1.PodRequest
+	(*StartRequest)(nil),          // 6: preview.v1.StartRequest
+	(*StartResponse)(nil),         // 7: preview.v1.StartResponse
+	(*AddPodRequest)(nil),         // 8: preview.v1.AddPodRequest
+	(*AddPodResponse)(nil),        // 9: preview.v1.AddPodResponse
+	(*StatusRequest)(nil),         // 10: preview.v1.StatusRequest
+	(*StatusEvent)(nil),           // 11: preview.v1.StatusEvent
+	(*Environment)(nil),           // 12: preview.v1.Environment
+	(*DbBranch)(nil),              // 13: preview.v1.DbBranch
+	(*Queue)(nil),                 // 14: preview.v1.Queue
+	(*Agent)(nil),                 // 15: preview.v1.Agent
+	(*Pod)(nil),                   // 16: preview.v1.Pod
+	(*CleanRequest)(nil),          // 17: preview.v1.CleanRequest
+	(*CleanResponse)(nil),         // 18: preview.v1.CleanResponse
+	(*CleanedEnvironment)(nil),    // 19: preview.v1.CleanedEnvironment
+	(*ShareRequest)(nil),          // 20: preview.v1.ShareRequest
+	(*ShareResponse)(nil),         // 21: preview.v1.ShareResponse
+	(*ShareLink)(nil),             // 22: preview.v1.ShareLink
+	(*GatewayHello)(nil),          // 23: preview.v1.GatewayHello
+	(*LinkSet)(nil),               // 24: preview.v1.LinkSet
+	(*GatewayLink)(nil),           // 25: preview.v1.GatewayLink
+	(*AgentHello)(nil),            // 26: preview.v1.AgentHello
+	(*RouteSet)(nil),              // 27: preview.v1.RouteSet
+	(*Route)(nil),                 // 28: preview.v1.Route
+	(*Filter)(nil),                // 29: preview.v1.Filter
+	(*FilterList)(nil),            // 30: preview.v1.FilterList
+	(*timestamppb.Timestamp)(nil), // 31: google.protobuf.Timestamp
 }
 var file_preview_v1_preview_proto_depIdxs = []int32{
-	3,  // 0: preview.v1.StartRequest.pods:type_name -> preview.v1.PodRequest
-	10, // 1: preview.v1.StartResponse.environment:type_name -> preview.v1.Environment
-	3,  // 2: preview.v1.AddPodRequest.pod:type_name -> preview.v1.PodRequest
-	10, // 3: preview.v1.AddPodResponse.environment:type_name -> preview.v1.Environment
-	0,  // 4: preview.v1.StatusEvent.kind:type_name -> preview.v1.EventKind
-	10, // 5: preview.v1.StatusEvent.environments:type_name -> preview.v1.Environment
-	13, // 6: preview.v1.StatusEvent.pod:type_name -> preview.v1.Pod
-	28, // 7: preview.v1.Environment.created_at:type_name -> google.protobuf.Timestamp
-	28, // 8: preview.v1.Environment.expires_at:type_name -> google.protobuf.Timestamp
-	1,  // 9: preview.v1.Environment.mode:type_name -> preview.v1.Mode
-	13, // 10: preview.v1.Environment.pods:type_name -> preview.v1.Pod
-	12, // 11: preview.v1.Environment.agents:type_name -> preview.v1.Agent
-	19, // 12: preview.v1.Environment.shares:type_name -> preview.v1.ShareLink
-	11, // 13: preview.v1.Environment.queues:type_name -> preview.v1.Queue
-	2,  // 14: preview.v1.Agent.state:type_name -> preview.v1.AgentState
-	16, // 15: preview.v1.CleanResponse.removed:type_name -> preview.v1.CleanedEnvironment
-	19, // 16: preview.v1.ShareResponse.links:type_name -> preview.v1.ShareLink
-	28, // 17: preview.v1.ShareLink.created_at:type_name -> google.protobuf.Timestamp
-	28, // 18: preview.v1.ShareLink.expires_at:type_name -> google.protobuf.Timestamp
-	22, // 19: preview.v1.LinkSet.links:type_name -> preview.v1.GatewayLink
-	28, // 20: preview.v1.GatewayLink.expires_at:type_name -> google.protobuf.Timestamp
-	25, // 21: preview.v1.RouteSet.routes:type_name -> preview.v1.Route
-	1,  // 22: preview.v1.Route.mode:type_name -> preview.v1.Mode
-	26, // 23: preview.v1.Route.filter:type_name -> preview.v1.Filter
-	28, // 24: preview.v1.Route.expires_at:type_name -> google.protobuf.Timestamp
-	27, // 25: preview.v1.Filter.all_of:type_name -> preview.v1.FilterList
-	27, // 26: preview.v1.Filter.any_of:type_name -> preview.v1.FilterList
-	26, // 27: preview.v1.FilterList.filters:type_name -> preview.v1.Filter
-	4,  // 28: preview.v1.PreviewService.Start:input_type -> preview.v1.StartRequest
-	6,  // 29: preview.v1.PreviewService.AddPod:input_type -> preview.v1.AddPodRequest
-	8,  // 30: preview.v1.PreviewService.Status:input_type -> preview.v1.StatusRequest
-	14, // 31: preview.v1.PreviewService.Clean:input_type -> preview.v1.CleanRequest
-	17, // 32: preview.v1.PreviewService.Share:input_type -> preview.v1.ShareRequest
-	20, // 33: preview.v1.GatewayService.Links:input_type -> preview.v1.GatewayHello
-	23, // 34: preview.v1.AgentService.Routes:input_type -> preview.v1.AgentHello
-	5,  // 35: preview.v1.PreviewService.Start:output_type -> preview.v1.StartResponse
-	7,  // 36: preview.v1.PreviewService.AddPod:output_type -> preview.v1.AddPodResponse
-	9,  // 37: preview.v1.PreviewService.Status:output_type -> preview.v1.StatusEvent
-	15, // 38: preview.v1.PreviewService.Clean:output_type -> preview.v1.CleanResponse
-	18, // 39: preview.v1.PreviewService.Share:output_type -> preview.v1.ShareResponse
-	21, // 40: preview.v1.GatewayService.Links:output_type -> preview.v1.LinkSet
-	24, // 41: preview.v1.AgentService.Routes:output_type -> preview.v1.RouteSet
-	35, // [35:42] is the sub-list for method output_type
-	28, // [28:35] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	13, // 0: preview.v1.RefreshDbResponse.branches:type_name -> preview.v1.DbBranch
+	5,  // 1: preview.v1.StartRequest.pods:type_name -> preview.v1.PodRequest
+	12, // 2: preview.v1.StartResponse.environment:type_name -> preview.v1.Environment
+	5,  // 3: preview.v1.AddPodRequest.pod:type_name -> preview.v1.PodRequest
+	12, // 4: preview.v1.AddPodResponse.environment:type_name -> preview.v1.Environment
+	0,  // 5: preview.v1.StatusEvent.kind:type_name -> preview.v1.EventKind
+	12, // 6: preview.v1.StatusEvent.environments:type_name -> preview.v1.Environment
+	16, // 7: preview.v1.StatusEvent.pod:type_name -> preview.v1.Pod
+	31, // 8: preview.v1.Environment.created_at:type_name -> google.protobuf.Timestamp
+	31, // 9: preview.v1.Environment.expires_at:type_name -> google.protobuf.Timestamp
+	1,  // 10: preview.v1.Environment.mode:type_name -> preview.v1.Mode
+	16, // 11: preview.v1.Environment.pods:type_name -> preview.v1.Pod
+	15, // 12: preview.v1.Environment.agents:type_name -> preview.v1.Agent
+	22, // 13: preview.v1.Environment.shares:type_name -> preview.v1.ShareLink
+	14, // 14: preview.v1.Environment.queues:type_name -> preview.v1.Queue
+	13, // 15: preview.v1.Environment.db_branches:type_name -> preview.v1.DbBranch
+	31, // 16: preview.v1.DbBranch.snapshot_at:type_name -> google.protobuf.Timestamp
+	2,  // 17: preview.v1.Agent.state:type_name -> preview.v1.AgentState
+	19, // 18: preview.v1.CleanResponse.removed:type_name -> preview.v1.CleanedEnvironment
+	22, // 19: preview.v1.ShareResponse.links:type_name -> preview.v1.ShareLink
+	31, // 20: preview.v1.ShareLink.created_at:type_name -> google.protobuf.Timestamp
+	31, // 21: preview.v1.ShareLink.expires_at:type_name -> google.protobuf.Timestamp
+	25, // 22: preview.v1.LinkSet.links:type_name -> preview.v1.GatewayLink
+	31, // 23: preview.v1.GatewayLink.expires_at:type_name -> google.protobuf.Timestamp
+	28, // 24: preview.v1.RouteSet.routes:type_name -> preview.v1.Route
+	1,  // 25: preview.v1.Route.mode:type_name -> preview.v1.Mode
+	29, // 26: preview.v1.Route.filter:type_name -> preview.v1.Filter
+	31, // 27: preview.v1.Route.expires_at:type_name -> google.protobuf.Timestamp
+	30, // 28: preview.v1.Filter.all_of:type_name -> preview.v1.FilterList
+	30, // 29: preview.v1.Filter.any_of:type_name -> preview.v1.FilterList
+	29, // 30: preview.v1.FilterList.filters:type_name -> preview.v1.Filter
+	6,  // 31: preview.v1.PreviewService.Start:input_type -> preview.v1.StartRequest
+	8,  // 32: preview.v1.PreviewService.AddPod:input_type -> preview.v1.AddPodRequest
+	10, // 33: preview.v1.PreviewService.Status:input_type -> preview.v1.StatusRequest
+	17, // 34: preview.v1.PreviewService.Clean:input_type -> preview.v1.CleanRequest
+	20, // 35: preview.v1.PreviewService.Share:input_type -> preview.v1.ShareRequest
+	3,  // 36: preview.v1.PreviewService.RefreshDb:input_type -> preview.v1.RefreshDbRequest
+	23, // 37: preview.v1.GatewayService.Links:input_type -> preview.v1.GatewayHello
+	26, // 38: preview.v1.AgentService.Routes:input_type -> preview.v1.AgentHello
+	7,  // 39: preview.v1.PreviewService.Start:output_type -> preview.v1.StartResponse
+	9,  // 40: preview.v1.PreviewService.AddPod:output_type -> preview.v1.AddPodResponse
+	11, // 41: preview.v1.PreviewService.Status:output_type -> preview.v1.StatusEvent
+	18, // 42: preview.v1.PreviewService.Clean:output_type -> preview.v1.CleanResponse
+	21, // 43: preview.v1.PreviewService.Share:output_type -> preview.v1.ShareResponse
+	4,  // 44: preview.v1.PreviewService.RefreshDb:output_type -> preview.v1.RefreshDbResponse
+	24, // 45: preview.v1.GatewayService.Links:output_type -> preview.v1.LinkSet
+	27, // 46: preview.v1.AgentService.Routes:output_type -> preview.v1.RouteSet
+	39, // [39:47] is the sub-list for method output_type
+	31, // [31:39] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_preview_v1_preview_proto_init() }
@@ -2415,12 +2670,12 @@ func file_preview_v1_preview_proto_init() {
 	if File_preview_v1_preview_proto != nil {
 		return
 	}
-	file_preview_v1_preview_proto_msgTypes[11].OneofWrappers = []any{
+	file_preview_v1_preview_proto_msgTypes[14].OneofWrappers = []any{
 		(*CleanRequest_Key)(nil),
 		(*CleanRequest_Glob)(nil),
 		(*CleanRequest_AllExpired)(nil),
 	}
-	file_preview_v1_preview_proto_msgTypes[23].OneofWrappers = []any{
+	file_preview_v1_preview_proto_msgTypes[26].OneofWrappers = []any{
 		(*Filter_Header)(nil),
 		(*Filter_Path)(nil),
 		(*Filter_Method)(nil),
@@ -2434,7 +2689,7 @@ func file_preview_v1_preview_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_preview_v1_preview_proto_rawDesc), len(file_preview_v1_preview_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   25,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -24,11 +24,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	PreviewService_Start_FullMethodName  = "/preview.v1.PreviewService/Start"
-	PreviewService_AddPod_FullMethodName = "/preview.v1.PreviewService/AddPod"
-	PreviewService_Status_FullMethodName = "/preview.v1.PreviewService/Status"
-	PreviewService_Clean_FullMethodName  = "/preview.v1.PreviewService/Clean"
-	PreviewService_Share_FullMethodName  = "/preview.v1.PreviewService/Share"
+	PreviewService_Start_FullMethodName     = "/preview.v1.PreviewService/Start"
+	PreviewService_AddPod_FullMethodName    = "/preview.v1.PreviewService/AddPod"
+	PreviewService_Status_FullMethodName    = "/preview.v1.PreviewService/Status"
+	PreviewService_Clean_FullMethodName     = "/preview.v1.PreviewService/Clean"
+	PreviewService_Share_FullMethodName     = "/preview.v1.PreviewService/Share"
+	PreviewService_RefreshDb_FullMethodName = "/preview.v1.PreviewService/RefreshDb"
 )
 
 // PreviewServiceClient is the client API for PreviewService service.
@@ -55,6 +56,10 @@ type PreviewServiceClient interface {
 	// with the key added to every request. It also revokes a link, or lists
 	// an environment's links. Needs the `share` verb on previewenvironments.
 	Share(ctx context.Context, in *ShareRequest, opts ...grpc.CallOption) (*ShareResponse, error)
+	// RefreshDb takes a new snapshot of each source database the environment
+	// has a branch of: branches made from then on start from it (existing
+	// ones keep their data). Needs `update` on previewenvironments.
+	RefreshDb(ctx context.Context, in *RefreshDbRequest, opts ...grpc.CallOption) (*RefreshDbResponse, error)
 }
 
 type previewServiceClient struct {
@@ -124,6 +129,16 @@ func (c *previewServiceClient) Share(ctx context.Context, in *ShareRequest, opts
 	return out, nil
 }
 
+func (c *previewServiceClient) RefreshDb(ctx context.Context, in *RefreshDbRequest, opts ...grpc.CallOption) (*RefreshDbResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RefreshDbResponse)
+	err := c.cc.Invoke(ctx, PreviewService_RefreshDb_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PreviewServiceServer is the server API for PreviewService service.
 // All implementations must embed UnimplementedPreviewServiceServer
 // for forward compatibility.
@@ -148,6 +163,10 @@ type PreviewServiceServer interface {
 	// with the key added to every request. It also revokes a link, or lists
 	// an environment's links. Needs the `share` verb on previewenvironments.
 	Share(context.Context, *ShareRequest) (*ShareResponse, error)
+	// RefreshDb takes a new snapshot of each source database the environment
+	// has a branch of: branches made from then on start from it (existing
+	// ones keep their data). Needs `update` on previewenvironments.
+	RefreshDb(context.Context, *RefreshDbRequest) (*RefreshDbResponse, error)
 	mustEmbedUnimplementedPreviewServiceServer()
 }
 
@@ -172,6 +191,9 @@ func (UnimplementedPreviewServiceServer) Clean(context.Context, *CleanRequest) (
 }
 func (UnimplementedPreviewServiceServer) Share(context.Context, *ShareRequest) (*ShareResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Share not implemented")
+}
+func (UnimplementedPreviewServiceServer) RefreshDb(context.Context, *RefreshDbRequest) (*RefreshDbResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RefreshDb not implemented")
 }
 func (UnimplementedPreviewServiceServer) mustEmbedUnimplementedPreviewServiceServer() {}
 func (UnimplementedPreviewServiceServer) testEmbeddedByValue()                        {}
@@ -277,6 +299,24 @@ func _PreviewService_Share_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PreviewService_RefreshDb_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RefreshDbRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PreviewServiceServer).RefreshDb(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PreviewService_RefreshDb_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PreviewServiceServer).RefreshDb(ctx, req.(*RefreshDbRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PreviewService_ServiceDesc is the grpc.ServiceDesc for PreviewService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -299,6 +339,10 @@ var PreviewService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Share",
 			Handler:    _PreviewService_Share_Handler,
+		},
+		{
+			MethodName: "RefreshDb",
+			Handler:    _PreviewService_RefreshDb_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -9,13 +9,15 @@
 //! client for tests run inside pods. A browser (Accept: text/html) gets a
 //! page that calls the chain by `fetch` and over a WebSocket and shows which
 //! version answered at each hop. With `KAFKA_TOPIC` set it also consumes
-//! that topic and records what it consumed (see `kafka`).
+//! that topic and records what it consumed (see `kafka`). With
+//! `DATABASE_URL` set, `/db/…` writes and counts rows there (see `db`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod db;
 mod echo_ws;
 mod kafka;
 mod page;
@@ -76,6 +78,10 @@ enum Cmd {
         /// (empty: only logged).
         #[arg(long, env = "KAFKA_RECORD_TOPIC", default_value = "")]
         kafka_record_to: String,
+        /// A PostgreSQL URL: `/db/write?table=T` adds a row to T (its
+        /// columns' defaults), `/db/count` counts each table's rows.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
     },
     /// Send Kafka records (the topic is made if missing): ids in an `id` header.
     KafkaSend {
@@ -122,6 +128,7 @@ struct App {
     version: String,
     pod: String,
     downstream: Option<String>,
+    database_url: Option<String>,
     drop_baggage: bool,
     retry_downstream: bool,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -287,6 +294,13 @@ async fn handle(app: Arc<App>, mut req: Request<Incoming>) -> Result<Response<Fu
         }
         return Ok(resp);
     }
+    if let Some(what) = path.strip_prefix("/db/") {
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let (status, body) = db::handle(app.database_url.as_deref(), what, &query).await;
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+        *resp.status_mut() = status;
+        return Ok(resp);
+    }
     // A browser's page load: the demo page, which calls the chain itself.
     let wants_html = req.headers().get("accept").and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("text/html"));
     if wants_html && req.method() == hyper::Method::GET {
@@ -415,6 +429,7 @@ async fn main() -> anyhow::Result<()> {
             kafka_brokers,
             kafka_group,
             kafka_record_to,
+            database_url,
         } => {
             if let Some(topic) = kafka_topic {
                 let settings = kafka::Settings {
@@ -463,6 +478,7 @@ async fn main() -> anyhow::Result<()> {
                 version,
                 pod,
                 downstream,
+                database_url,
                 drop_baggage,
                 retry_downstream,
                 client: client(),

@@ -6,6 +6,7 @@
 //! (`queuesplits`). Names and labels are in `names`.
 
 pub mod agents;
+pub mod dbservers;
 pub mod names;
 pub mod objects;
 pub mod pods;

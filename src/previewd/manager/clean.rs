@@ -107,6 +107,8 @@ impl Manager {
         // go back to staging, and the last one restores the target.
         if let Some(r) = &rec {
             self.end_queues(r).await?;
+            // Its branches are dropped with it.
+            self.end_dbs(r, &[]).await?;
         }
         // Its links end with it: their URLs answer "ended" from here on.
         let reason = if why == proto::EventKind::Expired { "expired" } else { "cleaned" };
@@ -127,6 +129,7 @@ impl Manager {
     pub async fn reap(&self) -> usize {
         self.reap_links().await;
         self.refresh_queue_stats().await;
+        self.refresh_db_stats().await;
         let now = now_ms();
         let expired: Vec<Key> = {
             let view = self.view();

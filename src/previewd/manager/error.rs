@@ -4,6 +4,7 @@
 use crate::model::FieldError;
 use crate::previewd::auth::AuthError;
 use crate::previewd::cluster::KubeError;
+use crate::previewd::dbs::DbError;
 use crate::previewd::queues::QueueError;
 use crate::previewd::store::StoreError;
 
@@ -34,6 +35,15 @@ pub enum Error {
     /// A broker call failed (`field`: the split queue it is about).
     #[error("{}{source}", field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
     Queue { field: Option<String>, source: Box<QueueError> },
+    /// A source database or a branch server (`field`: the branch it is about).
+    #[error("{}{source}", field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
+    Db { field: Option<String>, source: DbError },
+}
+
+impl From<DbError> for Error {
+    fn from(source: DbError) -> Self {
+        Error::Db { field: None, source }
+    }
 }
 
 impl From<QueueError> for Error {

@@ -10,6 +10,7 @@
 
 mod authorize;
 mod clean;
+mod dbs;
 mod error;
 mod queues;
 pub mod recover;
@@ -112,6 +113,8 @@ pub struct Manager {
     ready_counts: Mutex<HashMap<String, usize>>,
     /// The running queue splitters.
     splits: crate::previewd::queues::Splits,
+    /// One lock per branch server: snapshots and drops on it, one at a time.
+    db_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What a Start or AddPod was about, for its audit line: filled in as the
@@ -143,6 +146,7 @@ impl Manager {
             auth,
             ready_counts: Mutex::new(HashMap::new()),
             splits: Default::default(),
+            db_locks: Mutex::new(HashMap::new()),
         })
     }
 

@@ -140,6 +140,20 @@ impl Manager {
         }
         if let (Ok(all), true) = (&objects, sweep) {
             for obj in all.iter().filter(|o| !known.contains(&o.key)) {
+                // No key: a branch server, which serves every environment on
+                // its source and goes with its last branch. A stray only if no
+                // live record names it.
+                if obj.key.is_empty() {
+                    if obj.kind == "pod" && !self.db_server_in_use(&obj.namespace, &obj.name) {
+                        match self.cluster.delete_db_server(&obj.namespace, &obj.name).await {
+                            Ok(()) => report.deleted.push(obj.to_string()),
+                            Err(e) => {
+                                tracing::warn!(object = %obj, error = %e, "deleting a stray branch server failed")
+                            }
+                        }
+                    }
+                    continue;
+                }
                 match self.cluster.delete_object(obj).await {
                     Ok(true) => report.deleted.push(obj.to_string()),
                     Ok(false) => {}
@@ -212,6 +226,7 @@ impl Manager {
             // Its links end with it, as in a Clean or expiry that ran whole.
             // Its split queues end as in a Clean (unread records to staging).
             self.end_queues(rec).await?;
+            self.end_dbs(rec, &[]).await?;
             let reason = if rec.deleting { "cleaned" } else { "expired" };
             let ended = rec.shares.iter().map(|l| EndedLink::of(l, reason, now_ms())).collect();
             self.store.delete_ending(&rec.key, ended).await?;
@@ -267,6 +282,7 @@ impl Manager {
             creator: String::new(),
             shares: Vec::new(),
             queues: Vec::new(),
+            dbs: Vec::new(),
         };
         let mut env = EnvStatus::new(placeholder);
         env.failure = Some(why);

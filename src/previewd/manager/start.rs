@@ -93,6 +93,7 @@ impl Manager {
         let mut planned: Vec<PodRecord> = Vec::new();
         let mut env_ns = existing.as_ref().map(|e| e.namespace.clone());
         let mut queues = Vec::new();
+        let mut dbs = Vec::new();
         for (i, (req, cfg)) in reqs.iter().zip(configs).enumerate() {
             let at = if reqs.len() > 1 { format!("pods[{i}]") } else { String::new() };
             let (ns, mut pod) = self.plan_pod(who, facts, &key, &at, req, &cfg, env_ns.as_deref()).await?;
@@ -100,6 +101,7 @@ impl Manager {
                 self.require(who, vec![Access::env("split", &ns)]).await?;
                 queues.extend(self.plan_queues(&key, &ns, &at, &cfg.queues, &mut pod).await?);
             }
+            dbs.extend(self.plan_dbs(who, &key, &ns, &at, &cfg.db_branches, &mut pod).await?);
             if planned.iter().any(|p| p.group == pod.group) {
                 let msg = format!("two pods named {:?}; give each a distinct name", pod.group);
                 return Err(FieldError::new("name", msg).within(&at).into());
@@ -130,6 +132,7 @@ impl Manager {
             creator: who.user.clone(),
             shares: Vec::new(),
             queues: Vec::new(),
+            dbs: Vec::new(),
         });
         let ttl_extended = match (is_new, ttl) {
             (true, t) => {
@@ -156,6 +159,10 @@ impl Manager {
                 (o.deployment.as_str(), o.queue_id.as_str()) != (q.deployment.as_str(), q.queue_id.as_str())
             });
             rec.queues.push(q);
+        }
+        for d in dbs {
+            rec.dbs.retain(|o| o.database != d.database);
+            rec.dbs.push(d);
         }
         rec.pending = true;
         // A Start revives an environment whose removal had begun and failed.
@@ -356,6 +363,7 @@ impl Manager {
                     for name in attempted.pod_names().filter(|n| !keep.contains(n)) {
                         self.cluster.delete_pod(&attempted.namespace, name).await?;
                     }
+                    self.end_dbs(attempted, &prev.dbs).await?;
                     self.cluster.put_owner(prev).await?;
                     Ok::<_, Error>(())
                 }
@@ -372,6 +380,8 @@ impl Manager {
     pub(super) async fn realize(&self, rec: &EnvRecord) -> Result<(), Error> {
         let owner = self.cluster.put_owner(rec).await?;
         self.pause_point("after-owner").await;
+        // Branches before pods: a preview pod's first query meets its branch.
+        self.realize_dbs(rec, &owner).await?;
         for p in &rec.pods {
             for name in &p.pod_names {
                 let pod: Pod = pods::instantiate(&p.template, name, &rec.namespace, &owner)

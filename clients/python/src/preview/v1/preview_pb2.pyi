@@ -57,6 +57,18 @@ AGENT_STATE_FAILED: AgentState
 AGENT_STATE_CAPPED: AgentState
 AGENT_STATE_FOREIGN: AgentState
 
+class RefreshDbRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class RefreshDbResponse(_message.Message):
+    __slots__ = ("branches",)
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    branches: _containers.RepeatedCompositeFieldContainer[DbBranch]
+    def __init__(self, branches: _Optional[_Iterable[_Union[DbBranch, _Mapping]]] = ...) -> None: ...
+
 class PodRequest(_message.Message):
     __slots__ = ("config", "image", "target", "namespace", "name")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -130,7 +142,7 @@ class StatusEvent(_message.Message):
     def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., sequence: _Optional[int] = ..., environments: _Optional[_Iterable[_Union[Environment, _Mapping]]] = ..., pod: _Optional[_Union[Pod, _Mapping]] = ...) -> None: ...
 
 class Environment(_message.Message):
-    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending", "failure", "agents", "shares", "queues")
+    __slots__ = ("key", "namespace", "created_at", "expires_at", "mode", "pods", "pending", "failure", "agents", "shares", "queues", "db_branches")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +154,7 @@ class Environment(_message.Message):
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
     QUEUES_FIELD_NUMBER: _ClassVar[int]
+    DB_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     key: str
     namespace: str
     created_at: _timestamp_pb2.Timestamp
@@ -153,7 +166,32 @@ class Environment(_message.Message):
     agents: _containers.RepeatedCompositeFieldContainer[Agent]
     shares: _containers.RepeatedCompositeFieldContainer[ShareLink]
     queues: _containers.RepeatedCompositeFieldContainer[Queue]
-    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ..., failure: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[ShareLink, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[Queue, _Mapping]]] = ...) -> None: ...
+    db_branches: _containers.RepeatedCompositeFieldContainer[DbBranch]
+    def __init__(self, key: _Optional[str] = ..., namespace: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[Mode, str]] = ..., pods: _Optional[_Iterable[_Union[Pod, _Mapping]]] = ..., pending: _Optional[bool] = ..., failure: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[ShareLink, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[Queue, _Mapping]]] = ..., db_branches: _Optional[_Iterable[_Union[DbBranch, _Mapping]]] = ...) -> None: ...
+
+class DbBranch(_message.Message):
+    __slots__ = ("type", "source", "server", "database", "copy", "phase", "reason", "size_bytes", "snapshot_at", "secret")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    DATABASE_FIELD_NUMBER: _ClassVar[int]
+    COPY_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_AT_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    source: str
+    server: str
+    database: str
+    copy: str
+    phase: str
+    reason: str
+    size_bytes: int
+    snapshot_at: _timestamp_pb2.Timestamp
+    secret: str
+    def __init__(self, type: _Optional[str] = ..., source: _Optional[str] = ..., server: _Optional[str] = ..., database: _Optional[str] = ..., copy: _Optional[str] = ..., phase: _Optional[str] = ..., reason: _Optional[str] = ..., size_bytes: _Optional[int] = ..., snapshot_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class Queue(_message.Message):
     __slots__ = ("queue_id", "target", "topic", "original_topic", "staging_topic", "mode", "forwarded", "lag")

@@ -60,6 +60,11 @@ class PreviewServiceStub:
                 request_serializer=preview_dot_v1_dot_preview__pb2.ShareRequest.SerializeToString,
                 response_deserializer=preview_dot_v1_dot_preview__pb2.ShareResponse.FromString,
                 _registered_method=True)
+        self.RefreshDb = channel.unary_unary(
+                '/preview.v1.PreviewService/RefreshDb',
+                request_serializer=preview_dot_v1_dot_preview__pb2.RefreshDbRequest.SerializeToString,
+                response_deserializer=preview_dot_v1_dot_preview__pb2.RefreshDbResponse.FromString,
+                _registered_method=True)
 
 
 class PreviewServiceServicer:
@@ -109,6 +114,15 @@ class PreviewServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefreshDb(self, request, context):
+        """RefreshDb takes a new snapshot of each source database the environment
+        has a branch of: branches made from then on start from it (existing
+        ones keep their data). Needs `update` on previewenvironments.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreviewServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +150,11 @@ def add_PreviewServiceServicer_to_server(servicer, server):
                     servicer.Share,
                     request_deserializer=preview_dot_v1_dot_preview__pb2.ShareRequest.FromString,
                     response_serializer=preview_dot_v1_dot_preview__pb2.ShareResponse.SerializeToString,
+            ),
+            'RefreshDb': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshDb,
+                    request_deserializer=preview_dot_v1_dot_preview__pb2.RefreshDbRequest.FromString,
+                    response_serializer=preview_dot_v1_dot_preview__pb2.RefreshDbResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,6 +293,33 @@ class PreviewService:
             '/preview.v1.PreviewService/Share',
             preview_dot_v1_dot_preview__pb2.ShareRequest.SerializeToString,
             preview_dot_v1_dot_preview__pb2.ShareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshDb(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/preview.v1.PreviewService/RefreshDb',
+            preview_dot_v1_dot_preview__pb2.RefreshDbRequest.SerializeToString,
+            preview_dot_v1_dot_preview__pb2.RefreshDbResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,11 @@
-//! The gRPC `PreviewService` and `AgentService`, and the single conversion
-//! from the manager's and authentication's errors to `tonic::Status`. The
-//! caller comes from the edge layer (`auth::layer`); each mutating call
-//! writes one audit line.
+//! The gRPC `PreviewService` and `AgentService` (`GatewayService` in
+//! `gateway`), and the single conversion from the manager's and
+//! authentication's errors to `tonic::Status`. The caller comes from the
+//! edge layer (`auth::layer`); each mutating call writes one audit line.
+
+mod gateway;
+
+pub use gateway::GatewayApi;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -18,6 +22,7 @@ use crate::model::{Key, Ttl};
 use crate::previewd::auth::proof::Prover;
 use crate::previewd::auth::{Access, AuditLine, AuthError, AuthMode, Caller};
 use crate::previewd::cluster::KubeError;
+use crate::previewd::dbs::DbError;
 use crate::previewd::manager::{AgentPlan, CleanSelector, Error, Facts, Manager, Selector};
 use crate::previewd::queues::QueueError;
 use crate::previewd::store::StoreError;
@@ -75,6 +80,11 @@ fn status_of(e: &Error) -> Status {
             Status::failed_precondition(msg)
         }
         Error::Queue { .. } => Status::unavailable(msg),
+        Error::Db { source, .. } => match source {
+            DbError::Refused(_) | DbError::Copy { .. } => Status::failed_precondition(msg),
+            DbError::Timeout { .. } => Status::deadline_exceeded(msg),
+            DbError::Unavailable { .. } | DbError::Server { .. } => Status::unavailable(msg),
+        },
     }
 }
 
@@ -309,6 +319,19 @@ impl PreviewService for Api {
         Ok(Response::new(proto::CleanResponse { removed: removed.into_iter().map(wire::cleaned).collect() }))
     }
 
+    async fn refresh_db(
+        &self,
+        req: Request<proto::RefreshDbRequest>,
+    ) -> Result<Response<proto::RefreshDbResponse>, Status> {
+        let who = caller(&req)?;
+        let key = Key::parse("key", &req.into_inner().key).map_err(Error::from)?;
+        let facts = Facts { namespace: self.manager.namespace_of(&key).unwrap_or_default(), ..Default::default() };
+        let result = self.manager.refresh_db_as(&who, &key).await;
+        audit(&who, "refresh-db", key.as_str(), &facts, &result);
+        let branches = result?.iter().map(|(b, st)| wire::db_branch(b, Some(st))).collect();
+        Ok(Response::new(proto::RefreshDbResponse { branches }))
+    }
+
     async fn share(&self, req: Request<proto::ShareRequest>) -> Result<Response<proto::ShareResponse>, Status> {
         let who = caller(&req)?;
         let req = req.into_inner();
@@ -354,62 +377,6 @@ async fn next_change<T>(
         ev = events.recv() => !matches!(ev, Err(broadcast::error::RecvError::Closed)),
         _ = stopping.changed() => false,
         _ = tx.closed() => false,
-    }
-}
-
-/// Serves `preview.v1.GatewayService`: the link set of each share gateway.
-/// The caller (a gateway's ServiceAccount) needs `watch` on
-/// `previewenvironments/shares` cluster-wide.
-pub struct GatewayApi {
-    manager: Arc<Manager>,
-    stopping: tokio::sync::watch::Receiver<bool>,
-}
-
-impl GatewayApi {
-    pub fn new(manager: Arc<Manager>, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
-        GatewayApi { manager, stopping }
-    }
-}
-
-type LinkStream = Pin<Box<dyn Stream<Item = Result<proto::LinkSet, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl proto::gateway_service_server::GatewayService for GatewayApi {
-    type LinksStream = LinkStream;
-
-    async fn links(&self, req: Request<proto::GatewayHello>) -> Result<Response<Self::LinksStream>, Status> {
-        let who = caller(&req)?;
-        let access = Access::of("watch", crate::previewd::auth::GROUP, "previewenvironments/shares", "", "");
-        if !self.manager.auth().allowed(&who, &access).await? {
-            return Err(Status::permission_denied(format!("user {:?} may not {access}", who.user)));
-        }
-        let name = req.into_inner().name;
-        tracing::info!(gateway = %name, user = %who.user, "gateway connected");
-        let (tx, rx) = mpsc::channel(4);
-        let manager = self.manager.clone();
-        let mut stopping = self.stopping.clone();
-        tokio::spawn(async move {
-            let (_, mut events) = manager.subscribe(&Selector::default());
-            let mut last = None;
-            loop {
-                match manager.link_set().await {
-                    Ok(set) if last.as_ref() != Some(&set) => {
-                        if tx.send(Ok(set.clone())).await.is_err() {
-                            break;
-                        }
-                        last = Some(set);
-                    }
-                    Ok(_) => {}
-                    // The gateway keeps its last set; the next event tries again.
-                    Err(e) => tracing::warn!(error = %e, "link set not read"),
-                }
-                if !next_change(&mut events, &mut stopping, &tx).await {
-                    break;
-                }
-            }
-            tracing::info!(gateway = %name, "gateway gone");
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 

@@ -1,0 +1,292 @@
+//! The objects of database branches: a branch server per source database
+//! (a Pod, its Service, and a Secret with its superuser's password), the
+//! Secret each environment's preview pods read their branch connection
+//! from, and reading a target's connection variables (a literal, or a
+//! ConfigMap or Secret key).
+
+use std::collections::BTreeMap;
+
+use ::kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Pod, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+use super::names::{LABEL_INSTANCE, LABEL_KEY, LABEL_MANAGED_BY, LABEL_ROLE, MANAGER};
+use super::{Cluster, KubeError, is_status};
+
+pub const ROLE_DB_SERVER: &str = "db-server";
+pub const ROLE_DB_BRANCH: &str = "db-branch";
+/// Which server a server's Pod is (its Service selects on it).
+pub const LABEL_DB_SERVER: &str = "preview.dev/db-server";
+/// The branch server image, built by `make images` from Debian's PostgreSQL 15.
+pub const POSTGRES_IMAGE: &str = "preview.local/postgres:15";
+pub const POSTGRES_PORT: u16 = 5432;
+
+/// Where a variable's value comes from, as the pod spec says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VarSource {
+    Literal(String),
+    ConfigMap {
+        name: String,
+        key: String,
+    },
+    Secret {
+        name: String,
+        key: String,
+    },
+    /// A `fieldRef` or `resourceFieldRef`: not a connection.
+    Other,
+}
+
+pub fn var_source(e: &EnvVar) -> VarSource {
+    if let Some(v) = &e.value {
+        return VarSource::Literal(v.clone());
+    }
+    let Some(from) = &e.value_from else { return VarSource::Literal(String::new()) };
+    if let Some(r) = &from.config_map_key_ref {
+        return VarSource::ConfigMap { name: r.name.clone(), key: r.key.clone() };
+    }
+    if let Some(r) = &from.secret_key_ref {
+        return VarSource::Secret { name: r.name.clone(), key: r.key.clone() };
+    }
+    VarSource::Other
+}
+
+/// A server's live address: its pod's IP once the pod runs.
+#[derive(Debug, Clone)]
+pub struct ServerState {
+    pub pod_ip: Option<String>,
+    pub ready: bool,
+    /// Why it is not running, when the kubelet says (image missing, say).
+    pub waiting: Option<String>,
+}
+
+impl Cluster {
+    /// The value of a variable from the pod spec: the literal, or the key of
+    /// the ConfigMap or Secret it names. `Ok(None)`: that object or key is
+    /// missing.
+    pub async fn var_value(&self, ns: &str, src: &VarSource) -> Result<Option<String>, KubeError> {
+        match src {
+            VarSource::Literal(v) => Ok(Some(v.clone())),
+            VarSource::ConfigMap { name, key } => {
+                let cm = Api::<ConfigMap>::namespaced(self.client.clone(), ns)
+                    .get_opt(name)
+                    .await
+                    .map_err(KubeError::api(format!("get configmap {ns}/{name}")))?;
+                Ok(cm.and_then(|c| c.data).and_then(|d| d.get(key).cloned()))
+            }
+            VarSource::Secret { name, key } => {
+                let s = Api::<Secret>::namespaced(self.client.clone(), ns)
+                    .get_opt(name)
+                    .await
+                    .map_err(KubeError::api(format!("get secret {ns}/{name}")))?;
+                Ok(s.and_then(|s| s.data)
+                    .and_then(|d| d.get(key).cloned())
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned()))
+            }
+            VarSource::Other => Ok(None),
+        }
+    }
+
+    fn db_labels(&self, role: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+            (LABEL_INSTANCE.to_string(), self.instance.clone()),
+            (LABEL_ROLE.to_string(), role.to_string()),
+        ])
+    }
+
+    /// The data of Secret `name`, if it exists.
+    pub async fn secret_data(&self, ns: &str, name: &str) -> Result<Option<BTreeMap<String, String>>, KubeError> {
+        let s = Api::<Secret>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map_err(KubeError::api(format!("get secret {ns}/{name}")))?;
+        Ok(s.map(|s| {
+            s.data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                .collect()
+        }))
+    }
+
+    /// Creates Secret `name` with `data` unless it exists; returns the data
+    /// it holds either way (a retry keeps the first password).
+    pub async fn ensure_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        owner: Option<&OwnerReference>,
+        data: BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, KubeError> {
+        if let Some(d) = self.secret_data(ns, name).await? {
+            return Ok(d);
+        }
+        let api = Api::<Secret>::namespaced(self.client.clone(), ns);
+        let s = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(labels),
+                owner_references: owner.map(|o| vec![o.clone()]),
+                ..Default::default()
+            },
+            data: Some(data.iter().map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes()))).collect()),
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &s).await {
+            Ok(_) => Ok(data),
+            // Made meanwhile by another request: theirs stands.
+            Err(e) if is_status(&e, 409) => Ok(self.secret_data(ns, name).await?.unwrap_or(data)),
+            Err(e) => Err(KubeError::Api { action: format!("create secret {ns}/{name}"), source: e }),
+        }
+    }
+
+    /// Replaces the data of an environment's branch Secret (its address).
+    pub async fn put_branch_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        key: &str,
+        owner: &OwnerReference,
+        data: BTreeMap<String, String>,
+    ) -> Result<(), KubeError> {
+        let api = Api::<Secret>::namespaced(self.client.clone(), ns);
+        let mut labels = self.db_labels(ROLE_DB_BRANCH);
+        labels.insert(LABEL_KEY.into(), key.into());
+        let s = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(labels),
+                owner_references: Some(vec![owner.clone()]),
+                ..Default::default()
+            },
+            data: Some(data.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect()),
+            ..Default::default()
+        };
+        let pp = ::kube::api::PatchParams::apply(MANAGER).force();
+        api.patch(name, &pp, &::kube::api::Patch::Apply(&s))
+            .await
+            .map_err(KubeError::api(format!("apply secret {ns}/{name}")))?;
+        Ok(())
+    }
+
+    /// The branch server's Secret (its superuser password), Service and Pod,
+    /// each made unless it exists. Returns the superuser password.
+    pub async fn ensure_db_server(&self, ns: &str, name: &str, password: String) -> Result<String, KubeError> {
+        let labels = self.db_labels(ROLE_DB_SERVER);
+        let data =
+            self.ensure_secret(ns, name, labels.clone(), None, BTreeMap::from([("password".into(), password)])).await?;
+        let password = data.get("password").cloned().unwrap_or_default();
+        let mut pod_labels = labels.clone();
+        pod_labels.insert(LABEL_DB_SERVER.into(), name.into());
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "selector": {LABEL_DB_SERVER: name},
+                "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": POSTGRES_PORT}],
+            }
+        }))
+        .expect("a Service from literal JSON");
+        match Api::<Service>::namespaced(self.client.clone(), ns).create(&PostParams::default(), &svc).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(KubeError::Api { action: format!("create service {ns}/{name}"), source: e }),
+        }
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": pod_labels},
+            "spec": {
+                "automountServiceAccountToken": false,
+                "enableServiceLinks": false,
+                "securityContext": {"runAsUser": 65534, "runAsGroup": 65534, "runAsNonRoot": true},
+                "containers": [{
+                    "name": "postgres",
+                    "image": POSTGRES_IMAGE,
+                    "imagePullPolicy": self.pull_policy.clone().unwrap_or_else(|| "IfNotPresent".into()),
+                    "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT}],
+                    "env": [{"name": "TZ", "value": "UTC"}],
+                    "readinessProbe": {"tcpSocket": {"port": POSTGRES_PORT}, "periodSeconds": 1},
+                    "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [
+                        {"name": "data", "mountPath": "/var/lib/preview-db"},
+                        {"name": "password", "mountPath": "/etc/preview-db", "readOnly": true},
+                    ],
+                }],
+                "volumes": [
+                    {"name": "data", "emptyDir": {}},
+                    {"name": "password", "secret": {"secretName": name, "defaultMode": 0o444}},
+                ],
+            }
+        }))
+        .expect("a Pod from literal JSON");
+        match Api::<Pod>::namespaced(self.client.clone(), ns).create(&PostParams::default(), &pod).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(KubeError::Api { action: format!("create pod {ns}/{name}"), source: e }),
+        }
+        Ok(password)
+    }
+
+    /// The server pod's IP and readiness; `None` when it does not exist.
+    pub async fn db_server(&self, ns: &str, name: &str) -> Result<Option<ServerState>, KubeError> {
+        let p = Api::<Pod>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map_err(KubeError::api(format!("get pod {ns}/{name}")))?;
+        Ok(p.map(|p| {
+            let st = p.status.unwrap_or_default();
+            let cs = st.container_statuses.unwrap_or_default();
+            ServerState {
+                pod_ip: st.pod_ip,
+                ready: cs.iter().all(|c| c.ready) && !cs.is_empty(),
+                waiting: cs
+                    .iter()
+                    .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+                    .map(|w| {
+                        format!("{}: {}", w.reason.clone().unwrap_or_default(), w.message.clone().unwrap_or_default())
+                    })
+                    .next(),
+            }
+        }))
+    }
+
+    /// The ClusterIP of a server's Service.
+    pub async fn db_service_ip(&self, ns: &str, name: &str) -> Result<Option<String>, KubeError> {
+        let s = Api::<Service>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map_err(KubeError::api(format!("get service {ns}/{name}")))?;
+        Ok(s.and_then(|s| s.spec?.cluster_ip).filter(|ip| !ip.is_empty() && ip != "None"))
+    }
+
+    /// Deletes a branch server: its Pod (and its data), Service and Secret.
+    pub async fn delete_db_server(&self, ns: &str, name: &str) -> Result<(), KubeError> {
+        self.delete_pod(ns, name).await?;
+        let dp = DeleteParams::default();
+        match Api::<Service>::namespaced(self.client.clone(), ns).delete(name, &dp).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(KubeError::Api { action: format!("delete service {ns}/{name}"), source: e }),
+        }
+        self.delete_secret(ns, name).await
+    }
+
+    pub async fn delete_secret(&self, ns: &str, name: &str) -> Result<(), KubeError> {
+        match Api::<Secret>::namespaced(self.client.clone(), ns).delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(KubeError::Api { action: format!("delete secret {ns}/{name}"), source: e }),
+        }
+    }
+
+    /// Names of the branch servers this instance runs in `ns`.
+    pub async fn db_servers(&self, ns: &str) -> Result<Vec<String>, KubeError> {
+        let lp = ::kube::api::ListParams::default().labels(&self.selector(&format!("{LABEL_ROLE}={ROLE_DB_SERVER}")));
+        let pods = Api::<Pod>::namespaced(self.client.clone(), ns)
+            .list_metadata(&lp)
+            .await
+            .map_err(KubeError::api(format!("list branch servers in {ns}")))?;
+        Ok(pods.items.into_iter().filter_map(|p| p.metadata.name).collect())
+    }
+}

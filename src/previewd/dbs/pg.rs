@@ -1,0 +1,433 @@
+//! PostgreSQL branches. A branch server holds, per copy mode, a snapshot
+//! database made once from the source (`pg_dump | psql`, Debian's tools),
+//! and one database per environment cloned from it with
+//! `CREATE DATABASE … TEMPLATE`, a file copy inside the server.
+//!
+//! Snapshot objects are owned by `preview_snapshot` (a superuser that
+//! cannot log in, so its objects can be handed over: the bootstrap
+//! superuser's cannot); each clone hands them to the environment's own
+//! role, which may connect to its database only.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+
+use super::DbError;
+use crate::model::db::CopyMode;
+
+/// The role that owns what a snapshot holds.
+const SNAPSHOT_OWNER: &str = "preview_snapshot";
+/// The branch server's superuser (`initdb -U`).
+pub const SUPERUSER: &str = "preview";
+/// Marks a snapshot database's comment, with when it was taken.
+const TAKEN: &str = "preview snapshot taken_ms=";
+/// How much of a failed tool's stderr an error carries.
+const STDERR_TAIL: usize = 600;
+
+/// Where a PostgreSQL database is, and who connects. Debug leaves the
+/// password out: these end up in logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgAddr {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub dbname: String,
+}
+
+impl std::fmt::Debug for PgAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+    }
+}
+
+impl PgAddr {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// `host:port/database`: what Status may show of a source.
+    pub fn source(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.dbname)
+    }
+
+    pub fn with_db(&self, dbname: &str) -> PgAddr {
+        PgAddr { dbname: dbname.into(), ..self.clone() }
+    }
+
+    /// A `postgres://` URL, for the preview pods.
+    pub fn url(&self) -> String {
+        format!("postgres://{}:{}@{}:{}/{}", self.user, self.password, self.host, self.port, self.dbname)
+    }
+
+    fn config(&self, timeout: Duration) -> Config {
+        let mut c = Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .password(&self.password)
+            .dbname(&self.dbname)
+            .connect_timeout(timeout)
+            .application_name("previewd");
+        c
+    }
+}
+
+/// The source from the target's variables: a URL (`url`), or parts. The
+/// error names what is wrong, never a value.
+pub fn from_parts(parts: &BTreeMap<String, String>, name: Option<&str>) -> Result<PgAddr, String> {
+    if let Some(url) = parts.get("url") {
+        let c: Config = url.parse().map_err(|_| "is not a PostgreSQL connection URL".to_string())?;
+        let host = match c.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            _ => return Err("names no TCP host".into()),
+        };
+        let dbname = c.get_dbname().map(str::to_string).or(name.map(str::to_string));
+        return Ok(PgAddr {
+            host,
+            port: c.get_ports().first().copied().unwrap_or(5432),
+            user: c.get_user().unwrap_or("postgres").to_string(),
+            password: c.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default(),
+            dbname: dbname.ok_or("names no database, and the branch gives no name")?,
+        });
+    }
+    let host = parts.get("host").cloned().ok_or("gives no host")?;
+    let port = match parts.get("port") {
+        Some(p) => p.trim().parse().map_err(|_| "port is not a port number".to_string())?,
+        None => 5432,
+    };
+    Ok(PgAddr {
+        host,
+        port,
+        user: parts.get("user").cloned().unwrap_or_else(|| "postgres".into()),
+        password: parts.get("password").cloned().unwrap_or_default(),
+        dbname: parts.get("database").cloned().or(name.map(str::to_string)).ok_or("gives no database")?,
+    })
+}
+
+/// Connects; the connection's task runs until the client is dropped.
+pub async fn connect(a: &PgAddr, timeout: Duration) -> Result<Client, DbError> {
+    let unavailable = |reason: String| DbError::Unavailable { addr: a.addr(), reason };
+    match tokio::time::timeout(timeout, a.config(timeout).connect(NoTls)).await {
+        Err(_) => Err(unavailable(format!("no answer within {} s", timeout.as_secs()))),
+        Ok(Err(e)) => Err(classify(&e, a).unwrap_or_else(|| unavailable(e.to_string()))),
+        Ok(Ok((client, conn))) => {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "postgres connection ended");
+                }
+            });
+            Ok(client)
+        }
+    }
+}
+
+/// A refusal by the server (credentials, database): `None` for the network.
+fn classify(e: &tokio_postgres::Error, a: &PgAddr) -> Option<DbError> {
+    let db = e.as_db_error()?;
+    let code = db.code();
+    Some(if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        DbError::Refused(format!("{} refused the credentials of user {:?}", a.addr(), a.user))
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        DbError::Refused(format!("database {:?} does not exist on {}", a.dbname, a.addr()))
+    } else {
+        DbError::Refused(format!("{} refused the connection: {}", a.addr(), db.message()))
+    })
+}
+
+/// Runs statements one by one: a multi-statement query is one implicit
+/// transaction, where CREATE and DROP DATABASE may not run.
+async fn each(c: &Client, server: &PgAddr, statements: &[String]) -> Result<(), DbError> {
+    for s in statements {
+        c.batch_execute(s).await.map_err(|e| server_err(server, e))?;
+    }
+    Ok(())
+}
+
+fn server_err(server: &PgAddr, e: tokio_postgres::Error) -> DbError {
+    let reason = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+    DbError::Server { server: server.addr(), reason }
+}
+
+/// `"name"`, for SQL and for pg_dump's patterns.
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// `schema.table` or `table`, each part quoted.
+fn table(s: &str) -> String {
+    s.split('.').map(ident).collect::<Vec<_>>().join(".")
+}
+
+/// Checks that the source answers, with the target's credentials.
+pub async fn check_source(a: &PgAddr) -> Result<(), DbError> {
+    let c = connect(a, Duration::from_secs(5)).await?;
+    c.simple_query("SELECT 1").await.map_err(|e| DbError::Refused(format!("{}: {e}", a.addr())))?;
+    Ok(())
+}
+
+/// Makes the server ready for snapshots (idempotent).
+pub async fn prepare(server: &PgAddr) -> Result<(), DbError> {
+    let c = connect(server, Duration::from_secs(5)).await?;
+    let sql = format!(
+        "DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SNAPSHOT_OWNER}') THEN \
+         CREATE ROLE {SNAPSHOT_OWNER} SUPERUSER NOLOGIN; END IF; END$$"
+    );
+    c.batch_execute(&sql).await.map_err(|e| server_err(server, e))
+}
+
+/// When snapshot `snap` was taken; `None` if it does not exist.
+pub async fn snapshot_at(server: &PgAddr, snap: &str) -> Result<Option<i64>, DbError> {
+    let c = connect(server, Duration::from_secs(5)).await?;
+    let row = c
+        .query_opt("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1", &[&snap])
+        .await
+        .map_err(|e| server_err(server, e))?;
+    Ok(row.map(|r| {
+        let comment: Option<String> = r.get(0);
+        comment.and_then(|c| c.strip_prefix(TAKEN)?.parse().ok()).unwrap_or(0)
+    }))
+}
+
+/// Takes snapshot `snap` of `src` (replacing an older one): copied into a
+/// temporary database first, renamed once whole, so a snapshot that exists
+/// is complete. Returns when it was taken. The caller holds the server's lock.
+pub async fn take_snapshot(
+    server: &PgAddr,
+    src: &PgAddr,
+    snap: &str,
+    copy: CopyMode,
+    tables: &BTreeMap<String, Option<String>>,
+) -> Result<i64, DbError> {
+    let tmp = format!("tmp_{snap}");
+    let c = connect(server, Duration::from_secs(5)).await?;
+    let t = ident(&tmp);
+    each(&c, server, &[format!("DROP DATABASE IF EXISTS {t} WITH (FORCE)"), format!("CREATE DATABASE {t}")]).await?;
+    copy_into(src, &server.with_db(&tmp), copy, tables).await.map_err(|reason| DbError::Copy {
+        source_db: src.source(),
+        server: server.addr(),
+        reason,
+    })?;
+    let taken = crate::model::now_ms();
+    let s = ident(snap);
+    each(
+        &c,
+        server,
+        &[
+            format!("DROP DATABASE IF EXISTS {s} WITH (FORCE)"),
+            format!("ALTER DATABASE {t} RENAME TO {s}"),
+            format!("COMMENT ON DATABASE {s} IS '{TAKEN}{taken}'"),
+            format!("REVOKE CONNECT, TEMPORARY ON DATABASE {s} FROM PUBLIC"),
+        ],
+    )
+    .await?;
+    Ok(taken)
+}
+
+/// Drops what a copy killed half-way left (the caller holds the server's lock).
+pub async fn drop_partial(server: &PgAddr, snap: &str) -> Result<(), DbError> {
+    let c = connect(server, Duration::from_secs(5)).await?;
+    c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&format!("tmp_{snap}"))))
+        .await
+        .map_err(|e| server_err(server, e))
+}
+
+/// Database `db`, cloned from `snap`, owned by role `db` (which may log in
+/// with `password` and connect to this database only). Idempotent.
+pub async fn make_branch(server: &PgAddr, snap: &str, db: &str, password: &str) -> Result<(), DbError> {
+    let c = connect(server, Duration::from_secs(5)).await?;
+    let e = |e| server_err(server, e);
+    // A password we made: hex, nothing to escape.
+    let verb = if c.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&db]).await.map_err(e)?.is_some() {
+        "ALTER"
+    } else {
+        "CREATE"
+    };
+    c.batch_execute(&format!("{verb} ROLE {} LOGIN PASSWORD '{password}'", ident(db))).await.map_err(e)?;
+    if c.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db]).await.map_err(e)?.is_none() {
+        let (d, s) = (ident(db), ident(snap));
+        each(
+            &c,
+            server,
+            &[
+                format!("CREATE DATABASE {d} TEMPLATE {s} OWNER {d}"),
+                format!("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC"),
+            ],
+        )
+        .await?;
+    }
+    let inside = connect(&server.with_db(db), Duration::from_secs(5)).await?;
+    inside.batch_execute(&format!("REASSIGN OWNED BY {SNAPSHOT_OWNER} TO {}", ident(db))).await.map_err(e)
+}
+
+/// Drops an environment's database and role. Idempotent.
+pub async fn drop_branch(server: &PgAddr, db: &str) -> Result<(), DbError> {
+    let c = connect(server, Duration::from_secs(5)).await?;
+    let d = ident(db);
+    each(&c, server, &[format!("DROP DATABASE IF EXISTS {d} WITH (FORCE)"), format!("DROP ROLE IF EXISTS {d}")]).await
+}
+
+/// Every database's size, in bytes, and each snapshot's time.
+pub async fn sizes(server: &PgAddr) -> Result<BTreeMap<String, (i64, Option<i64>)>, DbError> {
+    let c = connect(server, Duration::from_secs(5)).await?;
+    let rows = c
+        .query(
+            "SELECT datname, pg_database_size(oid), shobj_description(oid, 'pg_database') FROM pg_database \
+             WHERE NOT datistemplate OR datname LIKE 'snap\\_%'",
+            &[],
+        )
+        .await
+        .map_err(|e| server_err(server, e))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let comment: Option<String> = r.get(2);
+            let taken = comment.and_then(|c| c.strip_prefix(TAKEN)?.parse().ok());
+            (r.get::<_, String>(0), (r.get::<_, i64>(1), taken))
+        })
+        .collect())
+}
+
+/// Debian's tools of the server's major version, else whatever is on PATH.
+fn tool(name: &str) -> PathBuf {
+    let p = PathBuf::from("/usr/lib/postgresql/15/bin").join(name);
+    if p.exists() { p } else { PathBuf::from(name) }
+}
+
+/// A tool connected to `a` through the environment (no password on a
+/// command line), killed with previewd: a kill -9 of previewd leaves no
+/// copy running into a database that recovery drops.
+fn command(name: &str, a: &PgAddr, options: &str) -> Command {
+    let mut c = Command::new(tool(name));
+    c.env("PGHOST", &a.host)
+        .env("PGPORT", a.port.to_string())
+        .env("PGUSER", &a.user)
+        .env("PGPASSWORD", &a.password)
+        .env("PGDATABASE", &a.dbname)
+        .env("PGOPTIONS", options)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGAPPNAME", "previewd")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe, and touches nothing of ours.
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    c
+}
+
+/// `a | b`, both checked; an error is the failing side's stderr.
+async fn pipe(mut a: Command, mut b: Command) -> Result<(), String> {
+    let mut left =
+        a.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| format!("starting a dump: {e}"))?;
+    // Just spawned with a piped stdout.
+    let out: Stdio = left.stdout.take().expect("piped stdout").try_into().map_err(|e| format!("{e}"))?;
+    let right =
+        b.stdin(out).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(|e| format!("starting psql: {e}"))?;
+    let (l, r) = tokio::join!(left.wait_with_output(), right.wait_with_output());
+    let (l, r) = (l.map_err(|e| e.to_string())?, r.map_err(|e| e.to_string())?);
+    for (o, who) in [(&l, "the dump"), (&r, "the restore")] {
+        if !o.status.success() {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let err = err.trim();
+            let tail = &err[err.len().saturating_sub(STDERR_TAIL)..];
+            return Err(format!("{who} failed ({}): {tail}", o.status));
+        }
+    }
+    Ok(())
+}
+
+/// Copies what `copy` and `tables` ask from `src` into `dst` (an empty
+/// database), with mirrord's meaning: `empty` copies nothing but the listed
+/// tables (schema, and the rows their filter matches); `schema` every
+/// table's schema, and the listed tables' matching rows; `all` everything,
+/// but only the matching rows of a listed table. A table without a filter
+/// gets all its rows. The source is only read: every session on it is read-only.
+pub async fn copy_into(
+    src: &PgAddr,
+    dst: &PgAddr,
+    copy: CopyMode,
+    tables: &BTreeMap<String, Option<String>>,
+) -> Result<(), String> {
+    const READ_ONLY: &str = "-c default_transaction_read_only=on";
+    let as_owner = format!("-c role={SNAPSHOT_OWNER}");
+    let restore = || {
+        let mut c = command("psql", dst, &as_owner);
+        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
+        c
+    };
+    let dump = |args: &[String]| {
+        let mut c = command("pg_dump", src, READ_ONLY);
+        c.args(["--no-owner", "--no-acl"]).args(args);
+        c
+    };
+    if tables.is_empty() {
+        return match copy {
+            CopyMode::Empty => Ok(()),
+            CopyMode::Schema => pipe(dump(&["--schema-only".into()]), restore()).await,
+            CopyMode::All => pipe(dump(&[]), restore()).await,
+        };
+    }
+    // Schema first, then rows, then indexes and constraints (as pg_dump
+    // itself orders a restore), so filtered rows load like the rest.
+    let patterns: Vec<String> = tables.keys().map(|t| table(t)).collect();
+    let only: Vec<String> = match copy {
+        CopyMode::Empty => patterns.iter().flat_map(|p| ["-t".to_string(), p.clone()]).collect(),
+        _ => Vec::new(),
+    };
+    let section = |s: &str| [only.clone(), vec![format!("--section={s}")]].concat();
+    pipe(dump(&section("pre-data")), restore()).await?;
+    if copy == CopyMode::All {
+        let mut args = vec!["--section=data".to_string()];
+        args.extend(patterns.iter().map(|p| format!("--exclude-table-data={p}")));
+        pipe(dump(&args), restore()).await?;
+    }
+    for (t, filter) in tables {
+        let q = table(t);
+        let select = match filter {
+            Some(w) => format!("COPY (SELECT * FROM {q} WHERE {w}) TO STDOUT"),
+            None => format!("COPY {q} TO STDOUT"),
+        };
+        let mut from = command("psql", src, READ_ONLY);
+        from.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", &select]);
+        let mut into = restore();
+        into.args(["-c", &format!("COPY {q} FROM STDIN")]);
+        pipe(from, into).await.map_err(|e| format!("table {t}: {e}"))?;
+    }
+    pipe(dump(&section("post-data")), restore()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_from_a_url_or_parts() {
+        let url = BTreeMap::from([("url".to_string(), "postgres://u:p%40w@db.example:6543/orders".to_string())]);
+        let a = from_parts(&url, None).unwrap();
+        assert_eq!((a.host.as_str(), a.port, a.user.as_str(), a.dbname.as_str()), ("db.example", 6543, "u", "orders"));
+        assert_eq!(a.password, "p@w");
+        assert!(!format!("{a:?}").contains("p@w"), "Debug shows no password");
+        let parts = BTreeMap::from([("host".to_string(), "h".to_string()), ("password".to_string(), "x".to_string())]);
+        assert_eq!(from_parts(&parts, Some("orders")).unwrap().dbname, "orders");
+        assert!(from_parts(&parts, None).unwrap_err().contains("database"));
+        let bad = BTreeMap::from([("url".to_string(), "not a url at all ===".to_string())]);
+        let e = from_parts(&bad, None).unwrap_err();
+        assert!(!e.contains("==="), "the error shows no value: {e}");
+    }
+
+    #[test]
+    fn quotes_identifiers() {
+        assert_eq!(table("public.orders"), "\"public\".\"orders\"");
+        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+    }
+}

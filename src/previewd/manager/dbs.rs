@@ -1,0 +1,487 @@
+//! Database branches, the manager's side: plan an environment's branches
+//! (the target's connection variables, the caller's right to read them, a
+//! source that answers), make them (the branch server, its snapshot, the
+//! environment's clone and the Secret its pods read), and drop them (the
+//! server goes with its last branch).
+//!
+//! The source's connection is read from the target each time it is needed
+//! and never kept: not in the record, not in Status, not in logs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+use super::{Error, Manager};
+use crate::model::db::{self, Connection, DbBinding, DbBranchAsk, DbType};
+use crate::model::{DbPhase, DbStats, EnvRecord, Key, PodRecord, Target};
+use crate::previewd::auth::{Access, Caller};
+use crate::previewd::cluster::dbservers::{POSTGRES_PORT, VarSource, var_source};
+use crate::previewd::dbs::pg::{self, PgAddr};
+use crate::previewd::dbs::{DbError, new_password};
+
+fn failed(field: impl Into<String>, message: impl Into<String>) -> Error {
+    Error::FailedPrecondition { field: field.into(), message: message.into() }
+}
+
+/// (namespace, server) → (key, database, snapshot) of each branch on it.
+type BranchesByServer = BTreeMap<(String, String), Vec<(Key, String, String)>>;
+
+/// A source as read from the target: its address, and what holds it.
+struct Source {
+    addr: PgAddr,
+    container: String,
+    /// `(part, variable, where its value is)`.
+    vars: Vec<(String, String, VarSource)>,
+}
+
+impl Manager {
+    /// The branches of one pod's `feature.db_branches`, with the pod's
+    /// template pointed at them. Reads only (the target, the objects its
+    /// variables name, the source): nothing is made until the record is written.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn plan_dbs(
+        &self,
+        who: &Caller,
+        key: &Key,
+        ns: &str,
+        at: &str,
+        asks: &[DbBranchAsk],
+        pod: &mut PodRecord,
+    ) -> Result<Vec<DbBinding>, Error> {
+        let mut out = Vec::new();
+        for (i, ask) in asks.iter().enumerate() {
+            let base = if at.is_empty() {
+                format!("feature.db_branches[{i}]")
+            } else {
+                format!("{at}.feature.db_branches[{i}]")
+            };
+            if ask.db_type == DbType::MySql {
+                return Err(failed(
+                    format!("{base}.type"),
+                    "mysql and mariadb branches are not available yet; only pg",
+                ));
+            }
+            let src = self.db_source(&base, ns, &pod.target, &ask.connection, ask.name.as_deref()).await?;
+            // The caller could read what the variables name: the branch
+            // gives them no data they could not take directly.
+            let mut needs = Vec::new();
+            for (_, _, s) in &src.vars {
+                match s {
+                    VarSource::Secret { name, .. } => needs.push(Access::of("get", "", "secrets", ns, name)),
+                    VarSource::ConfigMap { name, .. } => needs.push(Access::of("get", "", "configmaps", ns, name)),
+                    _ => {}
+                }
+            }
+            self.require(who, needs).await?;
+            pg::check_source(&src.addr)
+                .await
+                .map_err(|e| Error::Db { field: Some(format!("{base}.connection")), source: e })?;
+            let server = db::server_name(ns, ask.db_type, &src.addr.source());
+            let database = db::branch_database(key, &format!("{}/{i}", pod.group));
+            let secret = db::branch_secret(&server, &database);
+            out.push(DbBinding {
+                db_type: ask.db_type,
+                group: pod.group.clone(),
+                container: src.container.clone(),
+                variables: src.vars.iter().map(|(p, v, _)| (p.clone(), v.clone())).collect(),
+                name: ask.name.clone(),
+                source: src.addr.source(),
+                server,
+                copy: ask.copy,
+                tables: ask.tables.clone(),
+                snapshot: db::snapshot_name(ask.copy, &ask.tables),
+                database,
+                secret,
+                creation_timeout_secs: ask.creation_timeout_secs,
+            });
+        }
+        // The preview pods read their branch from its Secret.
+        for b in &out {
+            for (part, var) in &b.variables {
+                set_env_from_secret(&mut pod.template, var, &b.secret, part);
+            }
+        }
+        if !out.is_empty() {
+            let replicas = pod.pod_names.len().max(1) as u32;
+            pod.pod_names = crate::previewd::cluster::pods::pod_names(&pod.group, key, &pod.template, replicas);
+        }
+        Ok(out)
+    }
+
+    /// The source a target's variables name, read now. Errors name the
+    /// variable and container, never a value.
+    async fn db_source(
+        &self,
+        base: &str,
+        ns: &str,
+        target: &Target,
+        conn: &Connection,
+        name: Option<&str>,
+    ) -> Result<Source, Error> {
+        let field = format!("{base}.connection");
+        let resolved = self.cluster.resolve(ns, target).await.map_err(|e| Error::cluster(&field, e))?;
+        let Some(resolved) = resolved else {
+            return Err(failed(field, "a branch needs a target: the source connection is read from its pod spec"));
+        };
+        let spec = resolved.template.spec.unwrap_or_default();
+        let wanted = conn.variables();
+        let explicit = match conn {
+            Connection::Url { container, .. } => container.clone(),
+            Connection::Params { .. } => None,
+        };
+        let container = match &explicit {
+            Some(c) => spec.containers.iter().find(|x| &x.name == c),
+            // The target's container first, then any that has the variables.
+            None => spec
+                .containers
+                .iter()
+                .find(|c| c.name == resolved.container)
+                .filter(|c| wanted.iter().all(|(_, v)| c.env.iter().flatten().any(|e| e.name == *v)))
+                .or_else(|| {
+                    spec.containers
+                        .iter()
+                        .find(|c| wanted.iter().all(|(_, v)| c.env.iter().flatten().any(|e| e.name == *v)))
+                }),
+        };
+        let cname = explicit.clone().unwrap_or_else(|| resolved.container.clone());
+        let Some(container) = container else {
+            let missing = wanted.first().map(|(_, v)| *v).unwrap_or_default();
+            return Err(failed(field, format!("container {cname} of {target} has no env var {missing}")));
+        };
+        let mut parts = BTreeMap::new();
+        let mut vars = Vec::new();
+        for (part, var) in wanted {
+            let Some(e) = container.env.iter().flatten().find(|e| e.name == var) else {
+                return Err(failed(field, format!("container {} of {target} has no env var {var}", container.name)));
+            };
+            let src = var_source(e);
+            let value = self.cluster.var_value(ns, &src).await.map_err(|e| Error::cluster(&field, e))?;
+            let value = value.filter(|v| !v.is_empty()).ok_or_else(|| {
+                let from = match &src {
+                    VarSource::Secret { name, key } => format!("key {key} of secret {name}, which is missing"),
+                    VarSource::ConfigMap { name, key } => format!("key {key} of configmap {name}, which is missing"),
+                    VarSource::Literal(_) => "an empty value".into(),
+                    VarSource::Other => "a field reference, not a connection".into(),
+                };
+                failed(&field, format!("env var {var} of container {} names {from}", container.name))
+            })?;
+            parts.insert(part.to_string(), value);
+            vars.push((part.to_string(), var.to_string(), src));
+        }
+        let addr = pg::from_parts(&parts, name).map_err(|m| {
+            let names: Vec<&str> = vars.iter().map(|(_, v, _)| v.as_str()).collect();
+            failed(&field, format!("env var {} of container {}: {m}", names.join(", "), container.name))
+        })?;
+        Ok(Source { addr, container: container.name.clone(), vars })
+    }
+
+    fn db_lock(&self, server: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.db_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.retain(|_, m| Arc::strong_count(m) > 1);
+        locks.entry(server.to_string()).or_default().clone()
+    }
+
+    fn set_db_stats(&self, key: &Key, database: &str, phase: DbPhase, reason: String) {
+        if let Some(e) = self.view().envs.get_mut(key) {
+            let st = e.dbs.entry(database.to_string()).or_insert(DbStats { size_bytes: -1, ..Default::default() });
+            st.phase = phase;
+            st.reason = reason;
+        }
+    }
+
+    /// Makes each recorded branch, each within its creation timeout: the
+    /// server, the snapshot (once per server and copy mode), the clone, and
+    /// the Secret the preview pods read. Idempotent (recovery runs it again).
+    pub(super) async fn realize_dbs(&self, rec: &EnvRecord, owner: &OwnerReference) -> Result<(), Error> {
+        for b in &rec.dbs {
+            self.set_db_stats(&rec.key, &b.database, DbPhase::Creating, String::new());
+            let secs = b.creation_timeout_secs;
+            let made = tokio::time::timeout(Duration::from_secs(secs), self.make_branch(rec, b, owner)).await;
+            let result = match made {
+                Ok(r) => r,
+                Err(_) => Err(Error::from(DbError::Timeout { what: format!("branch {}", b.database), secs })),
+            };
+            match result {
+                Ok(taken) => {
+                    self.set_db_stats(&rec.key, &b.database, DbPhase::Ready, String::new());
+                    if let Some(e) = self.view().envs.get_mut(&rec.key)
+                        && let Some(st) = e.dbs.get_mut(&b.database)
+                    {
+                        st.snapshot_at_ms = Some(taken);
+                    }
+                }
+                Err(e) => {
+                    self.set_db_stats(&rec.key, &b.database, DbPhase::Failed, e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The branch server's superuser address, once it answers.
+    async fn server_addr(&self, ns: &str, server: &str, deadline: Instant) -> Result<PgAddr, Error> {
+        let password = self.cluster.ensure_db_server(ns, server, new_password()).await?;
+        loop {
+            let st = self.cluster.db_server(ns, server).await?;
+            if let Some(w) = st.as_ref().and_then(|s| s.waiting.clone()).filter(|w| !w.starts_with("ContainerCreating"))
+            {
+                return Err(
+                    DbError::Server { server: server.into(), reason: format!("its pod cannot start: {w}") }.into()
+                );
+            }
+            if let Some(ip) = st.and_then(|s| s.ready.then_some(s.pod_ip).flatten()) {
+                let a = PgAddr {
+                    host: ip,
+                    port: POSTGRES_PORT,
+                    user: pg::SUPERUSER.into(),
+                    password: password.clone(),
+                    dbname: "postgres".into(),
+                };
+                match pg::prepare(&a).await {
+                    Ok(()) => return Ok(a),
+                    // Ready (its port open) before it accepts logins.
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!(server, error = %e, "branch server not answering yet")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(DbError::Server { server: server.into(), reason: "its pod is not ready".into() }.into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One branch; returns when its snapshot was taken.
+    async fn make_branch(&self, rec: &EnvRecord, b: &DbBinding, owner: &OwnerReference) -> Result<i64, Error> {
+        let ns = &rec.namespace;
+        let deadline = Instant::now() + Duration::from_secs(b.creation_timeout_secs);
+        let server = self.server_addr(ns, &b.server, deadline).await?;
+        let taken = {
+            let lock = self.db_lock(&b.server);
+            let _held = lock.lock().await;
+            match pg::snapshot_at(&server, &b.snapshot).await? {
+                Some(t) => t,
+                None => {
+                    let target = rec.pods.iter().find(|p| p.group == b.group).map(|p| p.target.clone());
+                    let target = target.ok_or_else(|| failed("feature.db_branches", format!("no pod {}", b.group)))?;
+                    let src =
+                        self.db_source("feature.db_branches", ns, &target, &b.connection(), b.name.as_deref()).await?;
+                    if src.addr.source() != b.source {
+                        return Err(failed(
+                            "feature.db_branches",
+                            format!("the target's connection changed since Start (now {})", src.addr.source()),
+                        ));
+                    }
+                    pg::take_snapshot(&server, &src.addr, &b.snapshot, b.copy, &b.tables).await?
+                }
+            }
+        };
+        let password = match self.cluster.secret_data(ns, &b.secret).await?.and_then(|d| d.get("password").cloned()) {
+            Some(p) => p,
+            None => new_password(),
+        };
+        pg::make_branch(&server, &b.snapshot, &b.database, &password).await?;
+        let host = self.cluster.db_service_ip(ns, &b.server).await?.ok_or_else(|| DbError::Server {
+            server: b.server.clone(),
+            reason: "its Service has no cluster IP".into(),
+        })?;
+        let branch =
+            PgAddr { host, port: POSTGRES_PORT, user: b.database.clone(), password, dbname: b.database.clone() };
+        let data = BTreeMap::from([
+            ("url".to_string(), branch.url()),
+            ("host".to_string(), branch.host.clone()),
+            ("port".to_string(), branch.port.to_string()),
+            ("user".to_string(), branch.user.clone()),
+            ("password".to_string(), branch.password.clone()),
+            ("database".to_string(), branch.dbname.clone()),
+        ]);
+        self.cluster.put_branch_secret(ns, &b.secret, &rec.key, owner, data).await?;
+        Ok(taken)
+    }
+
+    /// Drops an environment's branches once its pods are deleted, except
+    /// those in `keep` (a failed AddPod keeps the ones it had); the last
+    /// branch on a server deletes the server. Idempotent: a retry (or
+    /// recovery) carries on where a failed attempt stopped.
+    pub(super) async fn end_dbs(&self, rec: &EnvRecord, keep: &[DbBinding]) -> Result<(), Error> {
+        let ns = &rec.namespace;
+        for b in rec.dbs.iter().filter(|b| !keep.iter().any(|k| k.database == b.database)) {
+            let lock = self.db_lock(&b.server);
+            let _held = lock.lock().await;
+            let others = self.view().envs.values().any(|e| {
+                e.record.key != rec.key
+                    && !e.record.deleting
+                    && e.record.namespace == *ns
+                    && e.record.dbs.iter().any(|o| o.server == b.server)
+            });
+            let last = !others && !keep.iter().any(|k| k.server == b.server);
+            if last {
+                // Its data goes with its pod.
+                self.cluster.delete_db_server(ns, &b.server).await?;
+            } else if let Some(server) = self.running_server(ns, &b.server).await? {
+                pg::drop_branch(&server, &b.database).await?;
+                // Under the lock no copy runs: a half-made snapshot is a leftover.
+                pg::drop_partial(&server, &b.snapshot).await?;
+            }
+            self.cluster.delete_secret(ns, &b.secret).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a live environment has a branch on server `name` in `ns`.
+    pub(super) fn db_server_in_use(&self, ns: &str, name: &str) -> bool {
+        self.view().envs.values().any(|e| e.record.namespace == ns && e.record.dbs.iter().any(|b| b.server == name))
+    }
+
+    /// The superuser address of a server whose pod runs; `None` if it is gone.
+    async fn running_server(&self, ns: &str, server: &str) -> Result<Option<PgAddr>, Error> {
+        let Some(st) = self.cluster.db_server(ns, server).await? else { return Ok(None) };
+        let Some(ip) = st.pod_ip else { return Ok(None) };
+        let password = self.cluster.secret_data(ns, server).await?.and_then(|d| d.get("password").cloned());
+        Ok(password.map(|password| PgAddr {
+            host: ip,
+            port: POSTGRES_PORT,
+            user: pg::SUPERUSER.into(),
+            password,
+            dbname: "postgres".into(),
+        }))
+    }
+
+    /// Refreshes each branch's size and snapshot time in the view (Status).
+    /// Called by the reaper's tick; a server that does not answer keeps the
+    /// last figures.
+    pub(super) async fn refresh_db_stats(&self) {
+        let servers: BranchesByServer = {
+            let view = self.view();
+            let mut m = BranchesByServer::new();
+            for e in view.envs.values().filter(|e| !e.record.deleting) {
+                for b in &e.record.dbs {
+                    m.entry((e.record.namespace.clone(), b.server.clone())).or_default().push((
+                        e.record.key.clone(),
+                        b.database.clone(),
+                        b.snapshot.clone(),
+                    ));
+                }
+            }
+            m
+        };
+        for ((ns, server), branches) in servers {
+            tracing::debug!(server, "reading branch sizes");
+            let addr = match self.running_server(&ns, &server).await {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(server, error = %e, "branch server not read");
+                    continue;
+                }
+            };
+            // Bounded: a server that hangs must not hold up the reaper's tick
+            // (expiry runs on it too).
+            let sizes = match tokio::time::timeout(Duration::from_secs(5), pg::sizes(&addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(server, error = %e, "branch sizes not read");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!(server, "branch sizes not read within 5 s");
+                    continue;
+                }
+            };
+            tracing::debug!(server, databases = sizes.len(), branches = branches.len(), "branch sizes read");
+            let mut view = self.view();
+            for (key, database, snapshot) in branches {
+                let Some(env) = view.envs.get_mut(&key) else { continue };
+                // A settled environment's branch exists, or was lost (its
+                // server's pod was deleted, say): after a restart of previewd
+                // this is also where Ready comes back from.
+                let settled = !env.record.pending;
+                let st = env.dbs.entry(database.clone()).or_insert(DbStats { size_bytes: -1, ..Default::default() });
+                st.size_bytes = sizes.get(&database).map_or(-1, |s| s.0);
+                st.snapshot_at_ms = sizes.get(&snapshot).and_then(|s| s.1).or(st.snapshot_at_ms);
+                match (settled, sizes.contains_key(&database)) {
+                    (true, true) if st.phase == DbPhase::Creating => st.phase = DbPhase::Ready,
+                    (true, false) => {
+                        st.phase = DbPhase::Failed;
+                        st.reason = format!("database {database} is missing on branch server {server}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Takes a new snapshot for each of an environment's branches, for
+    /// `who` (`update` on previewenvironments in its namespace); branches
+    /// made from then on start from it, existing ones keep their data.
+    pub async fn refresh_db_as(&self, who: &Caller, key: &Key) -> Result<Vec<(DbBinding, DbStats)>, Error> {
+        let rec = self.view().envs.get(key).map(|e| e.record.clone()).ok_or_else(|| Error::NotFound {
+            field: "key".into(),
+            message: format!("no environment {:?}", key.as_str()),
+        })?;
+        self.require(who, vec![Access::env("update", &rec.namespace)]).await?;
+        if rec.dbs.is_empty() {
+            return Err(failed("key", format!("environment {:?} has no database branch", key.as_str())));
+        }
+        let _guard = self.lock_key(key).await;
+        for b in &rec.dbs {
+            let server = self
+                .running_server(&rec.namespace, &b.server)
+                .await?
+                .ok_or_else(|| DbError::Server { server: b.server.clone(), reason: "its pod is not running".into() })?;
+            let target = rec.pods.iter().find(|p| p.group == b.group).map(|p| p.target.clone());
+            let target = target.ok_or_else(|| failed("feature.db_branches", format!("no pod {}", b.group)))?;
+            let src = self
+                .db_source("feature.db_branches", &rec.namespace, &target, &b.connection(), b.name.as_deref())
+                .await?;
+            let lock = self.db_lock(&b.server);
+            let _held = lock.lock().await;
+            let taken = pg::take_snapshot(&server, &src.addr, &b.snapshot, b.copy, &b.tables).await?;
+            if let Some(st) = self.view().envs.get_mut(key).and_then(|e| e.dbs.get_mut(&b.database)) {
+                st.snapshot_at_ms = Some(taken);
+            }
+        }
+        let view = self.view();
+        let stats = view.envs.get(key).map(|e| e.dbs.clone()).unwrap_or_default();
+        Ok(rec.dbs.iter().map(|b| (b.clone(), stats.get(&b.database).cloned().unwrap_or_default())).collect())
+    }
+}
+
+/// Points `var` at key `key` of Secret `secret`, in every container of a
+/// pod (JSON) that has it.
+fn set_env_from_secret(pod: &mut serde_json::Value, var: &str, secret: &str, key: &str) {
+    let Some(list) = pod.pointer_mut("/spec/containers").and_then(|c| c.as_array_mut()) else { return };
+    let entry = serde_json::json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}});
+    for c in list.iter_mut() {
+        if let Some(e) =
+            c.get_mut("env").and_then(|e| e.as_array_mut()).and_then(|env| env.iter_mut().find(|e| e["name"] == var))
+        {
+            *e = entry.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_the_variable_at_the_branch_secret() {
+        let mut pod = serde_json::json!({"spec": {"containers": [
+            {"name": "app", "env": [{"name": "DATABASE_URL", "value": "postgres://staging"}, {"name": "X", "value": "1"}]},
+            {"name": "side"},
+        ]}});
+        set_env_from_secret(&mut pod, "DATABASE_URL", "s", "url");
+        assert_eq!(
+            pod["spec"]["containers"][0]["env"][0],
+            serde_json::json!({"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "s", "key": "url"}}})
+        );
+        assert_eq!(pod["spec"]["containers"][0]["env"][1]["value"], "1");
+        assert!(pod["spec"]["containers"][1].get("env").is_none());
+    }
+}

@@ -1,0 +1,311 @@
+//! Issue 17: database branches, on the real cluster and staging's real
+//! PostgreSQL (deploy/local/databases.sh, on the node address). Staging's
+//! apps and the preview pods are preview-echo in its DATABASE_URL mode,
+//! which writes and counts rows where its variable points, so every claim
+//! is counted in the databases themselves: refusals that make nothing, a
+//! `schema` branch that writes without touching staging, `all` with a table
+//! filter, two environments in one branch server, a SIGKILL of previewd in
+//! the middle of a copy, and Clean dropping databases and then the server.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use common::*;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::api::{ListParams, PostParams};
+use preview::proto;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const NODE: &str = "198.18.255.254";
+const V2: &str = "preview.local/echo:v2";
+const STAGING_PW: &str = "staging-pw";
+/// Rows of `items`: enough that a copy takes a few seconds to kill in.
+const ITEMS: i64 = 600_000;
+
+fn staging_url(db: &str, password: &str) -> String {
+    format!("postgres://staging:{password}@{NODE}:5432/{db}")
+}
+
+async fn pg(url: &str) -> Result<tokio_postgres::Client> {
+    let (c, conn) =
+        tokio_postgres::connect(url, tokio_postgres::NoTls).await.with_context(|| format!("connecting to {NODE}"))?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+/// Staging's database `db`, made afresh: customers 3, orders 5, items ITEMS.
+async fn staging_db(db: &str) -> Result<()> {
+    let admin = pg(&staging_url("orders", STAGING_PW)).await?;
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+    let c = pg(&staging_url(db, STAGING_PW)).await?;
+    c.batch_execute(&format!(
+        "CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL DEFAULT 'new');
+         CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers, total int NOT NULL DEFAULT 1);
+         CREATE TABLE items (id serial PRIMARY KEY, order_id int REFERENCES orders, sku text NOT NULL DEFAULT 'x');
+         CREATE INDEX items_sku ON items (sku);
+         INSERT INTO customers (name) SELECT 'c' || i FROM generate_series(1, 3) i;
+         INSERT INTO orders (customer_id, total) SELECT 1 + i % 3, i FROM generate_series(1, 5) i;
+         INSERT INTO items (order_id, sku) SELECT 1 + i % 5, repeat('s', 200) FROM generate_series(1, {ITEMS}) i;"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Drops a staging database when the test ends, passed or not.
+struct DropDb(String);
+
+impl Drop for DropDb {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("/usr/lib/postgresql/15/bin/psql")
+            .args([
+                "-X",
+                "-q",
+                &staging_url("orders", STAGING_PW),
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0),
+            ])
+            .status();
+    }
+}
+
+async fn counts(url: &str) -> Result<BTreeMap<String, i64>> {
+    let c = pg(url).await?;
+    let mut out = BTreeMap::new();
+    for t in ["customers", "orders", "items"] {
+        out.insert(t.to_string(), c.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await?.get(0));
+    }
+    Ok(out)
+}
+
+fn rows(c: i64, o: i64, i: i64) -> BTreeMap<String, i64> {
+    BTreeMap::from([("customers".into(), c), ("orders".into(), o), ("items".into(), i)])
+}
+
+/// A GET to a pod's preview-echo, as JSON.
+async fn get(ip: &str, path: &str) -> Result<serde_json::Value> {
+    let mut s = tokio::net::TcpStream::connect((ip, 8080)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let (head, body) = out.split_once("\r\n\r\n").context("no HTTP answer")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head} {body}");
+    Ok(serde_json::from_str(body.trim())?)
+}
+
+/// What a preview pod's `/db/count` sees: its database's name and row counts.
+async fn pod_counts(ip: &str) -> Result<(String, BTreeMap<String, i64>)> {
+    let v = get(ip, "/db/count").await?;
+    let rows: BTreeMap<String, i64> = serde_json::from_value(v["rows"].clone())?;
+    Ok((v["database"].as_str().unwrap_or_default().to_string(), rows))
+}
+
+fn branch_config(target: &str, copy: serde_json::Value) -> String {
+    json!({"target": target, "feature": {"db_branches": [{
+        "type": "pg",
+        "connection": {"url": {"type": "env", "variable": "DATABASE_URL"}},
+        "copy": copy,
+    }]}})
+    .to_string()
+}
+
+fn code(r: &Result<tonic::Response<proto::StartResponse>, tonic::Status>) -> tonic::Code {
+    r.as_ref().err().map_or(tonic::Code::Ok, |s| s.code())
+}
+
+/// The environment `key`'s one preview pod, once it serves.
+async fn preview_ip(ns: &TestNs, key: &str) -> Result<String> {
+    let pods = ready_pods(ns, &format!("preview.dev/key={key}"), 1).await?;
+    pods[0].status.as_ref().and_then(|s| s.pod_ip.clone()).context("pod IP")
+}
+
+async fn branches(c: &mut preview::cli::Client, key: &str) -> Result<Vec<proto::DbBranch>> {
+    let mut s = c.status(proto::StatusRequest { key: key.into(), ..Default::default() }).await?.into_inner();
+    let ev = s.message().await?.context("a snapshot")?;
+    Ok(ev.environments.into_iter().find(|e| e.key == key).map(|e| e.db_branches).unwrap_or_default())
+}
+
+/// The databases on a branch server, read as its superuser (the test is
+/// the cluster's admin: it reads the server's Secret).
+async fn server_databases(ns: &TestNs, server: &str) -> Result<Vec<String>> {
+    let secret = ns.api::<Secret>().get(server).await?;
+    let pw = secret.data.unwrap_or_default().get("password").map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    let pod = ns.api::<Pod>().get(server).await?;
+    let ip = pod.status.and_then(|s| s.pod_ip).context("server pod IP")?;
+    let c = pg(&format!("postgres://preview:{}@{ip}:5432/postgres", pw.unwrap_or_default())).await?;
+    let rows = c.query("SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY 1", &[]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+async fn servers(ns: &TestNs) -> Result<Vec<String>> {
+    let lp = ListParams::default().labels("preview.dev/role=db-server");
+    Ok(ns.api::<Pod>().list(&lp).await?.items.into_iter().filter_map(|p| p.metadata.name).collect())
+}
+
+/// Sessions previewd's tools hold on staging's database.
+async fn previewd_sessions(db: &str) -> Result<i64> {
+    let c = pg(&staging_url("orders", STAGING_PW)).await?;
+    Ok(c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'previewd' AND pid <> pg_backend_pid()",
+        &[&db],
+    )
+    .await?
+    .get(0))
+}
+
+#[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster and PostgreSQL: make test")]
+#[tokio::test]
+async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Result<()> {
+    let ns = TestNs::new("t-db").await?;
+    let db = format!("src_{}", ns.name.replace('-', "_"));
+    let _drop_db = DropDb(db.clone());
+    staging_db(&db).await?;
+    let source = staging_url(&db, STAGING_PW);
+    let staging = rows(3, 5, ITEMS);
+    ensure!(counts(&source).await? == staging, "staging's rows");
+
+    // orders reads a literal URL; billing the same source from a Secret.
+    echo_app(&ns, "orders", "v1", 1, &[("DATABASE_URL", &source)]).await?;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "staging-db"}, "stringData": {"url": source},
+    }))?;
+    ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+    let from_secret =
+        json!({"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "staging-db", "key": "url"}}});
+    echo_app_env(&ns, "billing", "v1", 1, vec![from_secret]).await?;
+    echo_app(&ns, "down", "v1", 1, &[("DATABASE_URL", &format!("postgres://staging:x@{NODE}:9/{db}"))]).await?;
+    echo_app(&ns, "badpw", "v1", 1, &[("DATABASE_URL", &staging_url(&db, "not-the-password"))]).await?;
+
+    let data = std::env::temp_dir().join(format!("previewd-{}", ns.name));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut previewd = spawn_previewd(&ns.name, &data, port, metrics)?;
+    let mut c = connect_when_up(&addr).await?;
+
+    // Bad input: each refused, naming what is wrong, and nothing is made.
+    let schema = json!({"mode": "schema"});
+    let bad_type = json!({"target": "deployment/orders", "feature": {"db_branches": [{"type": "oracle", "connection": {"type": "env", "url": "DATABASE_URL"}}]}});
+    let r = c.start(start_req(&bad_type.to_string(), V2, "bad1")).await;
+    ensure!(code(&r) == tonic::Code::InvalidArgument, "unknown type: {r:?}");
+    ensure!(r.as_ref().unwrap_err().message().contains("feature.db_branches[0].type"), "{r:?}");
+    let no_var = json!({"target": "deployment/orders", "feature": {"db_branches": [{"type": "pg", "connection": {"type": "env", "url": "NOPE_URL"}}]}});
+    let r = c.start(start_req(&no_var.to_string(), V2, "bad2")).await;
+    ensure!(code(&r) == tonic::Code::FailedPrecondition, "missing variable: {r:?}");
+    let m = r.as_ref().unwrap_err().message();
+    ensure!(m.contains("NOPE_URL") && m.contains("container app"), "names the variable and container: {m}");
+    let r = c.start(start_req(&branch_config("deployment/down", schema.clone()), V2, "bad3")).await;
+    ensure!(code(&r) == tonic::Code::Unavailable, "unreachable source: {r:?}");
+    ensure!(r.as_ref().unwrap_err().message().contains(&format!("{NODE}:9 ")), "names host:port: {r:?}");
+    let r = c.start(start_req(&branch_config("deployment/badpw", schema.clone()), V2, "bad4")).await;
+    ensure!(code(&r) == tonic::Code::FailedPrecondition, "wrong credentials: {r:?}");
+    let m = r.as_ref().unwrap_err().message();
+    ensure!(m.contains("credentials") && !m.contains("not-the-password"), "no secret shown: {m}");
+    ensure!(env_objects(&ns, &Default::default()).await?.is_empty(), "a refused Start left an environment");
+    ensure!(servers(&ns).await?.is_empty(), "a refused Start made a branch server");
+
+    // k1: a schema branch. Its pod writes there; staging is untouched.
+    let started = c.start(start_req(&branch_config("deployment/orders", schema.clone()), V2, "k1")).await?.into_inner();
+    let b1 = started.environment.context("environment")?.db_branches;
+    ensure!(b1.len() == 1 && b1[0].phase == "Ready", "Start returns once the branch is ready: {b1:?}");
+    ensure!(!format!("{b1:?}").contains(STAGING_PW), "Status shows no source password: {b1:?}");
+    ensure!(b1[0].source == format!("{NODE}:5432/{db}"), "{b1:?}");
+    let ip1 = preview_ip(&ns, "k1").await?;
+    let (name, before) = pod_counts(&ip1).await?;
+    ensure!(name == b1[0].database, "k1's pod uses its branch {}, not {name}", b1[0].database);
+    ensure!(before == rows(0, 0, 0), "schema only: every table, no rows: {before:?}");
+    for _ in 0..2 {
+        get(&ip1, "/db/write?table=orders").await?;
+    }
+    ensure!(pod_counts(&ip1).await?.1 == rows(0, 2, 0), "k1's writes land in its branch");
+    ensure!(counts(&source).await? == staging, "staging's rows are unchanged by k1's writes");
+
+    // k2: `all`, with a filter on items, from the Secret: the same server.
+    let all_filtered = json!({"mode": "all", "tables": {"items": {"filter": "id <= 2"}}});
+    let started = c.start(start_req(&branch_config("deployment/billing", all_filtered), V2, "k2")).await?.into_inner();
+    let b2 = started.environment.context("environment")?.db_branches;
+    ensure!(b2.len() == 1 && b2[0].phase == "Ready", "{b2:?}");
+    ensure!(b2[0].server == b1[0].server && b2[0].database != b1[0].database, "one server, two databases");
+    let ip2 = preview_ip(&ns, "k2").await?;
+    ensure!(pod_counts(&ip2).await?.1 == rows(3, 5, 2), "all rows, but only items with id <= 2");
+    ensure!(servers(&ns).await? == vec![b1[0].server.clone()], "one branch server pod for the source");
+    let dbs = server_databases(&ns, &b1[0].server).await?;
+    ensure!(dbs.contains(&b1[0].database) && dbs.contains(&b2[0].database), "{dbs:?}");
+
+    // Status shows each branch's size (read by the reaper's tick).
+    let size = eventually("k1's size in Status", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move {
+            let b = branches(&mut c, "k1").await?;
+            match b.first().filter(|b| b.size_bytes > 0) {
+                Some(b) => Ok(Some(b.size_bytes)),
+                None => Err(anyhow::anyhow!("k1's branches: {b:?}")),
+            }
+        }
+    })
+    .await?;
+    ensure!(size > 0, "k1's size: {size}");
+
+    // k3: `all` (a new snapshot). previewd is killed with SIGKILL while it
+    // copies; restarted, it finishes the branch, and leaves nothing behind.
+    let cfg3 = branch_config("deployment/orders", json!({"mode": "all"}));
+    let mut c3 = connect(&addr).await?;
+    let start3 = tokio::spawn(async move { c3.start(start_req(&cfg3, V2, "k3")).await });
+    let server = b1[0].server.clone();
+    eventually("a copy into a snapshot to be under way", Duration::from_secs(60), || async {
+        let dbs = server_databases(&ns, &server).await?;
+        Ok((dbs.iter().any(|d| d.starts_with("tmp_snap_all")) && previewd_sessions(&db).await? > 0).then_some(()))
+    })
+    .await?;
+    previewd.0.kill()?;
+    previewd.0.wait()?;
+    ensure!(start3.await?.is_err(), "the killed Start did not answer");
+    previewd = spawn_previewd(&ns.name, &data, port, metrics)?;
+    let mut c = connect_when_up(&addr).await?;
+    let b3 = eventually("k3's branch to be made by recovery", Duration::from_secs(120), || {
+        let mut c = c.clone();
+        async move {
+            let b = branches(&mut c, "k3").await?;
+            match b.first().filter(|b| b.phase == "Ready") {
+                Some(b) => Ok(Some(b.clone())),
+                None => Err(anyhow::anyhow!("k3's branches: {b:?}")),
+            }
+        }
+    })
+    .await?;
+    let ip3 = preview_ip(&ns, "k3").await?;
+    ensure!(pod_counts(&ip3).await?.1 == staging, "k3: every row");
+    let dbs = server_databases(&ns, &server).await?;
+    ensure!(!dbs.iter().any(|d| d.starts_with("tmp_")), "no half-made snapshot is left: {dbs:?}");
+    ensure!(previewd_sessions(&db).await? == 0, "no dump of the killed previewd still reads staging");
+    ensure!(b3.snapshot_at.is_some(), "the snapshot's time is shown: {b3:?}");
+    let size = eventually("k3's size in Status", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { Ok(branches(&mut c, "k3").await?.first().map(|b| b.size_bytes).filter(|s| *s > 0)) }
+    })
+    .await?;
+    ensure!(size > 1 << 20, "k3 holds every row: {size} bytes");
+
+    // Clean drops each database; the last branch takes the server with it.
+    c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key("k1".into())) }).await?;
+    let dbs = server_databases(&ns, &server).await?;
+    ensure!(!dbs.contains(&b1[0].database) && dbs.contains(&b2[0].database), "k1's database dropped: {dbs:?}");
+    for k in ["k2", "k3"] {
+        c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key(k.into())) }).await?;
+    }
+    eventually("the branch server to go", Duration::from_secs(60), || async {
+        let svc = ns.api::<Service>().get_opt(&server).await?;
+        let secret = ns.api::<Secret>().get_opt(&server).await?;
+        Ok((servers(&ns).await?.is_empty() && svc.is_none() && secret.is_none()).then_some(()))
+    })
+    .await?;
+    let lp = ListParams::default().labels("preview.dev/role=db-branch");
+    ensure!(ns.api::<Secret>().list(&lp).await?.items.is_empty(), "no branch Secret is left");
+    ensure!(counts(&source).await? == staging, "staging's rows are unchanged at the end");
+    drop(previewd);
+    Ok(())
+}
