@@ -54,11 +54,19 @@ AGENT_TOOLS := /usr/sbin/xtables-nft-multi=/usr/bin/iptables-nft \
   $(foreach x,standard tcp REDIRECT owner mark comment conntrack,$(XT)/libxt_$(x).so)
 
 # The branch server (database branches): Debian's PostgreSQL 15 server,
-# its modules (but the LLVM JIT's), its share files and the UTC zone.
+# its modules (but the LLVM JIT's), its share files and the UTC zone, and a
+# data directory initdb made (the entrypoint copies it: faster than initdb).
 PG := /usr/lib/postgresql/15
-PG_FILES = $(PG)/bin/postgres $(PG)/bin/initdb \
+PG_FILES = $(PG)/bin/postgres /bin/cp /bin/chmod /bin/mv \
   $(filter-out $(PG)/lib/llvmjit.so,$(wildcard $(PG)/lib/*.so)) /usr/share/postgresql/15 \
   /usr/share/zoneinfo/UTC /usr/share/zoneinfo/Etc/UTC /usr/share/zoneinfo/GMT
+
+# The MariaDB branch server: Debian's MariaDB 10.11 server, its messages,
+# character sets and the system tables' SQL (as mariadb-install-db feeds it).
+MY_SHARE := /usr/share/mysql
+MY_FILES = /usr/sbin/mariadbd $(MY_SHARE)/english $(MY_SHARE)/charsets \
+  $(foreach f,mysql_system_tables mysql_performance_tables mysql_system_tables_data maria_add_gis_sp_bootstrap,$(MY_SHARE)/$(f).sql) \
+  /bin/cat
 
 # Images from local files, imported into the cluster's containerd.
 images: build cluster-up
@@ -70,10 +78,15 @@ images: build cluster-up
 	  $(RELEASE)/previewd=/usr/local/bin/previewd $(RELEASE)/preview=/usr/local/bin/preview >/dev/null
 	deploy/local/image.sh build $(IMAGES)/agent.tar preview.local/agent:dev /usr/local/bin/preview-agent \
 	  $(RELEASE)/preview-agent=/usr/local/bin/preview-agent $(AGENT_TOOLS) >/dev/null
+	deploy/local/db/postgres-template.sh $(IMAGES)/pg-data
 	deploy/local/image.sh build $(IMAGES)/postgres.tar preview.local/postgres:15 /usr/local/bin/postgres-server \
-	  --env TZ=UTC deploy/local/db/postgres-server.sh=/usr/local/bin/postgres-server /bin/dash=/bin/sh $(PG_FILES) >/dev/null
+	  --env TZ=UTC deploy/local/db/postgres-server.sh=/usr/local/bin/postgres-server /bin/dash=/bin/sh $(PG_FILES) \
+	  $(IMAGES)/pg-data=/usr/share/preview-db/pg-data >/dev/null
+	deploy/local/image.sh build $(IMAGES)/mariadb.tar preview.local/mariadb:10.11 /usr/local/bin/mariadb-server \
+	  --env TZ=UTC deploy/local/db/mariadb-server.sh=/usr/local/bin/mariadb-server /bin/dash=/bin/sh $(MY_FILES) >/dev/null
 	CONTAINERD_ADDRESS=/run/preview-cluster/containerd/containerd.sock deploy/local/image.sh import \
-	  $(IMAGES)/echo-v1.tar $(IMAGES)/echo-v2.tar $(IMAGES)/previewd.tar $(IMAGES)/agent.tar $(IMAGES)/postgres.tar
+	  $(IMAGES)/echo-v1.tar $(IMAGES)/echo-v2.tar $(IMAGES)/previewd.tar $(IMAGES)/agent.tar $(IMAGES)/postgres.tar \
+	  $(IMAGES)/mariadb.tar
 
 tools: deps         ## pinned generators, grpcurl and the Python test venv (cached)
 	clients/tools.sh

@@ -13,12 +13,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use common::db::*;
 use common::*;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{ListParams, PostParams};
 use preview::proto;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NODE: &str = "198.18.255.254";
 const V2: &str = "preview.local/echo:v2";
@@ -82,68 +82,13 @@ async fn counts(url: &str) -> Result<BTreeMap<String, i64>> {
     Ok(out)
 }
 
-fn rows(c: i64, o: i64, i: i64) -> BTreeMap<String, i64> {
-    BTreeMap::from([("customers".into(), c), ("orders".into(), o), ("items".into(), i)])
-}
-
-/// A GET to a pod's preview-echo, as JSON.
-async fn get(ip: &str, path: &str) -> Result<serde_json::Value> {
-    let mut s = tokio::net::TcpStream::connect((ip, 8080)).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let (head, body) = out.split_once("\r\n\r\n").context("no HTTP answer")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head} {body}");
-    Ok(serde_json::from_str(body.trim())?)
-}
-
-/// What a preview pod's `/db/count` sees: its database's name and row counts.
-async fn pod_counts(ip: &str) -> Result<(String, BTreeMap<String, i64>)> {
-    let v = get(ip, "/db/count").await?;
-    let rows: BTreeMap<String, i64> = serde_json::from_value(v["rows"].clone())?;
-    Ok((v["database"].as_str().unwrap_or_default().to_string(), rows))
-}
-
-fn branch_config(target: &str, copy: serde_json::Value) -> String {
-    json!({"target": target, "feature": {"db_branches": [{
-        "type": "pg",
-        "connection": {"url": {"type": "env", "variable": "DATABASE_URL"}},
-        "copy": copy,
-    }]}})
-    .to_string()
-}
-
-fn code(r: &Result<tonic::Response<proto::StartResponse>, tonic::Status>) -> tonic::Code {
-    r.as_ref().err().map_or(tonic::Code::Ok, |s| s.code())
-}
-
-/// The environment `key`'s one preview pod, once it serves.
-async fn preview_ip(ns: &TestNs, key: &str) -> Result<String> {
-    let pods = ready_pods(ns, &format!("preview.dev/key={key}"), 1).await?;
-    pods[0].status.as_ref().and_then(|s| s.pod_ip.clone()).context("pod IP")
-}
-
-async fn branches(c: &mut preview::cli::Client, key: &str) -> Result<Vec<proto::DbBranch>> {
-    let mut s = c.status(proto::StatusRequest { key: key.into(), ..Default::default() }).await?.into_inner();
-    let ev = s.message().await?.context("a snapshot")?;
-    Ok(ev.environments.into_iter().find(|e| e.key == key).map(|e| e.db_branches).unwrap_or_default())
-}
-
 /// The databases on a branch server, read as its superuser (the test is
 /// the cluster's admin: it reads the server's Secret).
 async fn server_databases(ns: &TestNs, server: &str) -> Result<Vec<String>> {
-    let secret = ns.api::<Secret>().get(server).await?;
-    let pw = secret.data.unwrap_or_default().get("password").map(|b| String::from_utf8_lossy(&b.0).into_owned());
-    let pod = ns.api::<Pod>().get(server).await?;
-    let ip = pod.status.and_then(|s| s.pod_ip).context("server pod IP")?;
-    let c = pg(&format!("postgres://preview:{}@{ip}:5432/postgres", pw.unwrap_or_default())).await?;
+    let (pw, ip) = server_login(ns, server).await?;
+    let c = pg(&format!("postgres://preview:{pw}@{ip}:5432/postgres")).await?;
     let rows = c.query("SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY 1", &[]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-async fn servers(ns: &TestNs) -> Result<Vec<String>> {
-    let lp = ListParams::default().labels("preview.dev/role=db-server");
-    Ok(ns.api::<Pod>().list(&lp).await?.items.into_iter().filter_map(|p| p.metadata.name).collect())
 }
 
 /// Sessions previewd's tools hold on staging's database.
@@ -198,10 +143,10 @@ async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Res
     ensure!(code(&r) == tonic::Code::FailedPrecondition, "missing variable: {r:?}");
     let m = r.as_ref().unwrap_err().message();
     ensure!(m.contains("NOPE_URL") && m.contains("container app"), "names the variable and container: {m}");
-    let r = c.start(start_req(&branch_config("deployment/down", schema.clone()), V2, "bad3")).await;
+    let r = c.start(start_req(&branch_config("pg", "deployment/down", schema.clone()), V2, "bad3")).await;
     ensure!(code(&r) == tonic::Code::Unavailable, "unreachable source: {r:?}");
     ensure!(r.as_ref().unwrap_err().message().contains(&format!("{NODE}:9 ")), "names host:port: {r:?}");
-    let r = c.start(start_req(&branch_config("deployment/badpw", schema.clone()), V2, "bad4")).await;
+    let r = c.start(start_req(&branch_config("pg", "deployment/badpw", schema.clone()), V2, "bad4")).await;
     ensure!(code(&r) == tonic::Code::FailedPrecondition, "wrong credentials: {r:?}");
     let m = r.as_ref().unwrap_err().message();
     ensure!(m.contains("credentials") && !m.contains("not-the-password"), "no secret shown: {m}");
@@ -209,7 +154,8 @@ async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Res
     ensure!(servers(&ns).await?.is_empty(), "a refused Start made a branch server");
 
     // k1: a schema branch. Its pod writes there; staging is untouched.
-    let started = c.start(start_req(&branch_config("deployment/orders", schema.clone()), V2, "k1")).await?.into_inner();
+    let started =
+        c.start(start_req(&branch_config("pg", "deployment/orders", schema.clone()), V2, "k1")).await?.into_inner();
     let b1 = started.environment.context("environment")?.db_branches;
     ensure!(b1.len() == 1 && b1[0].phase == "Ready", "Start returns once the branch is ready: {b1:?}");
     ensure!(!format!("{b1:?}").contains(STAGING_PW), "Status shows no source password: {b1:?}");
@@ -226,7 +172,8 @@ async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Res
 
     // k2: `all`, with a filter on items, from the Secret: the same server.
     let all_filtered = json!({"mode": "all", "tables": {"items": {"filter": "id <= 2"}}});
-    let started = c.start(start_req(&branch_config("deployment/billing", all_filtered), V2, "k2")).await?.into_inner();
+    let started =
+        c.start(start_req(&branch_config("pg", "deployment/billing", all_filtered), V2, "k2")).await?.into_inner();
     let b2 = started.environment.context("environment")?.db_branches;
     ensure!(b2.len() == 1 && b2[0].phase == "Ready", "{b2:?}");
     ensure!(b2[0].server == b1[0].server && b2[0].database != b1[0].database, "one server, two databases");
@@ -252,7 +199,7 @@ async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Res
 
     // k3: `all` (a new snapshot). previewd is killed with SIGKILL while it
     // copies; restarted, it finishes the branch, and leaves nothing behind.
-    let cfg3 = branch_config("deployment/orders", json!({"mode": "all"}));
+    let cfg3 = branch_config("pg", "deployment/orders", json!({"mode": "all"}));
     let mut c3 = connect(&addr).await?;
     let start3 = tokio::spawn(async move { c3.start(start_req(&cfg3, V2, "k3")).await });
     let server = b1[0].server.clone();

@@ -4,6 +4,7 @@
 # orders with a v2 image; then show a request without the key (all v1), one
 # with it (orders answered by v2), the same through the environment's share
 # link (preview-gateway), the preview's own branch of staging's orders
+# database (PostgreSQL), a preview of payments with a branch of its MariaDB
 # database, Kafka records split by the key (order-events), and the status
 # table.
 set -euo pipefail
@@ -36,7 +37,15 @@ PGPASSWORD="${PREVIEW_DB_PASSWORD:-staging-pw}" /usr/lib/postgresql/15/bin/psql 
 CREATE TABLE IF NOT EXISTS orders (id serial PRIMARY KEY, item text NOT NULL DEFAULT 'from a preview', at timestamptz NOT NULL DEFAULT now());
 INSERT INTO orders (item) SELECT 'staging order ' || i FROM generate_series(1, 3) i WHERE NOT EXISTS (SELECT 1 FROM orders);
 SQL
+# Staging's payments database, on MariaDB (the same script), with 2 payments.
+MYSQL_PWD="${PREVIEW_DB_PASSWORD:-staging-pw}" mariadb --no-defaults --protocol=TCP -h "$NODE_IP" -u staging orders <<'SQL'
+CREATE TABLE IF NOT EXISTS payments (id INT AUTO_INCREMENT PRIMARY KEY, amount INT NOT NULL DEFAULT 1, at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);
+INSERT INTO payments (amount) SELECT seq * 10 FROM seq_1_to_2 WHERE NOT EXISTS (SELECT 1 FROM payments);
+SQL
 "$KUBECTL" create namespace demo --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
+"$KUBECTL" -n demo create secret generic payments-db \
+  --from-literal=url="mysql://staging:${PREVIEW_DB_PASSWORD:-staging-pw}@$NODE_IP:3306/orders" \
+  --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
 "$KUBECTL" -n demo create secret generic orders-db \
   --from-literal=url="postgres://staging:${PREVIEW_DB_PASSWORD:-staging-pw}@$NODE_IP:5432/orders" \
   --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
@@ -100,6 +109,17 @@ STAGING_IP=$("$KUBECTL" -n demo get pod -l 'app=orders,!preview.dev/key' -o json
 "$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/write?table=orders" >/dev/null
 "$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/write?table=orders" >/dev/null
 echo "orders v2 wrote 2 orders to its database branch (GET /db/write twice); rows per table:"
+echo "  preview (v2): $("$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/count")"
+echo "  staging (v1): $("$BIN/preview-echo" get "http://$STAGING_IP:8080/db/count")"
+echo
+echo "\$ preview add-pod --key demo -f deploy/demo/payments-preview.yaml --image preview.local/echo:v2"
+echo "  (payments v2 with a branch of staging's MariaDB database)"
+"$BIN/preview" add-pod --key demo -f "$HERE/payments-preview.yaml" --image preview.local/echo:v2 >/dev/null
+"$KUBECTL" -n demo wait --for=condition=Ready pod -l preview.dev/key=demo,preview.dev/group=payments --timeout=90s >/dev/null
+PREVIEW_IP=$("$KUBECTL" -n demo get pod -l preview.dev/key=demo,preview.dev/group=payments -o jsonpath='{.items[0].status.podIP}')
+STAGING_IP=$("$KUBECTL" -n demo get pod -l 'app=payments,!preview.dev/key' -o jsonpath='{.items[0].status.podIP}')
+"$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/write?table=payments" >/dev/null
+echo "payments v2 wrote a payment to its branch (GET /db/write); rows per table:"
 echo "  preview (v2): $("$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/count")"
 echo "  staging (v1): $("$BIN/preview-echo" get "http://$STAGING_IP:8080/db/count")"
 echo

@@ -83,8 +83,20 @@ pg_down() {
   fi
 }
 
+# Staging's user, and its database (idempotent). It may also make the
+# tests' source databases (src_*, bench_*), as an app's owner could.
+my_users() {
+  mariadb --socket="$MY_RUN/mysql.sock" -uroot <<EOF
+CREATE USER IF NOT EXISTS 'staging'@'%' IDENTIFIED BY '$PASSWORD';
+CREATE DATABASE IF NOT EXISTS orders;
+GRANT ALL ON orders.* TO 'staging'@'%';
+GRANT ALL ON \`src\\_%\`.* TO 'staging'@'%';
+GRANT ALL ON \`bench\\_%\`.* TO 'staging'@'%';
+EOF
+}
+
 my_up() {
-  if my_alive && answers "$MY_PORT"; then log "mariadb already running on $NODE_IP:$MY_PORT"; return 0; fi
+  if my_alive && answers "$MY_PORT"; then my_users; log "mariadb already running on $NODE_IP:$MY_PORT"; return 0; fi
   mkdir -p "$STATE" && chmod 755 "$STATE"
   local fresh=
   if [ ! -d "$MY_DATA/mysql" ]; then
@@ -103,11 +115,7 @@ my_up() {
     [ "$(date +%s)" -lt "$end" ] || { tail -20 "$MY_RUN/mysql.log" >&2 || true; die "mariadb did not listen on $NODE_IP:$MY_PORT within 60 s"; }
     sleep 0.5
   done
-  mariadb --socket="$MY_RUN/mysql.sock" -uroot <<EOF
-CREATE USER IF NOT EXISTS 'staging'@'%' IDENTIFIED BY '$PASSWORD';
-CREATE DATABASE IF NOT EXISTS orders;
-GRANT ALL ON orders.* TO 'staging'@'%';
-EOF
+  my_users
   [ -n "$fresh" ] && log "mariadb initialised in $MY_DATA"
   log "mariadb running (pid $(cat "$MY_PIDF")) on $NODE_IP:$MY_PORT"
 }

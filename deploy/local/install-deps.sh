@@ -5,6 +5,7 @@ PKGS=(containerd runc containernetworking-plugins iptables conntrack etcd-server
       openssl curl gcc g++ zlib1g-dev libc6-dev make python3-venv nginx-light
       libnginx-mod-stream  # nginx: the agent benchmark's peer; its stream module is the byte-copy floor
       postgresql-15 postgresql-client-15  # database branches: the branch server image and pg_dump/psql
+      mariadb-server-core mariadb-client  # the same for MariaDB/MySQL branches: mariadbd, mariadb-dump/mariadb
       chromium)  # the share-link test opens links in headless Chromium (playwright-core: clients/tools.sh)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -15,7 +15,7 @@ pub const MAX_TABLES: usize = 64;
 /// The longest table filter (a `WHERE` clause), in bytes.
 pub const MAX_FILTER_LEN: usize = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DbType {
     Postgres,

@@ -3,6 +3,7 @@
 //! an in-process previewd.
 #![allow(dead_code)]
 
+pub mod db;
 pub mod e2e;
 pub mod gateway;
 pub mod netns;

@@ -1,7 +1,8 @@
 //! The DATABASE_URL mode: lets a test tell which database a pod uses.
 //! `/db/write?table=T` inserts one row into T (every column its default),
-//! `/db/count` counts the rows of every table of schema `public`. A
-//! connection per request: this is a test app, not a pool.
+//! `/db/count` counts the rows of every table (PostgreSQL: of schema
+//! `public`; MySQL: of the URL's database). `postgres://` and `mysql://`
+//! URLs. A connection per request: this is a test app, not a pool.
 
 use hyper::StatusCode;
 use serde_json::{Value, json};
@@ -16,7 +17,19 @@ pub async fn handle(url: Option<&str>, what: &str, query: &str) -> (StatusCode, 
     }
 }
 
+/// `?table=T`, a plain lowercase name.
+fn table(query: &str) -> Result<&str, (StatusCode, String)> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("table="))
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+        .ok_or((StatusCode::BAD_REQUEST, "table: expected ?table=<lowercase name>".to_string()))
+}
+
 async fn run(url: &str, what: &str, query: &str) -> Result<Value, (StatusCode, String)> {
+    if url.starts_with("mysql://") {
+        return run_mysql(url, what, query).await;
+    }
     let unavailable = |e: tokio_postgres::Error| {
         let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
         (StatusCode::SERVICE_UNAVAILABLE, msg)
@@ -25,13 +38,7 @@ async fn run(url: &str, what: &str, query: &str) -> Result<Value, (StatusCode, S
     tokio::spawn(conn);
     match what {
         "write" => {
-            let table = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("table="))
-                .filter(|t| {
-                    !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-                })
-                .ok_or((StatusCode::BAD_REQUEST, "table: expected ?table=<lowercase name>".to_string()))?;
+            let table = table(query)?;
             client.execute(&format!("INSERT INTO \"{table}\" DEFAULT VALUES"), &[]).await.map_err(unavailable)?;
             Ok(json!({"wrote": table}))
         }
@@ -56,4 +63,40 @@ async fn run(url: &str, what: &str, query: &str) -> Result<Value, (StatusCode, S
         }
         _ => Err((StatusCode::NOT_FOUND, "expected /db/write?table=T or /db/count".into())),
     }
+}
+
+async fn run_mysql(url: &str, what: &str, query: &str) -> Result<Value, (StatusCode, String)> {
+    use mysql_async::prelude::Queryable;
+    let unavailable = |e: mysql_async::Error| (StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    let opts = mysql_async::Opts::from_url(url).map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let mut c = mysql_async::Conn::new(opts).await.map_err(unavailable)?;
+    let out = match what {
+        "write" => {
+            let table = table(query)?;
+            c.query_drop(format!("INSERT INTO `{table}` () VALUES ()")).await.map_err(unavailable)?;
+            json!({"wrote": table})
+        }
+        "count" => {
+            let tables: Vec<String> = c
+                .query(
+                    "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() \
+                     AND TABLE_TYPE = 'BASE TABLE' ORDER BY 1",
+                )
+                .await
+                .map_err(unavailable)?;
+            let mut rows = serde_json::Map::new();
+            for t in tables {
+                let n: Option<i64> = c
+                    .query_first(format!("SELECT COUNT(*) FROM `{}`", t.replace('`', "``")))
+                    .await
+                    .map_err(unavailable)?;
+                rows.insert(t, json!(n.unwrap_or(0)));
+            }
+            let db: Option<String> = c.query_first("SELECT DATABASE()").await.map_err(unavailable)?;
+            json!({"database": db, "rows": rows})
+        }
+        _ => return Err((StatusCode::NOT_FOUND, "expected /db/write?table=T or /db/count".into())),
+    };
+    let _ = c.disconnect().await;
+    Ok(out)
 }

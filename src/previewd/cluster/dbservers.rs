@@ -13,14 +13,24 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 
 use super::names::{LABEL_INSTANCE, LABEL_KEY, LABEL_MANAGED_BY, LABEL_ROLE, MANAGER};
 use super::{Cluster, KubeError, is_status};
+use crate::model::db::DbType;
 
 pub const ROLE_DB_SERVER: &str = "db-server";
 pub const ROLE_DB_BRANCH: &str = "db-branch";
 /// Which server a server's Pod is (its Service selects on it).
 pub const LABEL_DB_SERVER: &str = "preview.dev/db-server";
-/// The branch server image, built by `make images` from Debian's PostgreSQL 15.
+/// The branch server images, built by `make images` from Debian's
+/// PostgreSQL 15 and MariaDB 10.11.
 pub const POSTGRES_IMAGE: &str = "preview.local/postgres:15";
-pub const POSTGRES_PORT: u16 = 5432;
+pub const MARIADB_IMAGE: &str = "preview.local/mariadb:10.11";
+
+/// A branch server's image, its container's name, and its port.
+fn engine(db_type: DbType) -> (&'static str, &'static str, u16) {
+    match db_type {
+        DbType::Postgres => (POSTGRES_IMAGE, "postgres", 5432),
+        DbType::MySql => (MARIADB_IMAGE, "mariadb", 3306),
+    }
+}
 
 /// Where a variable's value comes from, as the pod spec says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,7 +184,14 @@ impl Cluster {
 
     /// The branch server's Secret (its superuser password), Service and Pod,
     /// each made unless it exists. Returns the superuser password.
-    pub async fn ensure_db_server(&self, ns: &str, name: &str, password: String) -> Result<String, KubeError> {
+    pub async fn ensure_db_server(
+        &self,
+        ns: &str,
+        name: &str,
+        db_type: DbType,
+        password: String,
+    ) -> Result<String, KubeError> {
+        let (image, container, port) = engine(db_type);
         let labels = self.db_labels(ROLE_DB_SERVER);
         let data =
             self.ensure_secret(ns, name, labels.clone(), None, BTreeMap::from([("password".into(), password)])).await?;
@@ -185,7 +202,7 @@ impl Cluster {
             "metadata": {"name": name, "labels": labels},
             "spec": {
                 "selector": {LABEL_DB_SERVER: name},
-                "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": POSTGRES_PORT}],
+                "ports": [{"name": container, "port": port, "targetPort": port}],
             }
         }))
         .expect("a Service from literal JSON");
@@ -194,6 +211,9 @@ impl Cluster {
             Err(e) if is_status(&e, 409) => {}
             Err(e) => return Err(KubeError::Api { action: format!("create service {ns}/{name}"), source: e }),
         }
+        // No readiness probe: previewd logs in before anything uses the
+        // server, and a probe would hold its Service's endpoints back by up
+        // to a probe period after the server answers.
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": pod_labels},
             "spec": {
@@ -201,12 +221,11 @@ impl Cluster {
                 "enableServiceLinks": false,
                 "securityContext": {"runAsUser": 65534, "runAsGroup": 65534, "runAsNonRoot": true},
                 "containers": [{
-                    "name": "postgres",
-                    "image": POSTGRES_IMAGE,
+                    "name": container,
+                    "image": image,
                     "imagePullPolicy": self.pull_policy.clone().unwrap_or_else(|| "IfNotPresent".into()),
-                    "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT}],
+                    "ports": [{"name": container, "containerPort": port}],
                     "env": [{"name": "TZ", "value": "UTC"}],
-                    "readinessProbe": {"tcpSocket": {"port": POSTGRES_PORT}, "periodSeconds": 1},
                     "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
                     "volumeMounts": [
                         {"name": "data", "mountPath": "/var/lib/preview-db"},

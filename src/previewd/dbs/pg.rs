@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
@@ -18,8 +17,9 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
-use super::DbError;
-use crate::model::db::CopyMode;
+use super::tools::{self, pipe};
+use super::{DbAddr, DbError};
+use crate::model::db::{CopyMode, DbType};
 
 /// The role that owns what a snapshot holds.
 const SNAPSHOT_OWNER: &str = "preview_snapshot";
@@ -27,61 +27,25 @@ const SNAPSHOT_OWNER: &str = "preview_snapshot";
 pub const SUPERUSER: &str = "preview";
 /// Marks a snapshot database's comment, with when it was taken.
 const TAKEN: &str = "preview snapshot taken_ms=";
-/// How much of a failed tool's stderr an error carries.
-const STDERR_TAIL: usize = 600;
 
-/// Where a PostgreSQL database is, and who connects. Debug leaves the
-/// password out: these end up in logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct PgAddr {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub password: String,
-    pub dbname: String,
-}
+/// The port of a branch server.
+pub const PORT: u16 = 5432;
 
-impl std::fmt::Debug for PgAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
-    }
-}
-
-impl PgAddr {
-    pub fn addr(&self) -> String {
-        format!("{}:{}", self.host, self.port)
-    }
-
-    /// `host:port/database`: what Status may show of a source.
-    pub fn source(&self) -> String {
-        format!("{}:{}/{}", self.host, self.port, self.dbname)
-    }
-
-    pub fn with_db(&self, dbname: &str) -> PgAddr {
-        PgAddr { dbname: dbname.into(), ..self.clone() }
-    }
-
-    /// A `postgres://` URL, for the preview pods.
-    pub fn url(&self) -> String {
-        format!("postgres://{}:{}@{}:{}/{}", self.user, self.password, self.host, self.port, self.dbname)
-    }
-
-    fn config(&self, timeout: Duration) -> Config {
-        let mut c = Config::new();
-        c.host(&self.host)
-            .port(self.port)
-            .user(&self.user)
-            .password(&self.password)
-            .dbname(&self.dbname)
-            .connect_timeout(timeout)
-            .application_name("previewd");
-        c
-    }
+fn config(a: &DbAddr, timeout: Duration) -> Config {
+    let mut c = Config::new();
+    c.host(&a.host)
+        .port(a.port)
+        .user(&a.user)
+        .password(&a.password)
+        .dbname(&a.dbname)
+        .connect_timeout(timeout)
+        .application_name("previewd");
+    c
 }
 
 /// The source from the target's variables: a URL (`url`), or parts. The
 /// error names what is wrong, never a value.
-pub fn from_parts(parts: &BTreeMap<String, String>, name: Option<&str>) -> Result<PgAddr, String> {
+pub fn from_parts(parts: &BTreeMap<String, String>, name: Option<&str>) -> Result<DbAddr, String> {
     if let Some(url) = parts.get("url") {
         let c: Config = url.parse().map_err(|_| "is not a PostgreSQL connection URL".to_string())?;
         let host = match c.get_hosts().first() {
@@ -89,7 +53,8 @@ pub fn from_parts(parts: &BTreeMap<String, String>, name: Option<&str>) -> Resul
             _ => return Err("names no TCP host".into()),
         };
         let dbname = c.get_dbname().map(str::to_string).or(name.map(str::to_string));
-        return Ok(PgAddr {
+        return Ok(DbAddr {
+            engine: DbType::Postgres,
             host,
             port: c.get_ports().first().copied().unwrap_or(5432),
             user: c.get_user().unwrap_or("postgres").to_string(),
@@ -97,24 +62,13 @@ pub fn from_parts(parts: &BTreeMap<String, String>, name: Option<&str>) -> Resul
             dbname: dbname.ok_or("names no database, and the branch gives no name")?,
         });
     }
-    let host = parts.get("host").cloned().ok_or("gives no host")?;
-    let port = match parts.get("port") {
-        Some(p) => p.trim().parse().map_err(|_| "port is not a port number".to_string())?,
-        None => 5432,
-    };
-    Ok(PgAddr {
-        host,
-        port,
-        user: parts.get("user").cloned().unwrap_or_else(|| "postgres".into()),
-        password: parts.get("password").cloned().unwrap_or_default(),
-        dbname: parts.get("database").cloned().or(name.map(str::to_string)).ok_or("gives no database")?,
-    })
+    super::from_params(DbType::Postgres, parts, name, (5432, "postgres"))
 }
 
 /// Connects; the connection's task runs until the client is dropped.
-pub async fn connect(a: &PgAddr, timeout: Duration) -> Result<Client, DbError> {
+pub async fn connect(a: &DbAddr, timeout: Duration) -> Result<Client, DbError> {
     let unavailable = |reason: String| DbError::Unavailable { addr: a.addr(), reason };
-    match tokio::time::timeout(timeout, a.config(timeout).connect(NoTls)).await {
+    match tokio::time::timeout(timeout, config(a, timeout).connect(NoTls)).await {
         Err(_) => Err(unavailable(format!("no answer within {} s", timeout.as_secs()))),
         Ok(Err(e)) => Err(classify(&e, a).unwrap_or_else(|| unavailable(e.to_string()))),
         Ok(Ok((client, conn))) => {
@@ -129,7 +83,7 @@ pub async fn connect(a: &PgAddr, timeout: Duration) -> Result<Client, DbError> {
 }
 
 /// A refusal by the server (credentials, database): `None` for the network.
-fn classify(e: &tokio_postgres::Error, a: &PgAddr) -> Option<DbError> {
+fn classify(e: &tokio_postgres::Error, a: &DbAddr) -> Option<DbError> {
     let db = e.as_db_error()?;
     let code = db.code();
     Some(if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
@@ -143,14 +97,14 @@ fn classify(e: &tokio_postgres::Error, a: &PgAddr) -> Option<DbError> {
 
 /// Runs statements one by one: a multi-statement query is one implicit
 /// transaction, where CREATE and DROP DATABASE may not run.
-async fn each(c: &Client, server: &PgAddr, statements: &[String]) -> Result<(), DbError> {
+async fn each(c: &Client, server: &DbAddr, statements: &[String]) -> Result<(), DbError> {
     for s in statements {
         c.batch_execute(s).await.map_err(|e| server_err(server, e))?;
     }
     Ok(())
 }
 
-fn server_err(server: &PgAddr, e: tokio_postgres::Error) -> DbError {
+fn server_err(server: &DbAddr, e: tokio_postgres::Error) -> DbError {
     let reason = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
     DbError::Server { server: server.addr(), reason }
 }
@@ -166,14 +120,14 @@ fn table(s: &str) -> String {
 }
 
 /// Checks that the source answers, with the target's credentials.
-pub async fn check_source(a: &PgAddr) -> Result<(), DbError> {
+pub async fn check_source(a: &DbAddr) -> Result<(), DbError> {
     let c = connect(a, Duration::from_secs(5)).await?;
     c.simple_query("SELECT 1").await.map_err(|e| DbError::Refused(format!("{}: {e}", a.addr())))?;
     Ok(())
 }
 
 /// Makes the server ready for snapshots (idempotent).
-pub async fn prepare(server: &PgAddr) -> Result<(), DbError> {
+pub async fn prepare(server: &DbAddr) -> Result<(), DbError> {
     let c = connect(server, Duration::from_secs(5)).await?;
     let sql = format!(
         "DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SNAPSHOT_OWNER}') THEN \
@@ -183,7 +137,7 @@ pub async fn prepare(server: &PgAddr) -> Result<(), DbError> {
 }
 
 /// When snapshot `snap` was taken; `None` if it does not exist.
-pub async fn snapshot_at(server: &PgAddr, snap: &str) -> Result<Option<i64>, DbError> {
+pub async fn snapshot_at(server: &DbAddr, snap: &str) -> Result<Option<i64>, DbError> {
     let c = connect(server, Duration::from_secs(5)).await?;
     let row = c
         .query_opt("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1", &[&snap])
@@ -199,8 +153,8 @@ pub async fn snapshot_at(server: &PgAddr, snap: &str) -> Result<Option<i64>, DbE
 /// temporary database first, renamed once whole, so a snapshot that exists
 /// is complete. Returns when it was taken. The caller holds the server's lock.
 pub async fn take_snapshot(
-    server: &PgAddr,
-    src: &PgAddr,
+    server: &DbAddr,
+    src: &DbAddr,
     snap: &str,
     copy: CopyMode,
     tables: &BTreeMap<String, Option<String>>,
@@ -231,7 +185,7 @@ pub async fn take_snapshot(
 }
 
 /// Drops what a copy killed half-way left (the caller holds the server's lock).
-pub async fn drop_partial(server: &PgAddr, snap: &str) -> Result<(), DbError> {
+pub async fn drop_partial(server: &DbAddr, snap: &str) -> Result<(), DbError> {
     let c = connect(server, Duration::from_secs(5)).await?;
     c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&format!("tmp_{snap}"))))
         .await
@@ -240,7 +194,7 @@ pub async fn drop_partial(server: &PgAddr, snap: &str) -> Result<(), DbError> {
 
 /// Database `db`, cloned from `snap`, owned by role `db` (which may log in
 /// with `password` and connect to this database only). Idempotent.
-pub async fn make_branch(server: &PgAddr, snap: &str, db: &str, password: &str) -> Result<(), DbError> {
+pub async fn make_branch(server: &DbAddr, snap: &str, db: &str, password: &str) -> Result<(), DbError> {
     let c = connect(server, Duration::from_secs(5)).await?;
     let e = |e| server_err(server, e);
     // A password we made: hex, nothing to escape.
@@ -256,7 +210,8 @@ pub async fn make_branch(server: &PgAddr, snap: &str, db: &str, password: &str) 
             &c,
             server,
             &[
-                format!("CREATE DATABASE {d} TEMPLATE {s} OWNER {d}"),
+                // A file copy: WAL_LOG (the default) writes every page to the WAL too.
+                format!("CREATE DATABASE {d} TEMPLATE {s} OWNER {d} STRATEGY = FILE_COPY"),
                 format!("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC"),
             ],
         )
@@ -267,14 +222,14 @@ pub async fn make_branch(server: &PgAddr, snap: &str, db: &str, password: &str) 
 }
 
 /// Drops an environment's database and role. Idempotent.
-pub async fn drop_branch(server: &PgAddr, db: &str) -> Result<(), DbError> {
+pub async fn drop_branch(server: &DbAddr, db: &str) -> Result<(), DbError> {
     let c = connect(server, Duration::from_secs(5)).await?;
     let d = ident(db);
     each(&c, server, &[format!("DROP DATABASE IF EXISTS {d} WITH (FORCE)"), format!("DROP ROLE IF EXISTS {d}")]).await
 }
 
 /// Every database's size, in bytes, and each snapshot's time.
-pub async fn sizes(server: &PgAddr) -> Result<BTreeMap<String, (i64, Option<i64>)>, DbError> {
+pub async fn sizes(server: &DbAddr) -> Result<BTreeMap<String, (i64, Option<i64>)>, DbError> {
     let c = connect(server, Duration::from_secs(5)).await?;
     let rows = c
         .query(
@@ -301,10 +256,9 @@ fn tool(name: &str) -> PathBuf {
 }
 
 /// A tool connected to `a` through the environment (no password on a
-/// command line), killed with previewd: a kill -9 of previewd leaves no
-/// copy running into a database that recovery drops.
-fn command(name: &str, a: &PgAddr, options: &str) -> Command {
-    let mut c = Command::new(tool(name));
+/// command line).
+fn command(name: &str, a: &DbAddr, options: &str) -> Command {
+    let mut c = tools::command(&tool(name));
     c.env("PGHOST", &a.host)
         .env("PGPORT", a.port.to_string())
         .env("PGUSER", &a.user)
@@ -312,38 +266,8 @@ fn command(name: &str, a: &PgAddr, options: &str) -> Command {
         .env("PGDATABASE", &a.dbname)
         .env("PGOPTIONS", options)
         .env("PGCONNECT_TIMEOUT", "10")
-        .env("PGAPPNAME", "previewd")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe, and touches nothing of ours.
-    unsafe {
-        c.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+        .env("PGAPPNAME", "previewd");
     c
-}
-
-/// `a | b`, both checked; an error is the failing side's stderr.
-async fn pipe(mut a: Command, mut b: Command) -> Result<(), String> {
-    let mut left =
-        a.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| format!("starting a dump: {e}"))?;
-    // Just spawned with a piped stdout.
-    let out: Stdio = left.stdout.take().expect("piped stdout").try_into().map_err(|e| format!("{e}"))?;
-    let right =
-        b.stdin(out).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(|e| format!("starting psql: {e}"))?;
-    let (l, r) = tokio::join!(left.wait_with_output(), right.wait_with_output());
-    let (l, r) = (l.map_err(|e| e.to_string())?, r.map_err(|e| e.to_string())?);
-    for (o, who) in [(&l, "the dump"), (&r, "the restore")] {
-        if !o.status.success() {
-            let err = String::from_utf8_lossy(&o.stderr);
-            let err = err.trim();
-            let tail = &err[err.len().saturating_sub(STDERR_TAIL)..];
-            return Err(format!("{who} failed ({}): {tail}", o.status));
-        }
-    }
-    Ok(())
 }
 
 /// Copies what `copy` and `tables` ask from `src` into `dst` (an empty
@@ -353,8 +277,8 @@ async fn pipe(mut a: Command, mut b: Command) -> Result<(), String> {
 /// but only the matching rows of a listed table. A table without a filter
 /// gets all its rows. The source is only read: every session on it is read-only.
 pub async fn copy_into(
-    src: &PgAddr,
-    dst: &PgAddr,
+    src: &DbAddr,
+    dst: &DbAddr,
     copy: CopyMode,
     tables: &BTreeMap<String, Option<String>>,
 ) -> Result<(), String> {

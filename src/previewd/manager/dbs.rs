@@ -17,20 +17,19 @@ use super::{Error, Manager};
 use crate::model::db::{self, Connection, DbBinding, DbBranchAsk, DbType};
 use crate::model::{DbPhase, DbStats, EnvRecord, Key, PodRecord, Target};
 use crate::previewd::auth::{Access, Caller};
-use crate::previewd::cluster::dbservers::{POSTGRES_PORT, VarSource, var_source};
-use crate::previewd::dbs::pg::{self, PgAddr};
-use crate::previewd::dbs::{DbError, new_password};
+use crate::previewd::cluster::dbservers::{VarSource, var_source};
+use crate::previewd::dbs::{self, DbAddr, DbError, new_password};
 
 fn failed(field: impl Into<String>, message: impl Into<String>) -> Error {
     Error::FailedPrecondition { field: field.into(), message: message.into() }
 }
 
-/// (namespace, server) → (key, database, snapshot) of each branch on it.
-type BranchesByServer = BTreeMap<(String, String), Vec<(Key, String, String)>>;
+/// (namespace, server, engine) → (key, database, snapshot) of each branch on it.
+type BranchesByServer = BTreeMap<(String, String, DbType), Vec<(Key, String, String)>>;
 
 /// A source as read from the target: its address, and what holds it.
 struct Source {
-    addr: PgAddr,
+    addr: DbAddr,
     container: String,
     /// `(part, variable, where its value is)`.
     vars: Vec<(String, String, VarSource)>,
@@ -57,13 +56,7 @@ impl Manager {
             } else {
                 format!("{at}.feature.db_branches[{i}]")
             };
-            if ask.db_type == DbType::MySql {
-                return Err(failed(
-                    format!("{base}.type"),
-                    "mysql and mariadb branches are not available yet; only pg",
-                ));
-            }
-            let src = self.db_source(&base, ns, &pod.target, &ask.connection, ask.name.as_deref()).await?;
+            let src = self.db_source(&base, ns, &pod.target, ask.db_type, &ask.connection, ask.name.as_deref()).await?;
             // The caller could read what the variables name: the branch
             // gives them no data they could not take directly.
             let mut needs = Vec::new();
@@ -75,7 +68,7 @@ impl Manager {
                 }
             }
             self.require(who, needs).await?;
-            pg::check_source(&src.addr)
+            dbs::check_source(&src.addr)
                 .await
                 .map_err(|e| Error::Db { field: Some(format!("{base}.connection")), source: e })?;
             let server = db::server_name(ns, ask.db_type, &src.addr.source());
@@ -117,6 +110,7 @@ impl Manager {
         base: &str,
         ns: &str,
         target: &Target,
+        engine: DbType,
         conn: &Connection,
         name: Option<&str>,
     ) -> Result<Source, Error> {
@@ -170,7 +164,7 @@ impl Manager {
             parts.insert(part.to_string(), value);
             vars.push((part.to_string(), var.to_string(), src));
         }
-        let addr = pg::from_parts(&parts, name).map_err(|m| {
+        let addr = dbs::from_parts(engine, &parts, name).map_err(|m| {
             let names: Vec<&str> = vars.iter().map(|(_, v, _)| v.as_str()).collect();
             failed(&field, format!("env var {} of container {}: {m}", names.join(", "), container.name))
         })?;
@@ -222,8 +216,8 @@ impl Manager {
     }
 
     /// The branch server's superuser address, once it answers.
-    async fn server_addr(&self, ns: &str, server: &str, deadline: Instant) -> Result<PgAddr, Error> {
-        let password = self.cluster.ensure_db_server(ns, server, new_password()).await?;
+    async fn server_addr(&self, ns: &str, server: &str, engine: DbType, deadline: Instant) -> Result<DbAddr, Error> {
+        let password = self.cluster.ensure_db_server(ns, server, engine, new_password()).await?;
         loop {
             let st = self.cluster.db_server(ns, server).await?;
             if let Some(w) = st.as_ref().and_then(|s| s.waiting.clone()).filter(|w| !w.starts_with("ContainerCreating"))
@@ -232,17 +226,12 @@ impl Manager {
                     DbError::Server { server: server.into(), reason: format!("its pod cannot start: {w}") }.into()
                 );
             }
-            if let Some(ip) = st.and_then(|s| s.ready.then_some(s.pod_ip).flatten()) {
-                let a = PgAddr {
-                    host: ip,
-                    port: POSTGRES_PORT,
-                    user: pg::SUPERUSER.into(),
-                    password: password.clone(),
-                    dbname: "postgres".into(),
-                };
-                match pg::prepare(&a).await {
+            // Tried as soon as the pod has an address: the login is the test.
+            if let Some(ip) = st.and_then(|s| s.pod_ip) {
+                let a = dbs::server_admin(engine, ip, password.clone());
+                match dbs::prepare(&a).await {
                     Ok(()) => return Ok(a),
-                    // Ready (its port open) before it accepts logins.
+                    // Started, not yet accepting logins.
                     Err(e) if Instant::now() < deadline => {
                         tracing::debug!(server, error = %e, "branch server not answering yet")
                     }
@@ -256,28 +245,33 @@ impl Manager {
         }
     }
 
+    /// A recorded branch's source, read again from its target; refused if
+    /// the target's connection changed since Start.
+    async fn branch_source(&self, rec: &EnvRecord, b: &DbBinding) -> Result<DbAddr, Error> {
+        let field = "feature.db_branches";
+        let target = rec.pods.iter().find(|p| p.group == b.group).map(|p| p.target.clone());
+        let target = target.ok_or_else(|| failed(field, format!("no pod {}", b.group)))?;
+        let src = self.db_source(field, &rec.namespace, &target, b.db_type, &b.connection(), b.name.as_deref()).await?;
+        if src.addr.source() != b.source {
+            let now = src.addr.source();
+            return Err(failed(field, format!("the target's connection changed since Start (now {now})")));
+        }
+        Ok(src.addr)
+    }
+
     /// One branch; returns when its snapshot was taken.
     async fn make_branch(&self, rec: &EnvRecord, b: &DbBinding, owner: &OwnerReference) -> Result<i64, Error> {
         let ns = &rec.namespace;
         let deadline = Instant::now() + Duration::from_secs(b.creation_timeout_secs);
-        let server = self.server_addr(ns, &b.server, deadline).await?;
+        let server = self.server_addr(ns, &b.server, b.db_type, deadline).await?;
         let taken = {
             let lock = self.db_lock(&b.server);
             let _held = lock.lock().await;
-            match pg::snapshot_at(&server, &b.snapshot).await? {
+            match dbs::snapshot_at(&server, &b.snapshot).await? {
                 Some(t) => t,
                 None => {
-                    let target = rec.pods.iter().find(|p| p.group == b.group).map(|p| p.target.clone());
-                    let target = target.ok_or_else(|| failed("feature.db_branches", format!("no pod {}", b.group)))?;
-                    let src =
-                        self.db_source("feature.db_branches", ns, &target, &b.connection(), b.name.as_deref()).await?;
-                    if src.addr.source() != b.source {
-                        return Err(failed(
-                            "feature.db_branches",
-                            format!("the target's connection changed since Start (now {})", src.addr.source()),
-                        ));
-                    }
-                    pg::take_snapshot(&server, &src.addr, &b.snapshot, b.copy, &b.tables).await?
+                    let src = self.branch_source(rec, b).await?;
+                    dbs::take_snapshot(&server, &src, &b.snapshot, b.copy, &b.tables).await?
                 }
             }
         };
@@ -285,13 +279,30 @@ impl Manager {
             Some(p) => p,
             None => new_password(),
         };
-        pg::make_branch(&server, &b.snapshot, &b.database, &password).await?;
+        dbs::make_branch(&server, &b.snapshot, &b.database, &password).await?;
+        // The preview pods reach it through its Service, whose endpoints
+        // wait for the pod's Ready condition: the branch is Ready once they can.
+        loop {
+            if self.cluster.db_server(ns, &b.server).await?.is_some_and(|s| s.ready) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(DbError::Server { server: b.server.clone(), reason: "its pod is not ready".into() }.into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let host = self.cluster.db_service_ip(ns, &b.server).await?.ok_or_else(|| DbError::Server {
             server: b.server.clone(),
             reason: "its Service has no cluster IP".into(),
         })?;
-        let branch =
-            PgAddr { host, port: POSTGRES_PORT, user: b.database.clone(), password, dbname: b.database.clone() };
+        let branch = DbAddr {
+            engine: b.db_type,
+            host,
+            port: dbs::server_port(b.db_type),
+            user: b.database.clone(),
+            password,
+            dbname: b.database.clone(),
+        };
         let data = BTreeMap::from([
             ("url".to_string(), branch.url()),
             ("host".to_string(), branch.host.clone()),
@@ -323,10 +334,10 @@ impl Manager {
             if last {
                 // Its data goes with its pod.
                 self.cluster.delete_db_server(ns, &b.server).await?;
-            } else if let Some(server) = self.running_server(ns, &b.server).await? {
-                pg::drop_branch(&server, &b.database).await?;
+            } else if let Some(server) = self.running_server(ns, &b.server, b.db_type).await? {
+                dbs::drop_branch(&server, &b.database).await?;
                 // Under the lock no copy runs: a half-made snapshot is a leftover.
-                pg::drop_partial(&server, &b.snapshot).await?;
+                dbs::drop_partial(&server, &b.snapshot).await?;
             }
             self.cluster.delete_secret(ns, &b.secret).await?;
         }
@@ -339,17 +350,11 @@ impl Manager {
     }
 
     /// The superuser address of a server whose pod runs; `None` if it is gone.
-    async fn running_server(&self, ns: &str, server: &str) -> Result<Option<PgAddr>, Error> {
+    async fn running_server(&self, ns: &str, server: &str, engine: DbType) -> Result<Option<DbAddr>, Error> {
         let Some(st) = self.cluster.db_server(ns, server).await? else { return Ok(None) };
         let Some(ip) = st.pod_ip else { return Ok(None) };
         let password = self.cluster.secret_data(ns, server).await?.and_then(|d| d.get("password").cloned());
-        Ok(password.map(|password| PgAddr {
-            host: ip,
-            port: POSTGRES_PORT,
-            user: pg::SUPERUSER.into(),
-            password,
-            dbname: "postgres".into(),
-        }))
+        Ok(password.map(|password| dbs::server_admin(engine, ip, password)))
     }
 
     /// Refreshes each branch's size and snapshot time in the view (Status).
@@ -361,7 +366,7 @@ impl Manager {
             let mut m = BranchesByServer::new();
             for e in view.envs.values().filter(|e| !e.record.deleting) {
                 for b in &e.record.dbs {
-                    m.entry((e.record.namespace.clone(), b.server.clone())).or_default().push((
+                    m.entry((e.record.namespace.clone(), b.server.clone(), b.db_type)).or_default().push((
                         e.record.key.clone(),
                         b.database.clone(),
                         b.snapshot.clone(),
@@ -370,9 +375,9 @@ impl Manager {
             }
             m
         };
-        for ((ns, server), branches) in servers {
+        for ((ns, server, engine), branches) in servers {
             tracing::debug!(server, "reading branch sizes");
-            let addr = match self.running_server(&ns, &server).await {
+            let addr = match self.running_server(&ns, &server, engine).await {
                 Ok(Some(a)) => a,
                 Ok(None) => continue,
                 Err(e) => {
@@ -382,7 +387,7 @@ impl Manager {
             };
             // Bounded: a server that hangs must not hold up the reaper's tick
             // (expiry runs on it too).
-            let sizes = match tokio::time::timeout(Duration::from_secs(5), pg::sizes(&addr)).await {
+            let sizes = match tokio::time::timeout(Duration::from_secs(5), dbs::sizes(&addr)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(server, error = %e, "branch sizes not read");
@@ -431,17 +436,13 @@ impl Manager {
         let _guard = self.lock_key(key).await;
         for b in &rec.dbs {
             let server = self
-                .running_server(&rec.namespace, &b.server)
+                .running_server(&rec.namespace, &b.server, b.db_type)
                 .await?
                 .ok_or_else(|| DbError::Server { server: b.server.clone(), reason: "its pod is not running".into() })?;
-            let target = rec.pods.iter().find(|p| p.group == b.group).map(|p| p.target.clone());
-            let target = target.ok_or_else(|| failed("feature.db_branches", format!("no pod {}", b.group)))?;
-            let src = self
-                .db_source("feature.db_branches", &rec.namespace, &target, &b.connection(), b.name.as_deref())
-                .await?;
+            let src = self.branch_source(&rec, b).await?;
             let lock = self.db_lock(&b.server);
             let _held = lock.lock().await;
-            let taken = pg::take_snapshot(&server, &src.addr, &b.snapshot, b.copy, &b.tables).await?;
+            let taken = dbs::take_snapshot(&server, &src, &b.snapshot, b.copy, &b.tables).await?;
             if let Some(st) = self.view().envs.get_mut(key).and_then(|e| e.dbs.get_mut(&b.database)) {
                 st.snapshot_at_ms = Some(taken);
             }
