@@ -99,11 +99,8 @@ async fn bench_db() -> Result<()> {
     println!("bench-db: source {} tables and bulk, {} MB ({BULK_ROWS} rows in bulk)", TABLES + 1, size >> 20);
 
     echo_app(&ns, "orders", "v1", 1, &[("DATABASE_URL", &src)]).await?;
-    let data = std::env::temp_dir().join(format!("previewd-{}", ns.name));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("http://127.0.0.1:{port}");
-    let _previewd = spawn_previewd(&ns.name, &data, port, metrics)?;
+    let previewd = LocalPreviewd::spawn(&ns.name)?;
+    let addr = previewd.addr.clone();
     let mut client = connect_when_up(&addr).await?;
     let mut start = async |copy: &str, key: &str| -> Result<(Duration, String)> {
         let t = Instant::now();

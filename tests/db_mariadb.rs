@@ -137,11 +137,8 @@ async fn mariadb_branches_copy_isolate_share_a_server_survive_kill_and_clean() -
     echo_app(&ns, "down", "v1", 1, &[("DATABASE_URL", &format!("mysql://staging:x@{NODE}:9/{db}"))]).await?;
     echo_app(&ns, "badpw", "v1", 1, &[("DATABASE_URL", &staging_url(&db, "not-the-password"))]).await?;
 
-    let data = std::env::temp_dir().join(format!("previewd-{}", ns.name));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("http://127.0.0.1:{port}");
-    let mut previewd = spawn_previewd(&ns.name, &data, port, metrics)?;
+    let mut previewd = LocalPreviewd::spawn(&ns.name)?;
+    let addr = previewd.addr.clone();
     let mut c = connect_when_up(&addr).await?;
 
     // Bad input: each refused, naming what is wrong, and nothing is made.
@@ -216,10 +213,9 @@ async fn mariadb_branches_copy_isolate_share_a_server_survive_kill_and_clean() -
         Ok((dbs.iter().any(|d| d.starts_with("snap_all")) && previewd_sessions(&db).await? > 0).then_some(()))
     })
     .await?;
-    previewd.0.kill()?;
-    previewd.0.wait()?;
+    previewd.kill()?;
     ensure!(start3.await?.is_err(), "the killed Start did not answer");
-    previewd = spawn_previewd(&ns.name, &data, port, metrics)?;
+    previewd.restart()?;
     let mut c = connect_when_up(&addr).await?;
     let b3 = eventually("k3's branch to be made by recovery", Duration::from_secs(120), || {
         let mut c = c.clone();

@@ -229,11 +229,8 @@ async fn kafka_split_is_exactly_once_through_kill_and_clean() -> Result<()> {
     queue_split(&ns, "downbroker", "downbroker").await?;
     rolled_to(&ns, "consumer", &orig).await?;
 
-    let data = std::env::temp_dir().join(format!("previewd-{}", ns.name));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("http://127.0.0.1:{port}");
-    let mut previewd = spawn_previewd(&ns.name, &data, port, metrics_port)?;
+    let mut previewd = LocalPreviewd::spawn(&ns.name)?;
+    let addr = previewd.addr.clone();
     let mut c = connect_when_up(&addr).await?;
 
     // Refusals: nothing is made, and no target restarts.
@@ -297,11 +294,10 @@ async fn kafka_split_is_exactly_once_through_kill_and_clean() -> Result<()> {
     };
     let (o, h) = (orig.clone(), headers);
     tokio::task::spawn_blocking(move || produce(&o, 0, 5_000, h)).await??;
-    previewd.0.kill()?; // SIGKILL
-    previewd.0.wait()?;
+    previewd.kill()?; // SIGKILL
     let (o, h) = (orig.clone(), headers);
     tokio::task::spawn_blocking(move || produce(&o, 5_000, 10_000, h)).await??;
-    previewd = spawn_previewd(&ns.name, &data, port, metrics_port)?;
+    previewd.restart()?;
     let mut c = connect_when_up(&addr).await?;
     exactly_once(&record, 0..10_000, who).await?;
 
@@ -356,7 +352,7 @@ async fn kafka_split_is_exactly_once_through_kill_and_clean() -> Result<()> {
     })
     .await?;
     // Metrics export the same figures.
-    let page = metrics_page(metrics_port).await?;
+    let page = metrics_page(previewd.metrics_port()).await?;
     let line = page
         .lines()
         .find(|l| l.starts_with("preview_queue_lag{") && l.contains("key=\"k3\""))

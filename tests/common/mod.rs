@@ -579,3 +579,43 @@ pub async fn connect_when_up(addr: &str) -> Result<preview::cli::Client> {
     })
     .await
 }
+
+/// A previewd (`spawn_previewd`) for a test namespace, on free loopback
+/// ports, with its store in a temp directory: it can be killed with SIGKILL
+/// and started again on the same ports and store.
+pub struct LocalPreviewd {
+    pub proc: Proc,
+    /// `http://127.0.0.1:port`, for `connect`.
+    pub addr: String,
+    ns: String,
+    data: std::path::PathBuf,
+    port: u16,
+    metrics: u16,
+}
+
+impl LocalPreviewd {
+    pub fn spawn(ns: &str) -> Result<Self> {
+        let data = std::env::temp_dir().join(format!("previewd-{ns}"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let proc = spawn_previewd(ns, &data, port, metrics)?;
+        Ok(LocalPreviewd { proc, addr: format!("http://127.0.0.1:{port}"), ns: ns.into(), data, port, metrics })
+    }
+
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(&mut self) -> Result<()> {
+        self.proc.0.kill()?;
+        self.proc.0.wait()?;
+        Ok(())
+    }
+
+    /// A new process on the same ports and store.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc = spawn_previewd(&self.ns, &self.data, self.port, self.metrics)?;
+        Ok(())
+    }
+}
