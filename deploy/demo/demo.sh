@@ -115,7 +115,7 @@ echo
 echo "\$ preview add-pod --key demo -f deploy/demo/payments-preview.yaml --image preview.local/echo:v2"
 echo "  (payments v2 with a branch of staging's MariaDB database)"
 "$BIN/preview" add-pod --key demo -f "$HERE/payments-preview.yaml" --image preview.local/echo:v2 >/dev/null
-"$KUBECTL" -n demo wait --for=condition=Ready pod -l preview.dev/key=demo,preview.dev/group=payments --timeout=90s >/dev/null
+"$KUBECTL" -n demo wait --for=condition=ContainersReady pod -l preview.dev/key=demo,preview.dev/group=payments --timeout=90s >/dev/null
 PREVIEW_IP=$("$KUBECTL" -n demo get pod -l preview.dev/key=demo,preview.dev/group=payments -o jsonpath='{.items[0].status.podIP}')
 STAGING_IP=$("$KUBECTL" -n demo get pod -l 'app=payments,!preview.dev/key' -o jsonpath='{.items[0].status.podIP}')
 "$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/write?table=payments" >/dev/null
