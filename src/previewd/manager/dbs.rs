@@ -264,22 +264,25 @@ impl Manager {
         let ns = &rec.namespace;
         let deadline = Instant::now() + Duration::from_secs(b.creation_timeout_secs);
         let server = self.server_addr(ns, &b.server, b.db_type, deadline).await?;
+        let password = match self.cluster.secret_data(ns, &b.secret).await?.and_then(|d| d.get("password").cloned()) {
+            Some(p) => p,
+            None => new_password(),
+        };
         let taken = {
+            // Held through the clone too: a refresh replacing the snapshot
+            // meanwhile would break the copy.
             let lock = self.db_lock(&b.server);
             let _held = lock.lock().await;
-            match dbs::snapshot_at(&server, &b.snapshot).await? {
+            let taken = match dbs::snapshot_at(&server, &b.snapshot).await? {
                 Some(t) => t,
                 None => {
                     let src = self.branch_source(rec, b).await?;
                     dbs::take_snapshot(&server, &src, &b.snapshot, b.copy, &b.tables).await?
                 }
-            }
+            };
+            dbs::make_branch(&server, &b.snapshot, &b.database, &password).await?;
+            taken
         };
-        let password = match self.cluster.secret_data(ns, &b.secret).await?.and_then(|d| d.get("password").cloned()) {
-            Some(p) => p,
-            None => new_password(),
-        };
-        dbs::make_branch(&server, &b.snapshot, &b.database, &password).await?;
         // The preview pods reach it through its Service, whose endpoints
         // wait for the pod's Ready condition: the branch is Ready once they can.
         loop {
