@@ -57,7 +57,7 @@ AGENT_TOOLS := /usr/sbin/xtables-nft-multi=/usr/bin/iptables-nft \
 # its modules (but the LLVM JIT's), its share files and the UTC zone, and a
 # data directory initdb made (the entrypoint copies it: faster than initdb).
 PG := /usr/lib/postgresql/15
-PG_FILES = $(PG)/bin/postgres /bin/cp /bin/chmod /bin/mv \
+PG_FILES = $(PG)/bin/postgres /bin/cp /bin/chmod /bin/mv /bin/rm \
   $(filter-out $(PG)/lib/llvmjit.so,$(wildcard $(PG)/lib/*.so)) /usr/share/postgresql/15 \
   /usr/share/zoneinfo/UTC /usr/share/zoneinfo/Etc/UTC /usr/share/zoneinfo/GMT
 
@@ -66,7 +66,7 @@ PG_FILES = $(PG)/bin/postgres /bin/cp /bin/chmod /bin/mv \
 MY_SHARE := /usr/share/mysql
 MY_FILES = /usr/sbin/mariadbd $(MY_SHARE)/english $(MY_SHARE)/charsets \
   $(foreach f,mysql_system_tables mysql_performance_tables mysql_system_tables_data maria_add_gis_sp_bootstrap,$(MY_SHARE)/$(f).sql) \
-  /bin/cat
+  /bin/cat /bin/rm
 
 # Images from local files, imported into the cluster's containerd.
 images: build cluster-up

@@ -10,7 +10,9 @@ PWFILE=${PREVIEW_DB_PASSWORD_FILE:-/etc/preview-db/password}
 set -- --no-defaults --datadir="$D" --socket=/tmp/mariadbd.sock --pid-file=/tmp/mariadbd.pid --tmpdir=/tmp \
   --skip-name-resolve --skip-log-bin --innodb-flush-log-at-trx-commit=0 --innodb-doublewrite=0 \
   --innodb-use-native-aio=0 --innodb-log-file-size=64M --innodb-buffer-pool-size=256M --character-set-server=utf8mb4
-if [ ! -d "$D/mysql" ]; then
+if [ ! -f "$D/.preview-initialised" ]; then
+  # A bootstrap a killed start left half-made goes first.
+  rm -rf "${D:?}"/*
   # What mariadb-install-db feeds the server; root may log in only by
   # socket as the OS's root, which nothing in this pod is.
   { printf "CREATE DATABASE IF NOT EXISTS mysql;\nUSE mysql;\nSET @auth_root_socket='root';\n"
@@ -18,6 +20,7 @@ if [ ! -d "$D/mysql" ]; then
       "$S/maria_add_gis_sp_bootstrap.sql"
   } | /usr/sbin/mariadbd "$@" --bootstrap --log-warnings=0 --enforce-storage-engine="" \
       --max_allowed_packet=8M --net_buffer_length=16K >/dev/null
+  : >"$D/.preview-initialised"
 fi
 # The superuser, with the Secret's password (hex), before the port opens.
 # A Secret's value has no newline: read then fails, having read it.

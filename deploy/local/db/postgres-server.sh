@@ -12,6 +12,8 @@ D=${PREVIEW_DB_DATA:-/var/lib/preview-db}/data
 TEMPLATE=${PREVIEW_DB_TEMPLATE:-/usr/share/preview-db/pg-data}
 PWFILE=${PREVIEW_DB_PASSWORD_FILE:-/etc/preview-db/password}
 if [ ! -s "$D/PG_VERSION" ]; then
+  # A copy a killed start left half-made goes first.
+  rm -rf "$D.tmp"
   cp -R "$TEMPLATE" "$D.tmp" && chmod 700 "$D.tmp"
   # A Secret's value has no newline: read then fails, having read it.
   read -r PW <"$PWFILE" || [ -n "$PW" ]
