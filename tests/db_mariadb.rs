@@ -209,8 +209,11 @@ async fn mariadb_branches_copy_isolate_share_a_server_survive_kill_and_clean() -
     let start3 = tokio::spawn(async move { c3.start(start_req(&cfg3, V2, "k3")).await });
     let server = b1[0].server.clone();
     eventually("a copy into a snapshot to be under way", Duration::from_secs(60), || async {
+        // A snapshot database not yet marked whole (k2's filtered one is).
         let dbs = server_databases(&ns, &server).await?;
-        Ok((dbs.iter().any(|d| d.starts_with("snap_all")) && previewd_sessions(&db).await? > 0).then_some(()))
+        let whole = whole_snapshots(&ns, &server).await?;
+        let copying = dbs.iter().any(|d| d.starts_with("snap_all") && !whole.contains(d));
+        Ok((copying && previewd_sessions(&db).await? > 0).then_some(()))
     })
     .await?;
     previewd.kill()?;
