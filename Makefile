@@ -7,7 +7,7 @@ export KUBECONFIG ?= $(PREVIEW_STATE)/admin.kubeconfig
 IMAGES := $(PREVIEW_CACHE)/images
 RELEASE := $(CARGO_TARGET_DIR)/release
 
-.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz fuzz-tools chaos lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start bench-gateway screenshots kafka-up kafka-down bench-kafka db-up db-down
+.PHONY: tools generate generate-check install-previewd uninstall-previewd fuzz fuzz-tools chaos lint deps k8s cluster-up cluster-api cluster-down cluster-status build images test test-unit test-cluster-lifecycle bench-core demo bench-agent bench-start bench-gateway screenshots kafka-up kafka-down bench-kafka db-up db-down queues-up queues-down bench-queues
 
 deps:               ## install system packages (Debian)
 	deploy/local/install-deps.sh
@@ -34,6 +34,15 @@ kafka-up:
 
 kafka-down:
 	deploy/local/kafka.sh down
+
+# Staging's SQS (ElasticMQ, jars from Maven Central, :9324) and RabbitMQ
+# (Debian's rabbitmq-server, :5672) on the node address: the brokers of
+# SQS and RabbitMQ splitting (tests/queues.rs).
+queues-up:
+	deploy/local/queues.sh up
+
+queues-down:
+	deploy/local/queues.sh down
 
 # Staging's PostgreSQL 15 and MariaDB 10.11 on the node address: the
 # sources of database branches (tests/db.rs).
@@ -124,7 +133,7 @@ lint: deps          ## formatting and clippy, warnings are errors
 # need the cluster or root, with the system-tests feature; parallel, one
 # namespace each), then the tests that must run alone (chaos case 3 restarts
 # the API server), then the cluster's own down/up lifecycle checks.
-test: lint generate-check images kafka-up db-up
+test: lint generate-check images kafka-up db-up queues-up
 	cargo test --features system-tests --no-fail-fast -- --test-threads 4
 	cargo test --features system-tests --test chaos -- --ignored --test-threads 1
 	deploy/local/test-lifecycle.sh
@@ -140,6 +149,11 @@ bench-gateway: images  ## the share gateway's added p99 at 1k rps and throughput
 bench-kafka: deps kafka-up
 	cargo test --release --features system-tests --test bench_kafka -- --ignored --nocapture --test-threads 1
 
+# previewd's SQS and RabbitMQ splitters against a copy loop of the same
+# shape with no routing, on the real brokers (no cluster needed).
+bench-queues: deps queues-up
+	cargo test --release --features system-tests --test bench_queues -- --ignored --nocapture --test-threads 1
+
 # Database branches: time to Ready of a first branch against pg_dump | psql
 # by hand, and of a branch cloned from the snapshot.
 bench-db: images db-up  ## a branch's time to Ready, against the same copy by hand
@@ -149,7 +163,7 @@ bench-db: images db-up  ## a branch's time to Ready, against the same copy by ha
 screenshots: images
 	PREVIEW_SCREENSHOTS=$(CURDIR)/docs/screenshots cargo test --features system-tests --test share -- --nocapture
 
-demo: images kafka-up db-up  ## the main job: a preview of orders on the local cluster
+demo: images kafka-up db-up queues-up  ## the main job: a preview of orders on the local cluster
 	deploy/demo/demo.sh
 
 # From `preview start` to the first keyed request answered by the preview.

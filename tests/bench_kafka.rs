@@ -125,6 +125,9 @@ fn copy_loop(src: &str, dst: &str, n: u64) -> Result<Duration> {
 
 fn spec(src: &str, staging: &str, id: &str) -> SplitSpec {
     SplitSpec {
+        queue_type: preview::model::queue::QueueType::Kafka,
+        fifo: false,
+        region: String::new(),
         brokers: BROKERS.into(),
         source: src.into(),
         group: format!("bench-split-{id}"),

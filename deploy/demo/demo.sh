@@ -5,8 +5,8 @@
 # with it (orders answered by v2), the same through the environment's share
 # link (preview-gateway), the preview's own branch of staging's orders
 # database (PostgreSQL), a preview of payments with a branch of its MariaDB
-# database, Kafka records split by the key (order-events), and the status
-# table.
+# database, Kafka records, SQS and RabbitMQ messages split by the key
+# (order-events), and the status table.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE="${PREVIEW_CACHE:-/var/cache/preview-env}"
@@ -49,8 +49,12 @@ SQL
 "$KUBECTL" -n demo create secret generic orders-db \
   --from-literal=url="postgres://staging:${PREVIEW_DB_PASSWORD:-staging-pw}@$NODE_IP:5432/orders" \
   --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
-# order-events' topic, before it starts consuming it.
+# order-events' topic and queues, before it starts consuming them.
 "$BIN/preview-echo" kafka-send --brokers "$NODE_IP:9092" --topic demo-orders --count 0
+SQS_ENDPOINT="http://$NODE_IP:9324"
+AMQP_URL="amqp://staging:staging-pw@$NODE_IP:5672/%2f"
+"$BIN/preview-echo" sqs-send --endpoint "$SQS_ENDPOINT" --queue demo-payments --count 0
+"$BIN/preview-echo" amqp-send --url "$AMQP_URL" --queue demo-emails --count 0
 "$KUBECTL" apply -f "$HERE/demo.yaml" >/dev/null
 for d in frontend orders payments order-events; do "$KUBECTL" -n demo rollout status "deploy/$d" --timeout=90s >/dev/null; done
 
@@ -124,16 +128,22 @@ echo "  preview (v2): $("$BIN/preview-echo" get "http://$PREVIEW_IP:8080/db/coun
 echo "  staging (v1): $("$BIN/preview-echo" get "http://$STAGING_IP:8080/db/count")"
 echo
 echo "\$ preview add-pod --key demo -f deploy/demo/events-preview.yaml --image preview.local/echo:v2"
-echo "  (the first split of order-events restarts it onto staging's temporary topic)"
+echo "  (the first split of each of order-events' queues restarts it onto staging's temporary topic or queue)"
 "$BIN/preview" add-pod --key demo -f "$HERE/events-preview.yaml" --image preview.local/echo:v2 >/dev/null
 RUN=$(date +%s)
 "$BIN/preview-echo" kafka-send --brokers "$NODE_IP:9092" --topic demo-orders -H "baggage: preview-key=demo" \
   --first-id "${RUN}1" --count 2
 "$BIN/preview-echo" kafka-send --brokers "$NODE_IP:9092" --topic demo-orders --first-id "${RUN}5" --count 2
-echo "Sent 2 records with 'baggage: preview-key=demo' (ids ${RUN}1, ${RUN}2) and 2 without (${RUN}5, ${RUN}6) to demo-orders:"
+"$BIN/preview-echo" sqs-send --endpoint "$SQS_ENDPOINT" --queue demo-payments -H "baggage: preview-key=demo" \
+  --first-id "${RUN}3" --count 1
+"$BIN/preview-echo" sqs-send --endpoint "$SQS_ENDPOINT" --queue demo-payments --first-id "${RUN}7" --count 1
+"$BIN/preview-echo" amqp-send --url "$AMQP_URL" --queue demo-emails -H "x-preview-key: demo" --first-id "${RUN}4" --count 1
+"$BIN/preview-echo" amqp-send --url "$AMQP_URL" --queue demo-emails --first-id "${RUN}8" --count 1
+echo "Sent, with the key and without: Kafka records ${RUN}1, ${RUN}2 and ${RUN}5, ${RUN}6 to demo-orders;"
+echo "SQS messages ${RUN}3 and ${RUN}7 to demo-payments; RabbitMQ messages ${RUN}4 and ${RUN}8 to demo-emails:"
 for _ in $(seq 1 60); do
   n=$("$KUBECTL" -n demo logs -l app=order-events --tail=-1 2>/dev/null | grep -c "consumed id=$RUN" || true)
-  [ "${n:-0}" -ge 4 ] && break
+  [ "${n:-0}" -ge 8 ] && break
   sleep 0.5
 done
 "$KUBECTL" -n demo logs -l app=order-events --tail=-1 --prefix 2>/dev/null | grep "consumed id=$RUN" | sed 's/^/  /'

@@ -71,21 +71,18 @@ pub(super) fn parse_split_queues(v: &Value) -> Result<Vec<QueueAsk>> {
             let name = w.split(':').next().unwrap_or(w);
             return Err(FieldError::new(name, "not supported by previewd; use message_filter (header regexes)"));
         }
+        let expected = "expected \"Kafka\", \"SQS\" or \"RMQ\"";
         let queue_type = match obj.get("queue_type") {
-            Some(Value::String(t)) if t == "Kafka" => QueueType::Kafka,
-            Some(Value::String(t)) => {
-                return Err(FieldError::new(
-                    format!("{f}.queue_type"),
-                    format!("{t:?} is not supported yet; expected \"Kafka\""),
-                ));
-            }
+            Some(Value::String(t)) => QueueType::parse(t).ok_or_else(|| {
+                FieldError::new(format!("{f}.queue_type"), format!("{t:?} is not supported; {expected}"))
+            })?,
             Some(other) => {
                 return Err(FieldError::new(
                     format!("{f}.queue_type"),
-                    format!("expected \"Kafka\", got {}", type_name(other)),
+                    format!("{expected}, got {}", type_name(other)),
                 ));
             }
-            None => return Err(FieldError::new(format!("{f}.queue_type"), "required; expected \"Kafka\"")),
+            None => return Err(FieldError::new(format!("{f}.queue_type"), format!("required; {expected}"))),
         };
         let mode = match obj.get("queue_mode") {
             None | Some(Value::Null) => QueueMode::Steal,
@@ -140,6 +137,9 @@ mod tests {
             parse(r#"[{"queue_id": "orders", "queue_type": "Kafka", "message_filter": {"tenant": "^a$"}}]"#).unwrap();
         assert_eq!(map, list);
         assert_eq!(map[0].mode, QueueMode::Steal);
+        let m = parse(r#"{"q": {"queue_type": "SQS"}, "r": {"queue_type": "RMQ", "message_filter": {"h": "^a$"}}}"#)
+            .unwrap();
+        assert_eq!((m[0].queue_type, m[1].queue_type), (QueueType::Sqs, QueueType::Rmq));
         let m = parse(r#"{"q": {"queue_type": "Kafka", "queue_mode": "mirror"}}"#).unwrap();
         assert_eq!((m[0].mode, m[0].filter.clone()), (QueueMode::Mirror, None));
     }
@@ -151,7 +151,7 @@ mod tests {
                 r#"{"q": {"queue_type": "Kafka", "message_filter": {"h": "("}}}"#,
                 "feature.split_queues.q.message_filter.h",
             ),
-            (r#"{"q": {"queue_type": "SQS"}}"#, "feature.split_queues.q.queue_type"),
+            (r#"{"q": {"queue_type": "PubSub"}}"#, "feature.split_queues.q.queue_type"),
             (r#"{"q": {}}"#, "feature.split_queues.q.queue_type"),
             (r#"{"q": {"queue_type": "Kafka", "queue_mode": "borrow"}}"#, "feature.split_queues.q.queue_mode"),
             (r#"{"q": {"queue_type": "Kafka", "jq_filter": ".x"}}"#, "feature.split_queues.q.jq_filter"),

@@ -1,7 +1,10 @@
 //! Queue splitting, as plain data: what a user asks for
 //! (`feature.split_queues`), the message filters and whether two of them can
 //! match the same message, and what an environment records about each split
-//! queue (its temporary topics), so that none is ever leaked.
+//! queue (its temporary topics or queues), so that none is ever leaked.
+//! Kafka's words (topic, brokers, group) name the same things for every
+//! broker: for SQS and RabbitMQ a "topic" is a queue, "brokers" the
+//! endpoint or AMQP URL, and there is no group.
 
 use std::collections::BTreeMap;
 
@@ -10,15 +13,35 @@ use serde::{Deserialize, Serialize};
 
 use crate::filter::{self, RequestView};
 
-/// Every temporary topic previewd makes starts with this.
+/// Every temporary topic or queue previewd makes starts with this.
 pub const TOPIC_PREFIX: &str = "preview-tmp-";
 /// At most this many split queues per pod config.
 pub const MAX_QUEUES: usize = 16;
 
-/// The brokers previewd splits. Only Kafka so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// The brokers previewd splits (mirrord's `queue_type` names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueueType {
+    /// Records written before SQS and RabbitMQ were split are Kafka's.
+    #[default]
     Kafka,
+    #[serde(rename = "SQS")]
+    Sqs,
+    #[serde(rename = "RMQ")]
+    Rmq,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Kafka => "Kafka",
+            QueueType::Sqs => "SQS",
+            QueueType::Rmq => "RMQ",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<QueueType> {
+        [QueueType::Kafka, QueueType::Sqs, QueueType::Rmq].into_iter().find(|t| t.as_str() == s)
+    }
 }
 
 /// `steal`: a matching message goes to the environment only. `mirror`: to
@@ -67,6 +90,14 @@ pub struct QueueAsk {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueBinding {
     pub queue_id: String,
+    #[serde(default)]
+    pub queue_type: QueueType,
+    /// SQS: a FIFO queue (the temporary queues are FIFO too).
+    #[serde(default)]
+    pub fifo: bool,
+    /// SQS: the signing region (ElasticMQ and other local servers ignore it).
+    #[serde(default)]
+    pub region: String,
     /// The Deployment whose consumers are split (in the environment's namespace).
     pub deployment: String,
     /// The QueueSplit that declares the queue.
@@ -91,6 +122,17 @@ impl QueueBinding {
     pub fn split_id(&self, namespace: &str) -> String {
         split_id(namespace, &self.deployment, &self.queue_id)
     }
+
+    /// What the target's variable holds to read `name`: the name, or for
+    /// SQS a queue URL when the original was one (same endpoint and account).
+    pub fn env_value(&self, name: &str) -> String {
+        match self.original_topic.rsplit_once('/') {
+            Some((base, _)) if self.queue_type == QueueType::Sqs && name != self.original_topic => {
+                format!("{base}/{name}")
+            }
+            _ => name.to_string(),
+        }
+    }
 }
 
 pub fn split_id(namespace: &str, deployment: &str, queue_id: &str) -> String {
@@ -105,10 +147,34 @@ pub fn staging_topic(namespace: &str, deployment: &str, queue_id: &str) -> Strin
 
 /// An environment's temporary topic for a split.
 pub fn env_topic(namespace: &str, deployment: &str, queue_id: &str, key: &str) -> String {
+    env_name(namespace, deployment, queue_id, key, 40)
+}
+
+fn env_name(namespace: &str, deployment: &str, queue_id: &str, key: &str, readable: usize) -> String {
     let split = super::stable_hash(split_id(namespace, deployment, queue_id).as_bytes());
     // Topic names allow [a-zA-Z0-9._-]; keys are DNS-label-like, but be sure.
-    let readable: String = key.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+    let readable: String = key.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(readable).collect();
     format!("{TOPIC_PREFIX}{split:016x}-{readable}-{:08x}", super::stable_hash(key.as_bytes()) as u32)
+}
+
+/// The temporary names for a broker: (staging's, the environment's). SQS
+/// names are at most 80 characters, `.fifo` included, which a FIFO queue's
+/// must end with.
+pub fn temp_names(
+    queue_type: QueueType,
+    fifo: bool,
+    namespace: &str,
+    deployment: &str,
+    queue_id: &str,
+    key: &str,
+) -> (String, String) {
+    let staging = staging_topic(namespace, deployment, queue_id);
+    if queue_type != QueueType::Sqs {
+        return (staging, env_topic(namespace, deployment, queue_id, key));
+    }
+    let env = env_name(namespace, deployment, queue_id, key, 30);
+    let suffix = if fifo { ".fifo" } else { "" };
+    (format!("{staging}{suffix}"), format!("{env}{suffix}"))
 }
 
 /// Compiles one `message_filter` regex (the same limits as HTTP filters).
@@ -237,5 +303,10 @@ mod tests {
             assert!(t.starts_with(TOPIC_PREFIX) && t.len() < 249);
             assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)), "{t}");
         }
+        let long = "k".repeat(63);
+        let (s, e) = temp_names(QueueType::Sqs, true, "shop", "orders", "q", &long);
+        assert!(s.ends_with("-staging.fifo") && e.ends_with(".fifo") && e.len() <= 80, "{s} {e}");
+        let (s, e) = temp_names(QueueType::Rmq, false, "shop", "orders", "q", "k1");
+        assert_eq!((s, e), (staging_topic("shop", "orders", "q"), env_topic("shop", "orders", "q", "k1")));
     }
 }

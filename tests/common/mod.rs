@@ -7,6 +7,7 @@ pub mod db;
 pub mod e2e;
 pub mod gateway;
 pub mod netns;
+pub mod queues;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -9,7 +9,8 @@
 //! client for tests run inside pods. A browser (Accept: text/html) gets a
 //! page that calls the chain by `fetch` and over a WebSocket and shows which
 //! version answered at each hop. With `KAFKA_TOPIC` set it also consumes
-//! that topic and records what it consumed (see `kafka`). With
+//! that topic and records what it consumed (see `kafka`); with `SQS_QUEUE`
+//! or `AMQP_QUEUE`, that queue (see `queues`). With
 //! `DATABASE_URL` set, `/db/…` writes and counts rows there (see `db`).
 
 use std::convert::Infallible;
@@ -21,6 +22,7 @@ mod db;
 mod echo_ws;
 mod kafka;
 mod page;
+mod queues;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -39,6 +41,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size of `Serve` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve HTTP/1.1 and h2c.
@@ -78,6 +82,22 @@ enum Cmd {
         /// (empty: only logged).
         #[arg(long, env = "KAFKA_RECORD_TOPIC", default_value = "")]
         kafka_record_to: String,
+        /// Consume this SQS queue (a name or URL) at `--sqs-endpoint`.
+        #[arg(long, env = "SQS_QUEUE")]
+        sqs_queue: Option<String>,
+        #[arg(long, env = "SQS_ENDPOINT", default_value = "")]
+        sqs_endpoint: String,
+        /// Where to record each consumed message (empty: only logged).
+        #[arg(long, env = "SQS_RECORD_QUEUE", default_value = "")]
+        sqs_record_to: String,
+        /// Consume this RabbitMQ queue at `--amqp-url`.
+        #[arg(long, env = "AMQP_QUEUE")]
+        amqp_queue: Option<String>,
+        #[arg(long, env = "AMQP_URL", default_value = "")]
+        amqp_url: String,
+        /// Where to record each consumed message (empty: only logged).
+        #[arg(long, env = "AMQP_RECORD_QUEUE", default_value = "")]
+        amqp_record_to: String,
         /// A PostgreSQL URL: `/db/write?table=T` adds a row to T (its
         /// columns' defaults), `/db/count` counts each table's rows.
         #[arg(long, env = "DATABASE_URL")]
@@ -89,6 +109,34 @@ enum Cmd {
         brokers: String,
         #[arg(long)]
         topic: String,
+        /// Extra headers, `Name: value`.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        first_id: u64,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+    },
+    /// Send SQS messages (the queue is made if missing): ids in an `id` attribute.
+    SqsSend {
+        #[arg(long, env = "SQS_ENDPOINT")]
+        endpoint: String,
+        #[arg(long)]
+        queue: String,
+        /// Extra attributes, `Name: value`.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        first_id: u64,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+    },
+    /// Publish RabbitMQ messages to a queue (made if missing): ids in an `id` header.
+    AmqpSend {
+        #[arg(long, env = "AMQP_URL")]
+        url: String,
+        #[arg(long)]
+        queue: String,
         /// Extra headers, `Name: value`.
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
@@ -409,6 +457,17 @@ impl preview::proto::echo::echo_server::Echo for GrpcEcho {
     }
 }
 
+/// `-H Name: value` arguments.
+fn name_values(headers: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    headers
+        .iter()
+        .map(|h| {
+            let (n, v) = h.split_once(':').with_context(|| format!("-H {h:?}: expected `Name: value`"))?;
+            Ok((n.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // With no arguments (an image's bare entrypoint) it serves.
@@ -429,8 +488,39 @@ async fn main() -> anyhow::Result<()> {
             kafka_brokers,
             kafka_group,
             kafka_record_to,
+            sqs_queue,
+            sqs_endpoint,
+            sqs_record_to,
+            amqp_queue,
+            amqp_url,
+            amqp_record_to,
             database_url,
         } => {
+            let by = std::env::var("PREVIEW_KEY").unwrap_or_else(|_| "staging".into());
+            let pod = std::env::var("HOSTNAME").unwrap_or_default();
+            let consumers: Vec<_> = [
+                sqs_queue.map(|queue| (true, queue, sqs_endpoint, sqs_record_to)),
+                amqp_queue.map(|queue| (false, queue, amqp_url, amqp_record_to)),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|(sqs_mode, queue, endpoint, record_to)| {
+                let s = queues::Settings { endpoint, queue, record_to, by: by.clone(), pod: pod.clone() };
+                tokio::spawn(queues::run(s, sqs_mode))
+            })
+            .collect();
+            if !consumers.is_empty() {
+                tokio::spawn(async move {
+                    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                        return;
+                    };
+                    term.recv().await;
+                    queues::STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // The batch in hand is recorded and deleted (or acked) first.
+                    futures::future::join_all(consumers).await;
+                    std::process::exit(0);
+                });
+            }
             if let Some(topic) = kafka_topic {
                 let settings = kafka::Settings {
                     brokers: kafka_brokers,
@@ -487,14 +577,13 @@ async fn main() -> anyhow::Result<()> {
             serve(app, listen).await
         }
         Cmd::KafkaSend { brokers, topic, headers, first_id, count } => {
-            let headers = headers
-                .iter()
-                .map(|h| {
-                    let (n, v) = h.split_once(':').with_context(|| format!("-H {h:?}: expected `Name: value`"))?;
-                    Ok((n.trim().to_string(), v.trim().to_string()))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            kafka::send(&brokers, &topic, &headers, first_id, count).await
+            kafka::send(&brokers, &topic, &name_values(&headers)?, first_id, count).await
+        }
+        Cmd::SqsSend { endpoint, queue, headers, first_id, count } => {
+            queues::send(true, &endpoint, &queue, &name_values(&headers)?, first_id, count).await
+        }
+        Cmd::AmqpSend { url, queue, headers, first_id, count } => {
+            queues::send(false, &url, &queue, &name_values(&headers)?, first_id, count).await
         }
         Cmd::Whoami => {
             // connect() on UDP only picks a route and source address.

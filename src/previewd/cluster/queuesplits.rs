@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::names::label_selector;
 use super::{Cluster, KubeError};
+use crate::model::queue::QueueType;
 
 /// `queuesplits.preview.dev/v1alpha1`.
 pub fn queuesplit_resource() -> ApiResource {
@@ -16,7 +17,8 @@ pub fn queuesplit_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&gvk, "queuesplits")
 }
 
-/// Where the brokers' address comes from.
+/// Where the brokers' address (Kafka), the endpoint URL (SQS) or the AMQP
+/// URL (RabbitMQ) comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Brokers {
     Value(String),
@@ -30,9 +32,15 @@ pub struct QueueDecl {
     /// The QueueSplit's name.
     pub declared_by: String,
     pub id: String,
+    pub queue_type: QueueType,
     pub brokers: Brokers,
+    /// The variable that names the topic (Kafka: `topicEnv`) or the queue
+    /// (SQS, RabbitMQ: `queueEnv`; SQS: its name or URL).
     pub topic_env: String,
+    /// Kafka's consumer group variable (`groupIdEnv`); empty for the others.
     pub group_env: String,
+    /// SQS: the signing region (`region`; empty: previewd's default).
+    pub region: String,
     /// Empty: every container that has `topic_env`.
     pub containers: Vec<String>,
 }
@@ -54,9 +62,8 @@ pub fn declared_queue(name: &str, spec: &Value, id: &str) -> Result<Option<Queue
             .map(str::to_string)
             .ok_or_else(|| field(f) + " is required")
     };
-    if q.get("type").and_then(Value::as_str).unwrap_or("Kafka") != "Kafka" {
-        return Err(field("type") + " must be Kafka");
-    }
+    let type_name = q.get("type").and_then(Value::as_str).unwrap_or("Kafka");
+    let queue_type = QueueType::parse(type_name).ok_or_else(|| field("type") + " must be Kafka, SQS or RMQ")?;
     let brokers = match q.get("brokers") {
         Some(b) => match (b.get("value").and_then(Value::as_str), b.get("fromEnv").and_then(Value::as_str)) {
             (Some(v), None) if !v.is_empty() => Brokers::Value(v.into()),
@@ -70,12 +77,19 @@ pub fn declared_queue(name: &str, spec: &Value, id: &str) -> Result<Option<Queue
         Some(Value::Array(c)) => c.iter().filter_map(Value::as_str).map(str::to_string).collect(),
         Some(_) => return Err(field("containers") + " must be a list of container names"),
     };
+    let (topic_env, group_env) = match queue_type {
+        QueueType::Kafka => (string("topicEnv")?, string("groupIdEnv")?),
+        QueueType::Sqs | QueueType::Rmq => (string("queueEnv")?, String::new()),
+    };
+    let region = q.get("region").and_then(Value::as_str).unwrap_or_default().to_string();
     Ok(Some(QueueDecl {
         declared_by: name.to_string(),
         id: id.to_string(),
+        queue_type,
         brokers,
-        topic_env: string("topicEnv")?,
-        group_env: string("groupIdEnv")?,
+        topic_env,
+        group_env,
+        region,
         containers,
     }))
 }
@@ -183,11 +197,16 @@ mod tests {
             {"id": "orders", "brokers": {"fromEnv": "KAFKA"}, "topicEnv": "TOPIC", "groupIdEnv": "GROUP"},
             {"id": "bad", "brokers": {"value": "b:9092", "fromEnv": "X"}, "topicEnv": "T", "groupIdEnv": "G"},
             {"id": "nogroup", "brokers": {"value": "b:9092"}, "topicEnv": "T"},
+            {"id": "sqs", "type": "SQS", "brokers": {"value": "http://q:9324"}, "queueEnv": "Q", "region": "eu-west-1"},
+            {"id": "rmq", "type": "RMQ", "brokers": {"fromEnv": "AMQP_URL"}, "topicEnv": "Q"},
         ]});
         let q = declared_queue("qs", &spec, "orders").unwrap().unwrap();
         assert_eq!((q.brokers, q.topic_env.as_str(), q.containers.len()), (Brokers::Env("KAFKA".into()), "TOPIC", 0));
         assert_eq!(declared_queue("qs", &spec, "other").unwrap(), None);
         assert!(declared_queue("qs", &spec, "bad").unwrap_err().contains("spec.queues[1].brokers"));
         assert!(declared_queue("qs", &spec, "nogroup").unwrap_err().contains("spec.queues[2].groupIdEnv"));
+        let q = declared_queue("qs", &spec, "sqs").unwrap().unwrap();
+        assert_eq!((q.queue_type, q.topic_env.as_str(), q.region.as_str()), (QueueType::Sqs, "Q", "eu-west-1"));
+        assert!(declared_queue("qs", &spec, "rmq").unwrap_err().contains("spec.queues[4].queueEnv"));
     }
 }

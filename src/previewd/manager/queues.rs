@@ -1,8 +1,10 @@
-//! Queue splitting, the manager's side: plan an environment's split queues
-//! (the admin's QueueSplit, the target's variables, the broker, overlaps),
-//! make them real (topics, the splitter's routes, the target's one rolling
-//! restart), and end them without losing a record (unread records go back
-//! to staging; the last environment restores the target).
+//! Queue splitting, the manager's side, for every broker: plan an
+//! environment's split queues (the admin's QueueSplit, the target's
+//! variables, the broker, overlaps), make them real (temporary topics or
+//! queues, the splitter's routes, the target's one rolling restart), and end
+//! them without losing a message (unread ones go back to staging; the last
+//! environment restores the target). What differs per broker is behind
+//! `previewd::queues`.
 //!
 //! What runs follows the records: a split's routes are the live
 //! environments' bindings on it, so recovery only has to sync each split.
@@ -15,7 +17,7 @@ use crate::model::queue::{self, MessageFilter, QueueAsk, QueueBinding, TOPIC_PRE
 use crate::model::{EnvRecord, Key, PodRecord, Target, WorkloadKind};
 use crate::previewd::cluster::pods;
 use crate::previewd::cluster::queuesplits::{Brokers, declared_queue, env_value};
-use crate::previewd::queues::{QueueError, Route, SplitSpec, kafka};
+use crate::previewd::queues::{self as brokers, QueueError, Route, SplitSpec};
 
 /// The Deployment annotation that keeps a split queue's original topic.
 const ORIGINAL_ANNOTATION: &str = "preview.dev/split-original";
@@ -72,6 +74,17 @@ impl Manager {
             let decl = declared_queue(&qs_name, &spec, &ask.queue_id)
                 .map_err(|m| failed(&f, m))?
                 .ok_or_else(|| failed(&f, format!("QueueSplit {qs_name} declares no queue {:?}", ask.queue_id)))?;
+            if decl.queue_type != ask.queue_type {
+                return Err(failed(
+                    format!("{f}.queue_type"),
+                    format!(
+                        "QueueSplit {qs_name} declares queue {:?} as {}, not {}",
+                        ask.queue_id,
+                        decl.queue_type.as_str(),
+                        ask.queue_type.as_str()
+                    ),
+                ));
+            }
             let containers: Vec<String> = if decl.containers.is_empty() {
                 template
                     .containers
@@ -96,13 +109,14 @@ impl Manager {
                 }
             };
             let mut topic = literal(&decl.topic_env)?;
-            if topic.starts_with(TOPIC_PREFIX) {
+            // SQS: the variable may hold a queue URL; its name ends it.
+            if topic.rsplit('/').next().is_some_and(|n| n.starts_with(TOPIC_PREFIX)) {
                 // Already split: the original is on the Deployment.
                 topic = annotations.get(&annotation(&ask.queue_id)).cloned().ok_or_else(|| {
                     failed(&f, format!("deployment/{name} reads {topic} but its original topic is not recorded"))
                 })?;
             }
-            let group = literal(&decl.group_env)?;
+            let group = if decl.group_env.is_empty() { String::new() } else { literal(&decl.group_env)? };
             let brokers = match &decl.brokers {
                 Brokers::Value(v) => v.clone(),
                 Brokers::Env(var) => literal(var)?,
@@ -141,30 +155,33 @@ impl Manager {
                     ),
                 });
             }
-            let (b, t) = (brokers.clone(), topic.clone());
-            let partitions = tokio::task::spawn_blocking(move || kafka::probe(&b, &t))
+            let probe = brokers::probe(decl.queue_type, &brokers, &decl.region, &topic)
                 .await
-                .map_err(|e| QueueError::Stuck { what: format!("probing {brokers}: {e}") })?
                 .map_err(|source| Error::Queue { field: Some(f.clone()), source: Box::new(source) })?;
+            let (staging_topic, env_topic) =
+                queue::temp_names(decl.queue_type, probe.fifo, ns, &name, &ask.queue_id, key);
             out.push(QueueBinding {
                 queue_id: ask.queue_id.clone(),
+                queue_type: decl.queue_type,
+                fifo: probe.fifo,
+                region: decl.region.clone(),
                 deployment: name.clone(),
                 declared_by: qs_name.clone(),
-                staging_topic: queue::staging_topic(ns, &name, &ask.queue_id),
-                env_topic: queue::env_topic(ns, &name, &ask.queue_id, key),
+                staging_topic,
+                env_topic,
                 containers,
                 brokers,
                 topic_env: decl.topic_env.clone(),
                 original_topic: topic,
                 group,
-                partitions,
+                partitions: probe.partitions,
                 mode: ask.mode,
                 filter,
             });
         }
         // The preview pods read their environment's topics.
         for b in &out {
-            set_env(&mut pod.template, &b.containers, &b.topic_env, &b.env_topic);
+            set_env(&mut pod.template, &b.containers, &b.topic_env, &b.env_value(&b.env_topic));
         }
         let replicas = pod.pod_names.len().max(1) as u32;
         pod.pod_names = pods::pod_names(&pod.group, key, &pod.template, replicas);
@@ -179,8 +196,7 @@ impl Manager {
     /// `resume_splits` routes it once all are).
     pub(super) async fn realize_queues(&self, rec: &EnvRecord, route: bool) -> Result<(), Error> {
         for b in &rec.queues {
-            let topics = [(b.staging_topic.clone(), b.partitions), (b.env_topic.clone(), b.partitions)];
-            kafka::create_topics(&b.brokers, &topics).await?;
+            brokers::create(b).await?;
             if route {
                 self.sync_split(&rec.namespace, &b.split_id(&rec.namespace)).await?;
             }
@@ -190,7 +206,7 @@ impl Manager {
                     &b.deployment,
                     &b.containers,
                     &b.topic_env,
-                    &b.staging_topic,
+                    &b.env_value(&b.staging_topic),
                     (&annotation(&b.queue_id), Some(&b.original_topic)),
                 )
                 .await?;
@@ -204,7 +220,7 @@ impl Manager {
                         .cluster
                         .pods_with_env(&rec.namespace, &b.deployment, &b.containers, &b.topic_env, &b.original_topic)
                         .await?;
-                    Ok(n == 0 && self.readers(b, &b.original_topic).await? == 0)
+                    Ok(n == 0 && self.readers(&rec.namespace, b, &b.original_topic).await? == 0)
                 },
             )
             .await?;
@@ -212,12 +228,9 @@ impl Manager {
         Ok(())
     }
 
-    /// Members of the split's group (splitters aside) that read `topic`.
-    async fn readers(&self, b: &QueueBinding, topic: &str) -> Result<usize, Error> {
-        let (brokers, group, topic) = (b.brokers.clone(), b.group.clone(), topic.to_string());
-        Ok(tokio::task::spawn_blocking(move || kafka::readers(&brokers, &group, &topic))
-            .await
-            .map_err(|e| QueueError::Stuck { what: format!("describing a group: {e}") })??)
+    /// Consumers of `topic` other than the split's splitter.
+    async fn readers(&self, ns: &str, b: &QueueBinding, topic: &str) -> Result<usize, Error> {
+        Ok(brokers::readers(b, topic, self.splits.is_running(&b.split_id(ns))).await?)
     }
 
     /// Ends an environment's split queues, once its pods are deleted: no
@@ -242,7 +255,7 @@ impl Manager {
                 return Ok(false);
             }
             for b in &rec.queues {
-                if self.readers(b, &b.env_topic).await? != 0 {
+                if self.readers(ns, b, &b.env_topic).await? != 0 {
                     return Ok(false);
                 }
             }
@@ -256,8 +269,7 @@ impl Manager {
             });
             if !last {
                 self.drain(b, &b.env_topic, &b.staging_topic).await?;
-                kafka::delete_topics(&b.brokers, &[&b.env_topic]).await?;
-                kafka::delete_group(&b.brokers, &format!("preview-drain-{}", b.env_topic)).await?;
+                brokers::delete(b, &[&b.env_topic]).await?;
                 continue;
             }
             self.splits.stop(&id).await;
@@ -272,31 +284,22 @@ impl Manager {
                     (&key_annotation, None),
                 )
                 .await?;
+            let staging = b.env_value(&b.staging_topic);
             self.wait_until("the target's pods that read staging's topic to go", || async {
-                let n = self
-                    .cluster
-                    .pods_with_env(ns, &b.deployment, &b.containers, &b.topic_env, &b.staging_topic)
-                    .await?;
-                Ok(n == 0 && self.readers(b, &b.staging_topic).await? == 0)
+                let n = self.cluster.pods_with_env(ns, &b.deployment, &b.containers, &b.topic_env, &staging).await?;
+                Ok(n == 0 && self.readers(ns, b, &b.staging_topic).await? == 0)
             })
             .await?;
             self.drain(b, &b.env_topic, &b.original_topic).await?;
             self.drain(b, &b.staging_topic, &b.original_topic).await?;
-            kafka::delete_topics(&b.brokers, &[&b.env_topic, &b.staging_topic]).await?;
-            for t in [&b.env_topic, &b.staging_topic] {
-                kafka::delete_group(&b.brokers, &format!("preview-drain-{t}")).await?;
-            }
+            brokers::delete(b, &[&b.env_topic, &b.staging_topic]).await?;
         }
         Ok(())
     }
 
-    /// Moves `src`'s unread records (by the target's group) into `dst`.
+    /// Moves `src`'s unread messages into `dst`.
     async fn drain(&self, b: &QueueBinding, src: &str, dst: &str) -> Result<(), Error> {
-        let (brokers, src_t, dst_t, group, parts) =
-            (b.brokers.clone(), src.to_string(), dst.to_string(), b.group.clone(), b.partitions);
-        let moved = tokio::task::spawn_blocking(move || kafka::drain(&brokers, &src_t, &dst_t, parts, &group))
-            .await
-            .map_err(|e| QueueError::Stuck { what: format!("draining {src}: {e}") })??;
+        let moved = brokers::drain(b, src, dst).await?;
         if moved > 0 {
             tracing::info!(from = src, to = dst, records = moved, "unread records moved");
         }
@@ -330,6 +333,9 @@ impl Manager {
             for e in view.envs.values().filter(|e| !e.record.deleting && e.record.namespace == ns) {
                 for b in e.record.queues.iter().filter(|b| b.split_id(ns) == id) {
                     spec.get_or_insert_with(|| SplitSpec {
+                        queue_type: b.queue_type,
+                        fifo: b.fifo,
+                        region: b.region.clone(),
                         brokers: b.brokers.clone(),
                         source: b.original_topic.clone(),
                         group: b.group.clone(),
@@ -392,13 +398,7 @@ impl Manager {
                 .collect()
         };
         for (key, b, forwarded) in bindings {
-            let (brokers, group, topic, parts) =
-                (b.brokers.clone(), b.group.clone(), b.env_topic.clone(), b.partitions);
-            let lag = tokio::task::spawn_blocking(move || kafka::lag(&brokers, &group, &topic, parts))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(-1);
+            let lag = brokers::lag(&b, &b.env_topic).await.unwrap_or(-1);
             if let Some(e) = self.view().envs.get_mut(&key) {
                 e.queues.insert(b.env_topic.clone(), crate::model::QueueStats { forwarded, lag });
             }

@@ -59,13 +59,15 @@ fn kafka(action: impl Into<String>) -> impl FnOnce(KafkaError) -> QueueError {
 /// Reaches the brokers and reads `topic`'s partition count. Blocking.
 pub fn probe(brokers: &str, topic: &str) -> Result<i32, QueueError> {
     let consumer: BaseConsumer = base_config(brokers).create().map_err(kafka("making a client"))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), PROBE_TIMEOUT)
-        .map_err(|e| QueueError::Unavailable { brokers: brokers.to_string(), reason: e.to_string() })?;
+    let md = consumer.fetch_metadata(Some(topic), PROBE_TIMEOUT).map_err(|e| QueueError::Unavailable {
+        kind: "Kafka",
+        brokers: brokers.to_string(),
+        reason: e.to_string(),
+    })?;
     let t = md.topics().iter().find(|t| t.name() == topic);
     match t {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
-        _ => Err(QueueError::TopicMissing { topic: topic.to_string(), brokers: brokers.to_string() }),
+        _ => Err(QueueError::TopicMissing { kind: "Kafka", topic: topic.to_string(), brokers: brokers.to_string() }),
     }
 }
 

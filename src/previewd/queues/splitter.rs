@@ -24,11 +24,15 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::QueueError;
 use super::kafka::{self, TXN_TIMEOUT, base_config};
-use crate::model::queue::{CompiledFilter, QueueMode};
+use crate::model::queue::{CompiledFilter, QueueMode, QueueType};
 
 /// What a split reads and where unmatched records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitSpec {
+    pub queue_type: QueueType,
+    /// SQS: a FIFO queue; and its signing region.
+    pub fifo: bool,
+    pub region: String,
     pub brokers: String,
     pub source: String,
     pub group: String,
@@ -44,6 +48,15 @@ pub struct Route {
     pub topic: String,
     pub filter: CompiledFilter,
     pub mode: QueueMode,
+}
+
+/// Where a message with `headers` goes: the first route whose filter
+/// matches it, or staging; and whether staging gets a copy too (mirror).
+pub fn route_for<'a>(routes: &'a [Route], staging: &'a str, headers: &[(&str, &[u8])]) -> (&'a str, bool) {
+    match routes.iter().find(|r| r.filter.matches(headers)) {
+        Some(r) => (r.topic.as_str(), r.mode == QueueMode::Mirror),
+        None => (staging, false),
+    }
 }
 
 /// The most records in one transaction, and the longest a batch waits to fill.
@@ -63,6 +76,16 @@ pub struct Stats {
     /// Records forwarded, by destination topic.
     pub forwarded: Mutex<HashMap<String, u64>>,
     pub last_error: Mutex<Option<String>>,
+}
+
+impl Stats {
+    pub fn add(&self, destination: &str, n: u64) {
+        *self.forwarded.lock().unwrap_or_else(|e| e.into_inner()).entry(destination.to_string()).or_default() += n;
+    }
+
+    pub fn failed(&self, e: &QueueError) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+    }
 }
 
 /// A running splitter. Dropping it stops the thread.
@@ -147,7 +170,7 @@ fn run(spec: SplitSpec, control: Arc<Mutex<Control>>, applied: tokio::sync::watc
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(topic = %spec.source, error = %e, "splitter restarting");
-                *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                stats.failed(&e);
                 // Waits in steps so that a stop is seen at once.
                 let until = Instant::now() + backoff;
                 while Instant::now() < until && !stopped(&control) {
@@ -283,11 +306,7 @@ fn session(
                     .headers()
                     .map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
                     .unwrap_or_default();
-                let route = routes.iter().find(|r| r.filter.matches(&names));
-                let (first, also_staging) = match route {
-                    Some(r) => (r.topic.as_str(), r.mode == QueueMode::Mirror),
-                    None => (spec.staging.as_str(), false),
-                };
+                let (first, also_staging) = route_for(&routes, &spec.staging, &names);
                 kafka::forward(&producer, m, first, m.partition())?;
                 *counts.entry(first).or_default() += 1;
                 if also_staging {
@@ -318,11 +337,9 @@ fn session(
         })();
         match result {
             Ok(counts) => {
-                let mut f = stats.forwarded.lock().unwrap_or_else(|e| e.into_inner());
                 for (t, n) in counts {
-                    *f.entry(t.to_string()).or_default() += n;
+                    stats.add(t, n);
                 }
-                drop(f);
                 if joined {
                     initialized.extend(pending.iter().map(|t| t.to_string()));
                     acked = version;
@@ -345,7 +362,7 @@ fn session(
                         .map_err(kafka("going back after an aborted transaction"))?;
                 }
                 tracing::debug!(topic = %spec.source, error = %e, "transaction aborted; the batch is read again");
-                *stats.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                stats.failed(&e);
                 // Whatever fenced it settles at the next poll.
                 std::thread::sleep(Duration::from_millis(50));
             }
