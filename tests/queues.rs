@@ -279,7 +279,24 @@ async fn rabbitmq_split_by_key_through_kill_and_clean() -> Result<()> {
     split_end_to_end(Broker::Rmq).await
 }
 
-/// A FIFO queue: every destination gets each group's messages in order.
+/// Per consumer pod, in the order it consumed: each group's ids (id % 5) increase.
+fn in_group_order(q: &Queues) -> Result<()> {
+    let mut order: std::collections::BTreeMap<(String, u32), Vec<(u64, u32)>> = Default::default();
+    for (id, cs) in &q.seen {
+        for c in cs {
+            order.entry((c.pod.clone(), id % 5)).or_default().push((c.n, *id));
+        }
+    }
+    for ((pod, g), mut v) in order {
+        v.sort();
+        let ids: Vec<u32> = v.iter().map(|(_, id)| *id).collect();
+        ensure!(ids.windows(2).all(|w| w[0] < w[1]), "group g{g} out of order in {pod}: {ids:?}");
+    }
+    Ok(())
+}
+
+/// A FIFO queue: every destination gets each group's messages in order,
+/// and the last Clean moves unread ones back to the original, in order.
 #[cfg_attr(not(feature = "system-tests"), ignore = "needs the local cluster and ElasticMQ: make test")]
 #[tokio::test]
 async fn sqs_fifo_split_keeps_each_groups_order() -> Result<()> {
@@ -306,20 +323,34 @@ async fn sqs_fifo_split_keeps_each_groups_order() -> Result<()> {
     q.wait_for(&record, 0..1_000, Duration::from_secs(180)).await?;
     let dups = q.check(0..1_000, |i| if (i / 5).is_multiple_of(3) { "k1" } else { "staging" })?;
     ensure!(dups == 0, "{dups} duplicates");
-    // Per consumer pod, in the order it consumed: each group's ids increase.
-    let mut order: std::collections::BTreeMap<(String, u32), Vec<(u64, u32)>> = Default::default();
-    for (id, cs) in &q.seen {
-        for c in cs {
-            order.entry((c.pod.clone(), id % 5)).or_default().push((c.n, *id));
+    in_group_order(&q)?;
+
+    // k2's consumer cannot reach the broker: its messages wait in its FIFO
+    // queue. When k2's Clean is the last, they go back to the original
+    // queue (new deduplication ids: SQS would drop a repeat of their first
+    // send) and the restored target consumes them, each group in order.
+    let mut k2: serde_json::Value = serde_json::from_str(&split_config(&q, "deployment/consumer", json!({})))?;
+    k2["feature"]["env"] = json!({"override": {"SQS_ENDPOINT": "http://198.18.255.254:9"}});
+    c.start(start_req(&k2.to_string(), V2, "k2")).await?;
+    q.send(&orig, 1_000..1_200, |_| vec![("x-preview-key", "k2".to_string())], Some(&group)).await?;
+    eventually("k2's queue to hold its 200 messages", Duration::from_secs(60), || {
+        let mut c = c.clone();
+        async move {
+            let s =
+                c.status(proto::StatusRequest::default()).await?.into_inner().next().await.context("snapshot")??;
+            let x = s.environments.iter().find(|e| e.key == "k2").and_then(|e| e.queues.first()).cloned();
+            Ok(x.filter(|x| x.lag >= 200).map(|_| ()))
         }
-    }
-    for ((pod, g), mut v) in order {
-        v.sort();
-        let ids: Vec<u32> = v.iter().map(|(_, id)| *id).collect();
-        ensure!(ids.windows(2).all(|w| w[0] < w[1]), "group g{g} out of order in {pod}: {ids:?}");
-    }
+    })
+    .await?;
     clean(&mut c, "k1").await?;
+    clean(&mut c, "k2").await?;
+    ensure!(queue_env(&ns, &q, "consumer").await?.0 == orig, "the target's queue is restored");
     ensure!(!q.exists(&staging_queue).await?, "staging's FIFO queue is left");
+    q.wait_for(&record, 1_000..1_200, Duration::from_secs(120)).await?;
+    let dups = q.check(1_000..1_200, |_| "staging")?;
+    ensure!(dups == 0, "{dups} duplicates after the move back");
+    in_group_order(&q)?;
     drop(previewd);
     q.delete(&[&orig, &record]).await?;
     Ok(())

@@ -6,8 +6,8 @@
 //!
 //! Moving is at-least-once: a message is deleted from its source only after
 //! SQS accepted its copy, so a crash in between sends it again. On FIFO
-//! queues the copy keeps the original's deduplication id (or its message id),
-//! so SQS drops such a repeat within its 5-minute deduplication window.
+//! queues the copy's deduplication id is the message's id in its source, so
+//! SQS drops such a repeat within its 5-minute deduplication window.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -194,21 +194,20 @@ fn headers(m: &Message) -> Vec<(&str, &[u8])> {
         .collect()
 }
 
-/// A copy of `m` to send: body and attributes; on a FIFO queue its group
-/// and a deduplication id that stays the same if it is sent again.
+/// A copy of `m` to send: body and attributes; on a FIFO queue its group,
+/// and as deduplication id the id of `m` in the queue it is moved from: the
+/// same if this copy is sent again, so SQS drops the repeat, and new at each
+/// move. (The original's own deduplication id would not do: a message the
+/// last Clean moves back to the original queue within 5 minutes of its
+/// first send would be dropped there as a repeat.)
 fn copy_of(id: usize, m: &Message, fifo: bool) -> Result<SendMessageBatchRequestEntry, QueueError> {
     let mut e = SendMessageBatchRequestEntry::builder()
         .id(id.to_string())
         .message_body(m.body.clone().unwrap_or_default())
         .set_message_attributes(m.message_attributes.clone());
     if fifo {
-        let sys = m.attributes.as_ref();
-        let get = |k: MessageSystemAttributeName| sys.and_then(|a| a.get(&k)).cloned();
-        e = e.set_message_group_id(get(MessageSystemAttributeName::MessageGroupId)).message_deduplication_id(
-            get(MessageSystemAttributeName::MessageDeduplicationId)
-                .or_else(|| m.message_id.clone())
-                .unwrap_or_default(),
-        );
+        let group = m.attributes.as_ref().and_then(|a| a.get(&MessageSystemAttributeName::MessageGroupId)).cloned();
+        e = e.set_message_group_id(group).set_message_deduplication_id(m.message_id.clone());
     }
     e.build().map_err(|e| QueueError::Broker { kind: KIND, action: "copying a message".into(), reason: e.to_string() })
 }
