@@ -15,7 +15,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use common::*;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{DynamicObject, PostParams};
 use preview::previewd::queues::kafka;
 use preview::proto;
@@ -155,41 +154,6 @@ fn split_config(target: &str, extra: serde_json::Value) -> String {
     json!({"target": target, "feature": {"split_queues": {"orders": q}}}).to_string()
 }
 
-async fn topic_env(ns: &TestNs, name: &str) -> Result<(String, i64)> {
-    let d = ns.api::<Deployment>().get(name).await?;
-    let generation = d.metadata.generation.unwrap_or_default();
-    let c = &d.spec.context("spec")?.template.spec.context("template")?.containers[0];
-    let v = c.env.iter().flatten().find(|e| e.name == "KAFKA_TOPIC").and_then(|e| e.value.clone()).unwrap_or_default();
-    Ok((v, generation))
-}
-
-/// Waits until the Deployment's pods, terminating ones too, all read
-/// `topic`, and the others are ready.
-async fn rolled_to(ns: &TestNs, name: &str, topic: &str) -> Result<()> {
-    eventually(&format!("{name} to read {topic}"), Duration::from_secs(120), || async {
-        let lp = kube::api::ListParams::default().labels(&format!("app={name},!preview.dev/key"));
-        let pods = ns.api::<k8s_openapi::api::core::v1::Pod>().list(&lp).await?.items;
-        let all = !pods.is_empty()
-            && pods.iter().all(|p| {
-                let reads = p.spec.as_ref().is_some_and(|s| {
-                    s.containers[0]
-                        .env
-                        .iter()
-                        .flatten()
-                        .any(|e| e.name == "KAFKA_TOPIC" && e.value.as_deref() == Some(topic))
-                });
-                let ready = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .is_some_and(|cs| cs.iter().all(|c| c.ready));
-                reads && ready && p.metadata.deletion_timestamp.is_none()
-            });
-        Ok(all.then_some(()))
-    })
-    .await
-}
-
 async fn metrics_page(port: u16) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
@@ -227,7 +191,7 @@ async fn kafka_split_is_exactly_once_through_kill_and_clean() -> Result<()> {
     echo_app(&ns, "downbroker", "v1", 1, &as_refs(&down)).await?;
     queue_split(&ns, "consumer", "consumer").await?;
     queue_split(&ns, "downbroker", "downbroker").await?;
-    rolled_to(&ns, "consumer", &orig).await?;
+    rolled_to(&ns, "consumer", "KAFKA_TOPIC", &orig).await?;
 
     let mut previewd = LocalPreviewd::spawn(&ns.name)?;
     let addr = previewd.addr.clone();
@@ -246,7 +210,7 @@ async fn kafka_split_is_exactly_once_through_kill_and_clean() -> Result<()> {
     ensure!(code(&r) == tonic::Code::InvalidArgument, "bad regex: {r:?}");
     ensure!(r.as_ref().unwrap_err().message().contains("feature.split_queues.orders.message_filter.x"), "{r:?}");
     for d in ["undeclared", "downbroker", "consumer"] {
-        ensure!(topic_env(&ns, d).await?.1 == 1, "{d} was changed by a refused Start");
+        ensure!(template_env(&ns, d, "KAFKA_TOPIC").await?.1 == 1, "{d} was changed by a refused Start");
     }
     ensure!(env_objects(&ns, &Default::default()).await?.is_empty(), "a refused Start left an environment object");
 
@@ -256,14 +220,14 @@ async fn kafka_split_is_exactly_once_through_kill_and_clean() -> Result<()> {
         let q = &started.environment.context("environment")?.queues;
         ensure!(q.len() == 1 && q[0].topic.starts_with("preview-tmp-"), "{key}: {q:?}");
     }
-    let (staging_topic, generation) = topic_env(&ns, "consumer").await?;
+    let (staging_topic, generation) = template_env(&ns, "consumer", "KAFKA_TOPIC").await?;
     ensure!(staging_topic.starts_with("preview-tmp-") && staging_topic.ends_with("-staging"), "{staging_topic}");
     ensure!(
         generation == 2,
         "the target is restarted once for the split, not per environment (generation {generation})"
     );
     let split_prefix = staging_topic.trim_end_matches("staging").to_string();
-    rolled_to(&ns, "consumer", &staging_topic).await?;
+    rolled_to(&ns, "consumer", "KAFKA_TOPIC", &staging_topic).await?;
     ready_pods(&ns, "preview.dev/key=k1", 1).await?;
     ready_pods(&ns, "preview.dev/key=k2", 1).await?;
     // Overlapping filters are refused, naming the other environment.
@@ -392,14 +356,14 @@ async fn kafka_split_is_exactly_once_through_kill_and_clean() -> Result<()> {
     // Clean of the last environment: the target reads its own topic again,
     // the temporary topics are gone, and nothing is lost.
     c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key("k2".into())) }).await?;
-    let (now, _) = topic_env(&ns, "consumer").await?;
+    let (now, _) = template_env(&ns, "consumer", "KAFKA_TOPIC").await?;
     ensure!(now == orig, "the target's topic is restored: {now}");
     ensure!(
         topics_with_prefix(&split_prefix)?.is_empty(),
         "temporary topics left: {:?}",
         topics_with_prefix(&split_prefix)?
     );
-    rolled_to(&ns, "consumer", &orig).await?;
+    rolled_to(&ns, "consumer", "KAFKA_TOPIC", &orig).await?;
     let o = orig.clone();
     tokio::task::spawn_blocking(move || {
         produce(&o, 13_200, 13_700, move |_| vec![("x-preview-key", "k2".to_string())])

@@ -16,7 +16,6 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use common::queues::{Broker, Queues};
 use common::*;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{DynamicObject, PostParams};
 use preview::proto;
 use serde_json::json;
@@ -48,38 +47,6 @@ fn split_config(q: &Queues, target: &str, extra: serde_json::Value) -> String {
         entry[k] = v.clone();
     }
     json!({"target": target, "feature": {"split_queues": {"orders": entry}}}).to_string()
-}
-
-/// The queue variable of the Deployment's template, and its generation.
-async fn queue_env(ns: &TestNs, q: &Queues, name: &str) -> Result<(String, i64)> {
-    let d = ns.api::<Deployment>().get(name).await?;
-    let generation = d.metadata.generation.unwrap_or_default();
-    let c = &d.spec.context("spec")?.template.spec.context("template")?.containers[0];
-    let v = c.env.iter().flatten().find(|e| e.name == q.queue_var()).and_then(|e| e.value.clone()).unwrap_or_default();
-    Ok((v, generation))
-}
-
-/// Waits until the Deployment's pods all read `queue` and are ready.
-async fn rolled_to(ns: &TestNs, q: &Queues, name: &str, queue: &str) -> Result<()> {
-    let var = q.queue_var();
-    eventually(&format!("{name} to read {queue}"), Duration::from_secs(120), || async {
-        let lp = kube::api::ListParams::default().labels(&format!("app={name},!preview.dev/key"));
-        let pods = ns.api::<k8s_openapi::api::core::v1::Pod>().list(&lp).await?.items;
-        let all = !pods.is_empty()
-            && pods.iter().all(|p| {
-                let reads = p.spec.as_ref().is_some_and(|s| {
-                    s.containers[0].env.iter().flatten().any(|e| e.name == var && e.value.as_deref() == Some(queue))
-                });
-                let ready = p
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .is_some_and(|cs| cs.iter().all(|c| c.ready));
-                reads && ready && p.metadata.deletion_timestamp.is_none()
-            });
-        Ok(all.then_some(()))
-    })
-    .await
 }
 
 async fn clean(c: &mut preview::cli::Client, key: &str) -> Result<()> {
@@ -132,7 +99,7 @@ async fn split_end_to_end(broker: Broker) -> Result<()> {
     echo_app(&ns, "downbroker", "v1", 1, &refs(&down)).await?;
     queue_split(&ns, &q, "consumer").await?;
     queue_split(&ns, &q, "downbroker").await?;
-    rolled_to(&ns, &q, "consumer", &orig).await?;
+    rolled_to(&ns, "consumer", q.queue_var(), &orig).await?;
 
     let mut previewd = LocalPreviewd::spawn(&ns.name)?;
     let addr = previewd.addr.clone();
@@ -156,7 +123,7 @@ async fn split_end_to_end(broker: Broker) -> Result<()> {
     ensure!(code(&r) == tonic::Code::FailedPrecondition, "wrong queue_type: {r:?}");
     ensure!(r.as_ref().unwrap_err().message().contains("feature.split_queues.orders.queue_type"), "{r:?}");
     for d in ["undeclared", "downbroker", "consumer"] {
-        ensure!(queue_env(&ns, &q, d).await?.1 == 1, "{d} was changed by a refused Start");
+        ensure!(template_env(&ns, d, q.queue_var()).await?.1 == 1, "{d} was changed by a refused Start");
     }
     ensure!(env_objects(&ns, &Default::default()).await?.is_empty(), "a refused Start left an environment object");
 
@@ -166,7 +133,7 @@ async fn split_end_to_end(broker: Broker) -> Result<()> {
         let qs = &started.into_inner().environment.context("environment")?.queues;
         ensure!(qs.len() == 1 && qs[0].topic.starts_with("preview-tmp-"), "{key}: {qs:?}");
     }
-    let (staging_queue, generation) = queue_env(&ns, &q, "consumer").await?;
+    let (staging_queue, generation) = template_env(&ns, "consumer", q.queue_var()).await?;
     ensure!(staging_queue.starts_with("preview-tmp-") && staging_queue.ends_with("-staging"), "{staging_queue}");
     ensure!(generation == 2, "the target is restarted once for the split, not per environment ({generation})");
     let env_queues: Vec<String> = {
@@ -184,7 +151,7 @@ async fn split_end_to_end(broker: Broker) -> Result<()> {
             ensure!(a.get(&QueueAttributeName::RedrivePolicy).is_some_and(|p| p.contains(&dlq)), "{t}: {a:?}");
         }
     }
-    rolled_to(&ns, &q, "consumer", &staging_queue).await?;
+    rolled_to(&ns, "consumer", q.queue_var(), &staging_queue).await?;
     ready_pods(&ns, "preview.dev/key=k1", 1).await?;
     ready_pods(&ns, "preview.dev/key=k2", 1).await?;
 
@@ -242,7 +209,7 @@ async fn split_end_to_end(broker: Broker) -> Result<()> {
 
     // The last Clean restores the target and leaves no temporary queue.
     clean(&mut c, "k2").await?;
-    let (now, _) = queue_env(&ns, &q, "consumer").await?;
+    let (now, _) = template_env(&ns, "consumer", q.queue_var()).await?;
     ensure!(now == orig, "the target's queue is restored: {now}");
     for t in std::iter::once(&staging_queue).chain(&env_queues) {
         ensure!(!q.exists(t).await?, "temporary queue {t} is left");
@@ -257,7 +224,7 @@ async fn split_end_to_end(broker: Broker) -> Result<()> {
     )
     .1;
     ensure!(!q.exists(&k3_queue).await?, "k3's queue {k3_queue} is left");
-    rolled_to(&ns, &q, "consumer", &orig).await?;
+    rolled_to(&ns, "consumer", q.queue_var(), &orig).await?;
     q.send(&orig, 8_500..9_000, |_| vec![("x-preview-key", "k2".to_string())], None).await?;
     q.wait_for(&record, 8_500..9_000, Duration::from_secs(120)).await?;
     q.check(8_500..9_000, |_| "staging")?;
@@ -307,13 +274,13 @@ async fn sqs_fifo_split_keeps_each_groups_order() -> Result<()> {
     q.create(&record, &[]).await?;
     echo_app(&ns, "consumer", "v1", 1, &refs(&q.consumer_env(&orig, &record, None))).await?;
     queue_split(&ns, &q, "consumer").await?;
-    rolled_to(&ns, &q, "consumer", &orig).await?;
+    rolled_to(&ns, "consumer", q.queue_var(), &orig).await?;
     let previewd = LocalPreviewd::spawn(&ns.name)?;
     let mut c = connect_when_up(&previewd.addr).await?;
     c.start(start_req(&split_config(&q, "deployment/consumer", json!({})), V2, "k1")).await?;
-    let (staging_queue, _) = queue_env(&ns, &q, "consumer").await?;
+    let (staging_queue, _) = template_env(&ns, "consumer", q.queue_var()).await?;
     ensure!(staging_queue.ends_with("-staging.fifo"), "{staging_queue}");
-    rolled_to(&ns, &q, "consumer", &staging_queue).await?;
+    rolled_to(&ns, "consumer", q.queue_var(), &staging_queue).await?;
     ready_pods(&ns, "preview.dev/key=k1", 1).await?;
 
     // 1 000 messages in 5 groups; every third message of a group is k1's.
@@ -345,7 +312,7 @@ async fn sqs_fifo_split_keeps_each_groups_order() -> Result<()> {
     .await?;
     clean(&mut c, "k1").await?;
     clean(&mut c, "k2").await?;
-    ensure!(queue_env(&ns, &q, "consumer").await?.0 == orig, "the target's queue is restored");
+    ensure!(template_env(&ns, "consumer", q.queue_var()).await?.0 == orig, "the target's queue is restored");
     ensure!(!q.exists(&staging_queue).await?, "staging's FIFO queue is left");
     q.wait_for(&record, 1_000..1_200, Duration::from_secs(120)).await?;
     let dups = q.check(1_000..1_200, |_| "staging")?;

@@ -620,3 +620,35 @@ impl LocalPreviewd {
         Ok(())
     }
 }
+
+/// A Deployment's template value of env var `var` (first container), and its generation.
+pub async fn template_env(ns: &TestNs, name: &str, var: &str) -> Result<(String, i64)> {
+    let d = ns.api::<Deployment>().get(name).await?;
+    let generation = d.metadata.generation.unwrap_or_default();
+    let c = &d.spec.context("spec")?.template.spec.context("template")?.containers[0];
+    let v = c.env.iter().flatten().find(|e| e.name == var).and_then(|e| e.value.clone()).unwrap_or_default();
+    Ok((v, generation))
+}
+
+/// Waits until the Deployment's pods (previews aside), terminating ones
+/// too, all have `var` = `value`, and are ready.
+pub async fn rolled_to(ns: &TestNs, name: &str, var: &str, value: &str) -> Result<()> {
+    eventually(&format!("{name} to have {var}={value}"), Duration::from_secs(120), || async {
+        let lp = ListParams::default().labels(&format!("app={name},!preview.dev/key"));
+        let pods = ns.api::<Pod>().list(&lp).await?.items;
+        let all = !pods.is_empty()
+            && pods.iter().all(|p| {
+                let reads = p.spec.as_ref().is_some_and(|s| {
+                    s.containers[0].env.iter().flatten().any(|e| e.name == var && e.value.as_deref() == Some(value))
+                });
+                let ready = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|cs| cs.iter().all(|c| c.ready));
+                reads && ready && p.metadata.deletion_timestamp.is_none()
+            });
+        Ok(all.then_some(()))
+    })
+    .await
+}

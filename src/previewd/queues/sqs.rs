@@ -171,7 +171,11 @@ pub async fn delete(endpoint: &str, region: &str, names: &[&str]) -> Result<(), 
 /// Messages in `queue`: visible, in flight and delayed (SQS's approximate counts).
 pub async fn depth(endpoint: &str, region: &str, queue: &str) -> Result<i64, QueueError> {
     let c = client(endpoint, region);
-    let attrs = attributes(&c, endpoint, &url(&c, endpoint, queue).await?).await?;
+    depth_at(&c, endpoint, &url(&c, endpoint, queue).await?).await
+}
+
+async fn depth_at(c: &Client, endpoint: &str, url: &str) -> Result<i64, QueueError> {
+    let attrs = attributes(c, endpoint, url).await?;
     Ok([
         QueueAttributeName::ApproximateNumberOfMessages,
         QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
@@ -307,12 +311,16 @@ pub async fn session(spec: &SplitSpec, ctl: &mut Control, stats: &Stats) -> Resu
     let src = url(&c, &spec.brokers, &spec.source).await?;
     let staging = url(&c, &spec.brokers, &spec.staging).await?;
     let workers = if spec.fifo { 1 } else { WORKERS };
+    // Queue name → URL, and back (stats count by name).
     let mut urls: HashMap<String, String> = HashMap::new();
+    let mut names: HashMap<String, String> = HashMap::from([(staging.clone(), spec.staging.clone())]);
     while !ctl.stopped() {
         let routes = ctl.routes();
         for r in &routes.list {
             if !urls.contains_key(&r.topic) {
-                urls.insert(r.topic.clone(), url(&c, &spec.brokers, &r.topic).await?);
+                let u = url(&c, &spec.brokers, &r.topic).await?;
+                names.insert(u.clone(), r.topic.clone());
+                urls.insert(r.topic.clone(), u);
             }
         }
         let dests = |m: &Message| -> Vec<String> {
@@ -322,15 +330,12 @@ pub async fn session(spec: &SplitSpec, ctl: &mut Control, stats: &Stats) -> Resu
         };
         // Receives of 1 s, so that new routes and a stop are seen soon.
         let rounds = (0..workers).map(|_| move_batch(&c, &spec.brokers, &src, spec.fifo, 1, &dests));
-        let mut any = false;
         let mut err = None;
         for r in futures::future::join_all(rounds).await {
             match r {
-                Ok((n, sent)) => {
-                    any |= n > 0;
+                Ok((_, sent)) => {
                     for (u, k) in sent {
-                        let name = urls.iter().find(|(_, v)| **v == u).map_or(spec.staging.as_str(), |(k, _)| k);
-                        stats.add(name, k);
+                        stats.add(names.get(&u).map_or(spec.staging.as_str(), String::as_str), k);
                     }
                 }
                 Err(e) => err = Some(e),
@@ -341,7 +346,6 @@ pub async fn session(spec: &SplitSpec, ctl: &mut Control, stats: &Stats) -> Resu
         }
         // A receive under these routes succeeded: they are in force.
         ctl.applied(routes.version);
-        let _ = any;
     }
     Ok(())
 }
@@ -362,7 +366,7 @@ pub async fn drain(endpoint: &str, region: &str, src: &str, dst: &str, fifo: boo
     loop {
         let (n, _) = move_batch(&c, endpoint, &src_url, fifo, 1, |_| vec![dst_url.clone()]).await?;
         moved += n as u64;
-        if n == 0 && depth(endpoint, region, src).await? == 0 {
+        if n == 0 && depth_at(&c, endpoint, &src_url).await? == 0 {
             return Ok(moved);
         }
         if Instant::now() > deadline {
