@@ -77,6 +77,10 @@ MY_FILES = /usr/sbin/mariadbd $(MY_SHARE)/english $(MY_SHARE)/charsets \
   $(foreach f,mysql_system_tables mysql_performance_tables mysql_system_tables_data maria_add_gis_sp_bootstrap,$(MY_SHARE)/$(f).sql) \
   /bin/cat /bin/rm
 
+# previewd copies a branch's source with the engines' own tools: Debian's,
+# of the servers' versions, where previewd looks for them.
+DB_TOOLS := $(PG)/bin/pg_dump $(PG)/bin/psql /usr/bin/mariadb-dump /usr/bin/mariadb
+
 # Images from local files, imported into the cluster's containerd.
 images: build cluster-up
 	@mkdir -p $(IMAGES)
@@ -84,7 +88,7 @@ images: build cluster-up
 	  deploy/local/image.sh build $(IMAGES)/echo-$$v.tar preview.local/echo:$$v /usr/local/bin/preview-echo \
 	    --env ECHO_VERSION=$$v $(RELEASE)/preview-echo=/usr/local/bin/preview-echo >/dev/null; done
 	deploy/local/image.sh build $(IMAGES)/previewd.tar preview.local/previewd:dev /usr/local/bin/previewd \
-	  $(RELEASE)/previewd=/usr/local/bin/previewd $(RELEASE)/preview=/usr/local/bin/preview >/dev/null
+	  $(RELEASE)/previewd=/usr/local/bin/previewd $(RELEASE)/preview=/usr/local/bin/preview $(DB_TOOLS) >/dev/null
 	deploy/local/image.sh build $(IMAGES)/agent.tar preview.local/agent:dev /usr/local/bin/preview-agent \
 	  $(RELEASE)/preview-agent=/usr/local/bin/preview-agent $(AGENT_TOOLS) >/dev/null
 	deploy/local/db/postgres-template.sh $(IMAGES)/pg-data

@@ -228,6 +228,47 @@ async fn installed_previewd_serves_every_client() -> Result<()> {
     ensure!(body.contains("\"version\":\"v1\""), "{body}");
     ok(&mut grpcurl(&addr, Some(r#"{"key":"shared"}"#), &["preview.v1.PreviewService/Clean"]))?;
 
+    // Database branches from the installed previewd, which runs the dump
+    // and load tools its image carries (Debian's pg_dump and psql, and
+    // mariadb-dump and mariadb) as uid 65532 on a read-only root: an `all`
+    // branch of a PostgreSQL and of a MariaDB source, each read by its
+    // preview pod.
+    let db = format!("src_inst_{}", ns.name.replace('-', "_"));
+    let pg_url = common::db::staging_postgres(&db).await?;
+    let my_url = common::db::staging_mariadb(&db).await?;
+    echo_app(&ns, "ledger-pg", "v1", 1, &[("DATABASE_URL", &pg_url)]).await?;
+    echo_app(&ns, "ledger-my", "v1", 1, &[("DATABASE_URL", &my_url)]).await?;
+    let pods: Vec<serde_json::Value> = [("pg", "ledger-pg"), ("mysql", "ledger-my")]
+        .iter()
+        .map(|(engine, target)| {
+            let config = common::db::branch_config(engine, &format!("deployment/{target}"), serde_json::json!({"mode": "all"}));
+            serde_json::json!({"config": config, "image": IMAGE, "namespace": ns.name})
+        })
+        .collect();
+    let start_db = serde_json::json!({"key": "branches", "pods": pods}).to_string();
+    let started = ok(&mut grpcurl(&addr, Some(&start_db), &["preview.v1.PreviewService/Start"]))?;
+    let v: serde_json::Value = serde_json::from_str(&started)?;
+    let made = v["environment"]["dbBranches"].as_array().cloned().unwrap_or_default();
+    ensure!(made.len() == 2 && made.iter().all(|b| b["phase"] == "Ready"), "{started}");
+    let want = common::db::rows(3, 5, 7);
+    let mut read = std::collections::BTreeMap::new();
+    for p in ready_pods(&ns, "preview.dev/key=branches", 2).await? {
+        let ip = p.status.and_then(|s| s.pod_ip).context("preview pod IP")?;
+        // Ready is the HTTP port; the count is the database's answer.
+        let (database, rows) = common::db::pod_counts(&ip).await?;
+        read.insert(database, rows);
+    }
+    for b in &made {
+        let database = b["database"].as_str().unwrap_or_default();
+        ensure!(read.get(database) == Some(&want), "branch {database}: the preview pods read {read:?}");
+    }
+    ok(&mut grpcurl(&addr, Some(r#"{"key":"branches"}"#), &["preview.v1.PreviewService/Clean"]))?;
+    eventually("the branch servers to go", Duration::from_secs(120), || async {
+        Ok(common::db::servers(&ns).await?.is_empty().then_some(()))
+    })
+    .await?;
+    common::db::drop_staging(&db).await?;
+
     // The generated clients, each through start → add pod → watch → clean.
     let client_env = |c: &mut Command| {
         c.env("PREVIEW_SERVER", &addr).env("PREVIEW_TEST_NAMESPACE", &ns.name).env("PREVIEW_TEST_IMAGE", IMAGE);

@@ -78,3 +78,61 @@ pub async fn server_login(ns: &TestNs, server: &str) -> Result<(String, String)>
     let ip = pod.status.and_then(|s| s.pod_ip).context("server pod IP")?;
     Ok((pw.unwrap_or_default(), ip))
 }
+
+/// Staging's address on the node: both engines, user `staging`.
+const NODE: &str = "198.18.255.254";
+const STAGING_PW: &str = "staging-pw";
+
+/// The three tables, `serial` being the dialect's auto-increment key, with 3, 5 and 7 rows.
+fn small_tables(serial: &str) -> String {
+    format!(
+        "CREATE TABLE customers (id {serial} PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE orders (id {serial} PRIMARY KEY, total int NOT NULL);
+         CREATE TABLE items (id {serial} PRIMARY KEY, sku text NOT NULL);
+         INSERT INTO customers (name) VALUES ('a'), ('b'), ('c');
+         INSERT INTO orders (total) VALUES (1), (2), (3), (4), (5);
+         INSERT INTO items (sku) VALUES ('a'), ('b'), ('c'), ('d'), ('e'), ('f'), ('g');"
+    )
+}
+
+/// Staging PostgreSQL's database `db`, made afresh with 3, 5 and 7 rows;
+/// returns its URL.
+pub async fn staging_postgres(db: &str) -> Result<String> {
+    let url = |d: &str| format!("postgres://staging:{STAGING_PW}@{NODE}:5432/{d}");
+    let (admin, conn) = tokio_postgres::connect(&url("orders"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+    admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+    let (c, conn) = tokio_postgres::connect(&url(db), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    c.batch_execute(&small_tables("serial")).await?;
+    Ok(url(db))
+}
+
+/// Staging MariaDB's database `db`, made afresh with 3, 5 and 7 rows;
+/// returns its URL.
+pub async fn staging_mariadb(db: &str) -> Result<String> {
+    use mysql_async::prelude::Queryable;
+    let url = |d: &str| format!("mysql://staging:{STAGING_PW}@{NODE}:3306/{d}");
+    let mut admin = mysql_async::Conn::new(mysql_async::Opts::from_url(&url(""))?).await?;
+    admin.query_drop(format!("DROP DATABASE IF EXISTS {db}")).await?;
+    admin.query_drop(format!("CREATE DATABASE {db}")).await?;
+    let mut c = mysql_async::Conn::new(mysql_async::Opts::from_url(&url(db))?).await?;
+    for s in small_tables("int AUTO_INCREMENT").split(';').filter(|s| !s.trim().is_empty()) {
+        c.query_drop(s).await?;
+    }
+    Ok(url(db))
+}
+
+/// Drops staging's database `db` on both engines.
+pub async fn drop_staging(db: &str) -> Result<()> {
+    use mysql_async::prelude::Queryable;
+    let (admin, conn) =
+        tokio_postgres::connect(&format!("postgres://staging:{STAGING_PW}@{NODE}:5432/orders"), tokio_postgres::NoTls)
+            .await?;
+    tokio::spawn(conn);
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+    let opts = mysql_async::Opts::from_url(&format!("mysql://staging:{STAGING_PW}@{NODE}:3306/"))?;
+    mysql_async::Conn::new(opts).await?.query_drop(format!("DROP DATABASE IF EXISTS {db}")).await?;
+    Ok(())
+}
