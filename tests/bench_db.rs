@@ -3,22 +3,29 @@
 //! the real cluster and staging's real PostgreSQL.
 //!
 //! The source has 100 tables (each with a primary key and an index) and a
-//! table of about 100 MB of rows. previewd (the release binary) makes, in
-//! turn: an `empty` branch (the first branch of the source: what it takes
-//! is the branch server's start, paid once per source and namespace), a
-//! `schema` branch and an `all` branch (each the first of its copy mode: a
-//! new snapshot on the running server, then the clone), then three more
-//! `all` branches, cloned from that snapshot. Each is timed from Start sent
-//! to Start answered (Start returns once the branch is Ready). The hand
-//! copies are `pg_dump … | psql` by bash into a new database on the same
-//! running branch server, with the same tools and options.
+//! table of about 100 MB of rows. Each of 3 rounds starts from no branch
+//! server and has previewd (the release binary) make, in turn: an `empty`
+//! branch (the first branch of the source: what it takes is the branch
+//! server's start, paid once per source and namespace), a `schema` branch
+//! and an `all` branch (each the first of its copy mode: a new snapshot on
+//! the running server, then the clone), then two more `all` branches,
+//! cloned from that snapshot; then Clean, which removes the server. Each is
+//! timed from Start sent to Start answered (Start returns once the branch
+//! is Ready). Each first branch is paired with the same copy by hand,
+//! `pg_dump … | psql` by bash into a new database on the same running
+//! branch server, with the same tools and options; the pair's order flips
+//! every round. Nothing is timed until every pod in the namespace is Ready
+//! and none is terminating: a preview pod still starting would take the
+//! 2 cores from whichever side is timed next.
 //!
 //! The last line is `db: first branch X.XX x hand copy, second branch N ms`:
-//! X.XX is the larger of the `schema` and `all` ratios (the server's start
-//! is printed on its own line, not in X.XX), N the median of the three clones.
+//! X.XX is the larger of the `schema` and `all` ratios of medians (previewd's
+//! median over the rounds, over the hand copies' median; the server's start
+//! is printed on its own line, not in X.XX), N the median of the clones.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -30,7 +37,9 @@ const NODE: &str = "198.18.255.254";
 const TABLES: usize = 100;
 /// Rows of ~200 bytes in `bulk`: about 100 MB on disk.
 const BULK_ROWS: i64 = 450_000;
-const CLONES: usize = 3;
+const ROUNDS: usize = 3;
+/// Branches cloned from the snapshot, per round.
+const CLONES: usize = 2;
 
 fn staging_url(db: &str) -> String {
     format!("postgres://staging:staging-pw@{NODE}:5432/{db}")
@@ -102,55 +111,115 @@ async fn bench_db() -> Result<()> {
     let previewd = LocalPreviewd::spawn(&ns.name)?;
     let addr = previewd.addr.clone();
     let mut client = connect_when_up(&addr).await?;
-    let mut start = async |copy: &str, key: &str| -> Result<(Duration, String)> {
-        let t = Instant::now();
-        let r = client.start(start_req(&config(copy), "preview.local/echo:v2", key)).await?.into_inner();
-        let took = t.elapsed();
-        let b = r.environment.context("environment")?.db_branches;
-        ensure!(b.len() == 1 && b[0].phase == "Ready", "{key}: {b:?}");
-        Ok((took, b[0].server.clone()))
-    };
 
-    let (server_start, server) = start("empty", "empty").await?;
-    let (schema, _) = start("schema", "schema").await?;
-    let (all, _) = start("all", "all").await?;
-    let mut clones = Vec::new();
-    for i in 0..CLONES {
-        clones.push(start("all", &format!("clone{i}")).await?.0);
+    let mut times: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    for round in 0..ROUNDS {
+        let mut start = async |copy: &str, key: &str| -> Result<(Duration, String)> {
+            settled(&ns).await?;
+            let t = Instant::now();
+            let r = client.start(start_req(&config(copy), "preview.local/echo:v2", key)).await?.into_inner();
+            let took = t.elapsed();
+            let b = r.environment.context("environment")?.db_branches;
+            ensure!(b.len() == 1 && b[0].phase == "Ready", "{key}: {b:?}");
+            Ok((took, b[0].server.clone()))
+        };
+        let (server_start, server) = start("empty", &format!("empty{round}")).await?;
+        times.entry("start").or_default().push(server_start);
+        let server_url = server_url(&ns, &server).await?;
+        for (mode, args) in [("schema", "--schema-only"), ("all", "")] {
+            let key = format!("{mode}{round}");
+            let hand = format!("hand_{mode}{round}");
+            let hand_first = round % 2 == 1;
+            if hand_first {
+                settled(&ns).await?;
+                times.entry(hand_key(mode)).or_default().push(hand_copy(&server_url, &src, &hand, args).await?);
+            }
+            times.entry(mode).or_default().push(start(mode, &key).await?.0);
+            if !hand_first {
+                settled(&ns).await?;
+                times.entry(hand_key(mode)).or_default().push(hand_copy(&server_url, &src, &hand, args).await?);
+            }
+        }
+        for i in 0..CLONES {
+            let clone = start("all", &format!("clone{round}x{i}")).await?.0;
+            times.entry("clone").or_default().push(clone);
+        }
+        let every = preview::proto::clean_request::Selector::Glob("*".into());
+        client.clean(preview::proto::CleanRequest { selector: Some(every) }).await?;
+        // The next round starts a server of its own.
+        eventually("the branch server to go", Duration::from_secs(120), || async {
+            Ok(ns.api::<Pod>().get_opt(&server).await?.is_none().then_some(()))
+        })
+        .await?;
+        let line: Vec<String> = ["start", "schema", "hand_schema", "all", "hand_all"]
+            .iter()
+            .map(|k| format!("{k} {:.0}", ms(times[k][round])))
+            .collect();
+        let clones: Vec<f64> = times["clone"][round * CLONES..].iter().map(|d| ms(*d).round()).collect();
+        println!("round {round}: {} ms; clones {clones:?} ms", line.join(", "));
     }
-    clones.sort();
-
-    // The same copies by hand, into the same server.
-    let secret = ns.api::<Secret>().get(&server).await?;
-    let pw = secret.data.unwrap_or_default().get("password").map(|b| String::from_utf8_lossy(&b.0).into_owned());
-    let ip = ns.api::<Pod>().get(&server).await?.status.and_then(|s| s.pod_ip).context("server IP")?;
-    let server_url = format!("postgres://preview:{}@{ip}:5432", pw.unwrap_or_default());
-    let hand_schema = hand_copy(&server_url, &src, "hand_schema", "--schema-only").await?;
-    let hand_all = hand_copy(&server_url, &src, "hand_all", "").await?;
-
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let r_schema = schema.as_secs_f64() / hand_schema.as_secs_f64();
-    let r_all = all.as_secs_f64() / hand_all.as_secs_f64();
-    println!("empty, first branch of the source (the branch server's start): {:.0} ms", ms(server_start));
-    println!(
-        "schema, first branch of the mode (new snapshot): {:.0} ms; by hand {:.0} ms; {r_schema:.2} x",
-        ms(schema),
-        ms(hand_schema)
-    );
-    println!(
-        "schema plus the server's start (the two lines above): {:.0} ms; {:.2} x",
-        ms(schema + server_start),
-        (schema + server_start).as_secs_f64() / hand_schema.as_secs_f64()
-    );
-    println!(
-        "all, first branch of the mode (new snapshot): {:.0} ms; by hand {:.0} ms; {r_all:.2} x",
-        ms(all),
-        ms(hand_all)
-    );
-    println!("all, from the snapshot: {:?} ms", clones.iter().map(|d| ms(*d).round()).collect::<Vec<_>>());
-    let every = preview::proto::clean_request::Selector::Glob("*".into());
-    client.clean(preview::proto::CleanRequest { selector: Some(every) }).await?;
     admin.batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)")).await?;
-    println!("db: first branch {:.2} x hand copy, second branch {:.0} ms", r_schema.max(r_all), ms(clones[CLONES / 2]));
+
+    let med = |k: &str| median(&times[k]);
+    let ratio = |k: &str| med(k).as_secs_f64() / med(hand_key(k)).as_secs_f64();
+    println!("empty, first branch of the source (the branch server's start), median: {:.0} ms", ms(med("start")));
+    for mode in ["schema", "all"] {
+        println!(
+            "{mode}, first branch of the mode (new snapshot), median: {:.0} ms; by hand {:.0} ms; {:.2} x",
+            ms(med(mode)),
+            ms(med(hand_key(mode))),
+            ratio(mode)
+        );
+    }
+    println!(
+        "schema plus the server's start (the medians above): {:.0} ms; {:.2} x",
+        ms(med("schema") + med("start")),
+        (med("schema") + med("start")).as_secs_f64() / med("hand_schema").as_secs_f64()
+    );
+    println!(
+        "db: first branch {:.2} x hand copy, second branch {:.0} ms",
+        ratio("schema").max(ratio("all")),
+        ms(med("clone"))
+    );
     Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn hand_key(mode: &str) -> &'static str {
+    if mode == "schema" { "hand_schema" } else { "hand_all" }
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// The branch server's superuser URL, from its Secret and its pod's address.
+async fn server_url(ns: &TestNs, server: &str) -> Result<String> {
+    let secret = ns.api::<Secret>().get(server).await?;
+    let pw = secret.data.unwrap_or_default().get("password").map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    let ip = ns.api::<Pod>().get(server).await?.status.and_then(|s| s.pod_ip).context("server IP")?;
+    Ok(format!("postgres://preview:{}@{ip}:5432", pw.context("the server's password")?))
+}
+
+/// Waits until every pod in the namespace has its containers ready (a
+/// preview pod's Ready waits on a readiness gate no agent sets here) and
+/// none is terminating.
+async fn settled(ns: &TestNs) -> Result<()> {
+    eventually("every pod's containers ready", Duration::from_secs(120), || async {
+        let pods = ns.api::<Pod>().list(&Default::default()).await?.items;
+        let ready = pods.iter().all(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "ContainersReady" && c.status == "True"))
+        });
+        Ok(ready.then_some(()))
+    })
+    .await
 }

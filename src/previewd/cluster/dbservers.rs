@@ -1,8 +1,8 @@
 //! The objects of database branches: a branch server per source database
 //! (a Pod, its Service, and a Secret with its superuser's password), the
 //! Secret each environment's preview pods read their branch connection
-//! from, and reading a target's connection variables (a literal, or a
-//! ConfigMap or Secret key).
+//! from (and pointing their variables at it), and reading a target's
+//! connection variables (a literal, or a ConfigMap or Secret key).
 
 use std::collections::BTreeMap;
 
@@ -307,5 +307,39 @@ impl Cluster {
             .await
             .map_err(KubeError::api(format!("list branch servers in {ns}")))?;
         Ok(pods.items.into_iter().filter_map(|p| p.metadata.name).collect())
+    }
+}
+
+/// Points `var` at key `key` of Secret `secret`, in every container of a
+/// pod (JSON) that has it.
+pub fn set_env_from_secret(pod: &mut serde_json::Value, var: &str, secret: &str, key: &str) {
+    let Some(list) = pod.pointer_mut("/spec/containers").and_then(|c| c.as_array_mut()) else { return };
+    let entry = serde_json::json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}});
+    for c in list.iter_mut() {
+        if let Some(e) =
+            c.get_mut("env").and_then(|e| e.as_array_mut()).and_then(|env| env.iter_mut().find(|e| e["name"] == var))
+        {
+            *e = entry.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_the_variable_at_the_branch_secret() {
+        let mut pod = serde_json::json!({"spec": {"containers": [
+            {"name": "app", "env": [{"name": "DATABASE_URL", "value": "postgres://staging"}, {"name": "X", "value": "1"}]},
+            {"name": "side"},
+        ]}});
+        set_env_from_secret(&mut pod, "DATABASE_URL", "s", "url");
+        assert_eq!(
+            pod["spec"]["containers"][0]["env"][0],
+            serde_json::json!({"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "s", "key": "url"}}})
+        );
+        assert_eq!(pod["spec"]["containers"][0]["env"][1]["value"], "1");
+        assert!(pod["spec"]["containers"][1].get("env").is_none());
     }
 }

@@ -163,11 +163,13 @@ pub async fn take_snapshot(
     let c = connect(server, Duration::from_secs(5)).await?;
     let t = ident(&tmp);
     each(&c, server, &[format!("DROP DATABASE IF EXISTS {t} WITH (FORCE)"), format!("CREATE DATABASE {t}")]).await?;
+    let began = std::time::Instant::now();
     copy_into(src, &server.with_db(&tmp), copy, tables).await.map_err(|reason| DbError::Copy {
         source_db: src.source(),
         server: server.addr(),
         reason,
     })?;
+    tracing::info!(server = %server.addr(), snap, copy_ms = began.elapsed().as_millis() as u64, "snapshot copied");
     let taken = crate::model::now_ms();
     let s = ident(snap);
     each(

@@ -17,7 +17,7 @@ use super::{Error, Manager};
 use crate::model::db::{self, Connection, DbBinding, DbBranchAsk, DbType};
 use crate::model::{DbPhase, DbStats, EnvRecord, Key, PodRecord, Target};
 use crate::previewd::auth::{Access, Caller};
-use crate::previewd::cluster::dbservers::{VarSource, var_source};
+use crate::previewd::cluster::dbservers::{VarSource, set_env_from_secret, var_source};
 use crate::previewd::dbs::{self, DbAddr, DbError, new_password};
 
 fn failed(field: impl Into<String>, message: impl Into<String>) -> Error {
@@ -262,12 +262,15 @@ impl Manager {
     /// One branch; returns when its snapshot was taken.
     async fn make_branch(&self, rec: &EnvRecord, b: &DbBinding, owner: &OwnerReference) -> Result<i64, Error> {
         let ns = &rec.namespace;
-        let deadline = Instant::now() + Duration::from_secs(b.creation_timeout_secs);
+        let began = Instant::now();
+        let deadline = began + Duration::from_secs(b.creation_timeout_secs);
         let server = self.server_addr(ns, &b.server, b.db_type, deadline).await?;
+        let t_server = began.elapsed();
         let password = match self.cluster.secret_data(ns, &b.secret).await?.and_then(|d| d.get("password").cloned()) {
             Some(p) => p,
             None => new_password(),
         };
+        let t_snapshot;
         let taken = {
             // Held through the clone too: a refresh replacing the snapshot
             // meanwhile would break the copy.
@@ -280,9 +283,11 @@ impl Manager {
                     dbs::take_snapshot(&server, &src, &b.snapshot, b.copy, &b.tables).await?
                 }
             };
+            t_snapshot = began.elapsed();
             dbs::make_branch(&server, &b.snapshot, &b.database, &password).await?;
             taken
         };
+        let t_clone = began.elapsed();
         // The preview pods reach it through its Service, whose endpoints
         // wait for the pod's Ready condition: the branch is Ready once they can.
         loop {
@@ -315,6 +320,15 @@ impl Manager {
             ("database".to_string(), branch.dbname.clone()),
         ]);
         self.cluster.put_branch_secret(ns, &b.secret, &rec.key, owner, data).await?;
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::info!(
+            database = %b.database,
+            server_ms = ms(t_server),
+            snapshot_ms = ms(t_snapshot - t_server),
+            clone_ms = ms(t_clone - t_snapshot),
+            publish_ms = ms(began.elapsed() - t_clone),
+            "branch ready"
+        );
         Ok(taken)
     }
 
@@ -453,39 +467,5 @@ impl Manager {
         let view = self.view();
         let stats = view.envs.get(key).map(|e| e.dbs.clone()).unwrap_or_default();
         Ok(rec.dbs.iter().map(|b| (b.clone(), stats.get(&b.database).cloned().unwrap_or_default())).collect())
-    }
-}
-
-/// Points `var` at key `key` of Secret `secret`, in every container of a
-/// pod (JSON) that has it.
-fn set_env_from_secret(pod: &mut serde_json::Value, var: &str, secret: &str, key: &str) {
-    let Some(list) = pod.pointer_mut("/spec/containers").and_then(|c| c.as_array_mut()) else { return };
-    let entry = serde_json::json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}});
-    for c in list.iter_mut() {
-        if let Some(e) =
-            c.get_mut("env").and_then(|e| e.as_array_mut()).and_then(|env| env.iter_mut().find(|e| e["name"] == var))
-        {
-            *e = entry.clone();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn points_the_variable_at_the_branch_secret() {
-        let mut pod = serde_json::json!({"spec": {"containers": [
-            {"name": "app", "env": [{"name": "DATABASE_URL", "value": "postgres://staging"}, {"name": "X", "value": "1"}]},
-            {"name": "side"},
-        ]}});
-        set_env_from_secret(&mut pod, "DATABASE_URL", "s", "url");
-        assert_eq!(
-            pod["spec"]["containers"][0]["env"][0],
-            serde_json::json!({"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": "s", "key": "url"}}})
-        );
-        assert_eq!(pod["spec"]["containers"][0]["env"][1]["value"], "1");
-        assert!(pod["spec"]["containers"][1].get("env").is_none());
     }
 }
