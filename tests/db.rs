@@ -15,8 +15,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use common::db::*;
 use common::*;
-use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::{ListParams, PostParams};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota, Secret, Service};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use preview::proto;
 use serde_json::json;
 
@@ -249,6 +251,73 @@ async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Res
     let lp = ListParams::default().labels("preview.dev/role=db-branch");
     ensure!(ns.api::<Secret>().list(&lp).await?.items.is_empty(), "no branch Secret is left");
     ensure!(counts(&source).await? == staging, "staging's rows are unchanged at the end");
+    drop(previewd);
+    Ok(())
+}
+
+/// A namespace whose ResourceQuota tracks CPU and memory refuses any pod
+/// that does not say what it needs. Branch servers say so (previewd's
+/// defaults), so a branch works there; the server pod carries them.
+#[tokio::test]
+async fn a_branch_server_fits_a_namespace_quota() -> Result<()> {
+    let ns = TestNs::new("t-db-quota").await?;
+    let db = format!("src_{}", ns.name.replace('-', "_"));
+    let _drop_db = DropDb(db.clone());
+    let source = staging_postgres(&db).await?;
+    // The target says what it needs, as it must in such a namespace (the
+    // preview pod is its copy); the quota comes once its pod runs.
+    echo_app(&ns, "orders", "v1", 1, &[("DATABASE_URL", &source)]).await?;
+    let needs = json!({"spec": {"template": {"spec": {"containers": [{"name": "app",
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}}]}}}});
+    ns.api::<Deployment>().patch("orders", &PatchParams::default(), &Patch::Strategic(&needs)).await?;
+    eventually("orders to run with its resources", Duration::from_secs(90), || async {
+        let pods = ready_pods(&ns, "app=orders", 1).await?;
+        let has =
+            pods[0].spec.as_ref().and_then(|s| s.containers[0].resources.as_ref()).is_some_and(|r| r.limits.is_some());
+        Ok(has.then_some(()))
+    })
+    .await?;
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "compute"},
+        "spec": {"hard": {"requests.cpu": "4", "requests.memory": "8Gi", "limits.memory": "16Gi"}},
+    }))?;
+    ns.api::<ResourceQuota>().create(&PostParams::default(), &quota).await?;
+    // What the quota does to a pod that names no resources: refused.
+    let bare: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "bare"},
+        "spec": {"containers": [{"name": "c", "image": V2, "imagePullPolicy": "Never"}]},
+    }))?;
+    // Admission checks a quota once its controller has filled in its status.
+    eventually("the quota's status", Duration::from_secs(60), || async {
+        let q = ns.api::<ResourceQuota>().get("compute").await?;
+        Ok(q.status.and_then(|s| s.hard).is_some_and(|h| h.contains_key("limits.memory")).then_some(()))
+    })
+    .await?;
+    let refused = match ns.api::<Pod>().create(&PostParams::default(), &bare).await {
+        Err(kube::Error::Api(e)) if e.code == 403 => e.message,
+        other => anyhow::bail!("a pod with no resources under the quota: {other:?}"),
+    };
+    ensure!(refused.contains("must specify"), "{refused}");
+
+    let previewd = LocalPreviewd::spawn(&ns.name)?;
+    let mut c = connect_when_up(&previewd.addr).await?;
+    let r = c.start(start_req(&branch_config("pg", "deployment/orders", json!({"mode": "all"})), V2, "q1")).await?;
+    let b = r.into_inner().environment.context("environment")?.db_branches;
+    ensure!(b.len() == 1 && b[0].phase == "Ready", "{b:?}");
+    let server = ns.api::<Pod>().get(&b[0].server).await?;
+    let res = server.spec.and_then(|s| s.containers[0].resources.clone()).context("the server's resources")?;
+    let q = |m: Option<BTreeMap<String, Quantity>>, k: &str| m.and_then(|m| m.get(k).map(|q| q.0.clone()));
+    ensure!(q(res.requests.clone(), "cpu").as_deref() == Some("100m"), "{res:?}");
+    ensure!(q(res.requests.clone(), "memory").as_deref() == Some("256Mi"), "{res:?}");
+    ensure!(q(res.limits.clone(), "memory").as_deref() == Some("1Gi"), "{res:?}");
+    ensure!(q(res.limits.clone(), "cpu").is_none(), "no CPU limit: {res:?}");
+    let (database, rows_seen) = pod_counts(&preview_ip(&ns, "q1").await?).await?;
+    ensure!(database == b[0].database && rows_seen == rows(3, 5, 7), "{database}: {rows_seen:?}");
+    c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key("q1".into())) }).await?;
+    eventually("the branch server to go", Duration::from_secs(60), || async {
+        Ok(servers(&ns).await?.is_empty().then_some(()))
+    })
+    .await?;
     drop(previewd);
     Ok(())
 }

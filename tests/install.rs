@@ -241,7 +241,8 @@ async fn installed_previewd_serves_every_client() -> Result<()> {
     let pods: Vec<serde_json::Value> = [("pg", "ledger-pg"), ("mysql", "ledger-my")]
         .iter()
         .map(|(engine, target)| {
-            let config = common::db::branch_config(engine, &format!("deployment/{target}"), serde_json::json!({"mode": "all"}));
+            let config =
+                common::db::branch_config(engine, &format!("deployment/{target}"), serde_json::json!({"mode": "all"}));
             serde_json::json!({"config": config, "image": IMAGE, "namespace": ns.name})
         })
         .collect();

@@ -20,6 +20,7 @@ use crate::previewd::auth::tls::{TlsError, TlsOptions};
 use crate::previewd::auth::trust;
 use crate::previewd::auth::{Auth, AuthMode};
 use crate::previewd::cluster::Cluster;
+use crate::previewd::cluster::dbservers::ServerResources;
 use crate::previewd::manager::{Limits, Manager, Settings};
 use crate::previewd::store::{Store, StoreError};
 use crate::proto::agent_service_server::AgentServiceServer;
@@ -131,6 +132,14 @@ pub struct ServerArgs {
     /// Unset: the Share RPC is refused and no link is ever made.
     #[arg(long, env = "PREVIEW_SHARE_DOMAIN", default_value = "")]
     pub share_domain: String,
+    /// What each database branch server asks for: name=quantity,… of cpu,
+    /// memory and ephemeral-storage (its data is in an emptyDir). Empty: none.
+    #[arg(long, env = "PREVIEW_DB_SERVER_REQUESTS", default_value = "cpu=100m,memory=256Mi,ephemeral-storage=1Gi")]
+    pub db_server_requests: String,
+    /// What each database branch server may use, in the same form. No CPU
+    /// limit by default: a throttled server makes every copy slower.
+    #[arg(long, env = "PREVIEW_DB_SERVER_LIMITS", default_value = "memory=1Gi,ephemeral-storage=10Gi")]
+    pub db_server_limits: String,
     /// Test hook: stop at this point of Start and wait to be killed.
     #[arg(long, env = "PREVIEW_PAUSE_AT", hide = true)]
     pub pause_at: Option<String>,
@@ -259,6 +268,8 @@ pub async fn serve(
     let linger = Ttl::parse_duration("--agent-linger", &args.agent_linger)
         .map_err(|e| ServerError::Flag { flag: "--agent-linger", message: e.message })?;
     let reap_every = duration_flag("--reap-interval", &args.reap_interval)?;
+    let db_resources = ServerResources::parse(&args.db_server_requests, &args.db_server_limits)
+        .map_err(|(flag, message)| ServerError::Flag { flag, message })?;
     validate_dns_label("--instance", &args.instance, 63)
         .map_err(|e| ServerError::Flag { flag: "--instance", message: e.message })?;
     if args.auth == AuthMode::None && !bound.ip().is_loopback() {
@@ -302,7 +313,8 @@ pub async fn serve(
         store,
         Cluster::new(client.clone(), args.image_pull_policy.clone(), args.instance.clone(), args.agent_image.clone())
             .with_agent_server(agent_server.clone())
-            .with_agent_trust(tls.as_ref().map(|t| t.ca_pem.clone()), prover.clone()),
+            .with_agent_trust(tls.as_ref().map(|t| t.ca_pem.clone()), prover.clone())
+            .with_db_resources(db_resources),
         settings,
         auth.clone(),
     );

@@ -32,6 +32,88 @@ fn engine(db_type: DbType) -> (&'static str, &'static str, u16) {
     }
 }
 
+/// What a branch server's container asks for (`requests`) and may use
+/// (`limits`): resource name → quantity. Without any, its pod would be
+/// refused in a namespace whose ResourceQuota tracks them, and run as
+/// BestEffort (the first evicted, the last to get CPU) everywhere else.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerResources {
+    pub requests: BTreeMap<String, String>,
+    pub limits: BTreeMap<String, String>,
+}
+
+/// The resources a branch server may name.
+const RESOURCES: [&str; 3] = ["cpu", "memory", "ephemeral-storage"];
+
+impl ServerResources {
+    /// From `--db-server-requests` and `--db-server-limits`, each
+    /// `name=quantity,…` (empty: none). An error names the flag and says
+    /// what was expected.
+    pub fn parse(requests: &str, limits: &str) -> Result<Self, (&'static str, String)> {
+        let requests = parse_list(requests).map_err(|m| ("--db-server-requests", m))?;
+        let limits = parse_list(limits).map_err(|m| ("--db-server-limits", m))?;
+        for (name, want) in &requests {
+            if let Some(max) = limits.get(name)
+                && quantity(want) > quantity(max)
+            {
+                return Err(("--db-server-requests", format!("{name}={want} is more than its limit {name}={max}")));
+            }
+        }
+        Ok(ServerResources { requests, limits })
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"requests": self.requests, "limits": self.limits})
+    }
+}
+
+fn parse_list(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((name, q)) = item.split_once('=') else {
+            return Err(format!("{item:?}: expected name=quantity, e.g. memory=1Gi"));
+        };
+        let (name, q) = (name.trim(), q.trim());
+        if !RESOURCES.contains(&name) {
+            return Err(format!("{name:?} is not a resource here; expected one of {}", RESOURCES.join(", ")));
+        }
+        if quantity(q).is_none() {
+            return Err(format!("{name}={q:?} is not a quantity; expected e.g. 500m, 256Mi or 10Gi"));
+        }
+        if out.insert(name.to_string(), q.to_string()).is_some() {
+            return Err(format!("{name} is given twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// A Kubernetes quantity in base units: a decimal number with an optional
+/// binary (Ki…Ei) or decimal (m, k…E) suffix.
+fn quantity(s: &str) -> Option<f64> {
+    const SUFFIXES: [(&str, f64); 13] = [
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("Pi", 1125899906842624.0),
+        ("Ei", 1152921504606846976.0),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let (num, unit) = SUFFIXES.iter().find_map(|(x, u)| s.strip_suffix(x).map(|n| (n, *u))).unwrap_or((s, 1.0));
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    let ok = match num.split_once('.') {
+        Some((i, f)) => digits(i) && digits(f),
+        None => digits(num),
+    };
+    ok.then(|| num.parse::<f64>().ok().map(|n| n * unit)).flatten()
+}
+
 /// Where a variable's value comes from, as the pod spec says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VarSource {
@@ -227,6 +309,7 @@ impl Cluster {
                     "ports": [{"name": container, "containerPort": port}],
                     "env": [{"name": "TZ", "value": "UTC"}],
                     "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+                    "resources": self.db_resources.to_json(),
                     "volumeMounts": [
                         {"name": "data", "mountPath": "/var/lib/preview-db"},
                         {"name": "password", "mountPath": "/etc/preview-db", "readOnly": true},
@@ -327,6 +410,28 @@ pub fn set_env_from_secret(pod: &mut serde_json::Value, var: &str, secret: &str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_resources_from_flags() {
+        let r = ServerResources::parse("cpu=100m, memory=256Mi", "memory=1Gi,ephemeral-storage=10Gi").unwrap();
+        assert_eq!(r.requests["cpu"], "100m");
+        assert_eq!(r.limits["ephemeral-storage"], "10Gi");
+        assert_eq!(ServerResources::parse("", "").unwrap(), ServerResources::default());
+        assert_eq!(quantity("1.5Gi"), Some(1.5 * 1073741824.0));
+        assert_eq!(quantity("250m"), Some(0.25));
+        for (req, lim, flag, says) in [
+            ("memory", "", "--db-server-requests", "expected name=quantity"),
+            ("gpu=1", "", "--db-server-requests", "expected one of cpu, memory, ephemeral-storage"),
+            ("", "memory=lots", "--db-server-limits", "not a quantity"),
+            ("", "memory=1Gi,memory=2Gi", "--db-server-limits", "given twice"),
+            ("memory=2Gi", "memory=1Gi", "--db-server-requests", "more than its limit memory=1Gi"),
+            ("", "cpu=.5", "--db-server-limits", "not a quantity"),
+        ] {
+            let (f, m) = ServerResources::parse(req, lim).unwrap_err();
+            assert_eq!(f, flag, "{req} / {lim}");
+            assert!(m.contains(says), "{req} / {lim}: {m}");
+        }
+    }
 
     #[test]
     fn points_the_variable_at_the_branch_secret() {

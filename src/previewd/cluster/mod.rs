@@ -75,11 +75,27 @@ pub struct Cluster {
     /// previewd's key: it signs the records kept in PreviewEnvironments
     /// (`--adopt` checks them) and makes agents' proofs of their pod.
     pub signer: Option<crate::previewd::auth::proof::Prover>,
+    /// What branch servers' containers ask for and may use.
+    pub db_resources: dbservers::ServerResources,
 }
 
 impl Cluster {
     pub fn new(client: Client, pull_policy: Option<String>, instance: String, agent_image: Option<String>) -> Self {
-        Cluster { client, pull_policy, instance, agent_image, agent_server: None, agent_ca: None, signer: None }
+        Cluster {
+            client,
+            pull_policy,
+            instance,
+            agent_image,
+            agent_server: None,
+            agent_ca: None,
+            signer: None,
+            db_resources: Default::default(),
+        }
+    }
+
+    pub fn with_db_resources(mut self, r: dbservers::ServerResources) -> Self {
+        self.db_resources = r;
+        self
     }
 
     pub fn with_agent_server(mut self, server: Option<String>) -> Self {
