@@ -70,7 +70,7 @@ async fn hand_copy(server: &str, src: &str, db: &str, args: &str) -> Result<Dura
         .arg("-c")
         .arg(format!(
             "set -o pipefail; /usr/lib/postgresql/15/bin/pg_dump {args} --no-owner --no-acl \"$SRC\" | \
-             /usr/lib/postgresql/15/bin/psql -X -q -v ON_ERROR_STOP=1 \"$DST\" >/dev/null"
+             /usr/lib/postgresql/15/bin/psql -X -q -1 -v ON_ERROR_STOP=1 \"$DST\" >/dev/null"
         ))
         .env("SRC", src)
         .env("DST", format!("{server}/{db}"))
@@ -126,6 +126,11 @@ async fn bench_db() -> Result<()> {
         let (server_start, server) = start("empty", &format!("empty{round}")).await?;
         times.entry("start").or_default().push(server_start);
         let server_url = server_url(&ns, &server).await?;
+        if round == 0 {
+            let wal: String =
+                pg(&format!("{server_url}/postgres")).await?.query_one("SHOW wal_level", &[]).await?.get(0);
+            println!("branch server {server}: wal_level {wal}");
+        }
         for (mode, args) in [("schema", "--schema-only"), ("all", "")] {
             let key = format!("{mode}{round}");
             let hand = format!("hand_{mode}{round}");

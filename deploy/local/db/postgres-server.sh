@@ -21,6 +21,9 @@ if [ ! -s "$D/PG_VERSION" ]; then
   echo "ALTER ROLE preview PASSWORD '$PW'" | "$BIN/postgres" --single -D "$D.tmp" -c fsync=off postgres >/dev/null
   mv "$D.tmp" "$D"
 fi
-# A branch is disposable: durability is traded for copy speed.
+# A branch is disposable: durability is traded for copy speed. With
+# wal_level=minimal (no replicas, so no WAL senders) a table made and loaded
+# in one transaction, as previewd's `psql --single-transaction` restores do,
+# skips the WAL: PostgreSQL's own advice for loading a dump.
 exec "$BIN/postgres" -D "$D" -c listen_addresses='*' -c unix_socket_directories=/tmp \
-  -c fsync=off -c synchronous_commit=off -c full_page_writes=off
+  -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c wal_level=minimal -c max_wal_senders=0

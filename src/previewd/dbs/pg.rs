@@ -286,9 +286,11 @@ pub async fn copy_into(
 ) -> Result<(), String> {
     const READ_ONLY: &str = "-c default_transaction_read_only=on";
     let as_owner = format!("-c role={SNAPSHOT_OWNER}");
+    // One transaction per load: on the branch server (wal_level=minimal)
+    // the tables it makes are loaded without WAL, and a failed load leaves nothing.
     let restore = || {
         let mut c = command("psql", dst, &as_owner);
-        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
+        c.args(["-X", "-q", "-1", "-v", "ON_ERROR_STOP=1"]);
         c
     };
     let dump = |args: &[String]| {
