@@ -257,7 +257,8 @@ async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Res
 
 /// A namespace whose ResourceQuota tracks CPU and memory refuses any pod
 /// that does not say what it needs. Branch servers say so (previewd's
-/// defaults), so a branch works there; the server pod carries them.
+/// defaults), so a branch works there; the server pod carries them. Then
+/// the server's pod is deleted: Status shows the branch lost.
 #[tokio::test]
 async fn a_branch_server_fits_a_namespace_quota() -> Result<()> {
     let ns = TestNs::new("t-db-quota").await?;
@@ -313,9 +314,19 @@ async fn a_branch_server_fits_a_namespace_quota() -> Result<()> {
     ensure!(q(res.limits.clone(), "cpu").is_none(), "no CPU limit: {res:?}");
     let (database, rows_seen) = pod_counts(&preview_ip(&ns, "q1").await?).await?;
     ensure!(database == b[0].database && rows_seen == rows(3, 5, 7), "{database}: {rows_seen:?}");
+    // The server's pod deleted (evicted, say): its data is gone, and Status
+    // says so instead of Ready.
+    ns.api::<Pod>().delete(&b[0].server, &kube::api::DeleteParams::default().grace_period(0)).await?;
+    let lost = eventually("Status to show the branch lost", Duration::from_secs(60), || {
+        let mut c = c.clone();
+        async move { Ok(branches(&mut c, "q1").await?.into_iter().find(|b| b.phase == "Failed")) }
+    })
+    .await?;
+    ensure!(lost.reason.contains(&format!("branch server {} is lost (its pod is gone)", lost.server)), "{lost:?}");
     c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key("q1".into())) }).await?;
-    eventually("the branch server to go", Duration::from_secs(60), || async {
-        Ok(servers(&ns).await?.is_empty().then_some(()))
+    eventually("the branch server's objects to go", Duration::from_secs(60), || async {
+        let secret = ns.api::<Secret>().get_opt(&lost.server).await?;
+        Ok((servers(&ns).await?.is_empty() && secret.is_none()).then_some(()))
     })
     .await?;
     drop(previewd);

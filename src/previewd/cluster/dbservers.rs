@@ -151,6 +151,8 @@ pub struct ServerState {
     pub ready: bool,
     /// Why it is not running, when the kubelet says (image missing, say).
     pub waiting: Option<String>,
+    /// Why its pod ended for good (phase Failed or Succeeded: evicted, say).
+    pub ended: Option<String>,
 }
 
 impl Cluster {
@@ -339,7 +341,12 @@ impl Cluster {
         Ok(p.map(|p| {
             let st = p.status.unwrap_or_default();
             let cs = st.container_statuses.unwrap_or_default();
+            let ended = matches!(st.phase.as_deref(), Some("Failed" | "Succeeded")).then(|| {
+                let why = [st.phase.clone(), st.reason.clone(), st.message.clone()];
+                why.into_iter().flatten().collect::<Vec<_>>().join(": ")
+            });
             ServerState {
+                ended,
                 pod_ip: st.pod_ip,
                 ready: cs.iter().all(|c| c.ready) && !cs.is_empty(),
                 waiting: cs

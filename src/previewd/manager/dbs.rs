@@ -368,10 +368,27 @@ impl Manager {
 
     /// The superuser address of a server whose pod runs; `None` if it is gone.
     async fn running_server(&self, ns: &str, server: &str, engine: DbType) -> Result<Option<DbAddr>, Error> {
-        let Some(st) = self.cluster.db_server(ns, server).await? else { return Ok(None) };
-        let Some(ip) = st.pod_ip else { return Ok(None) };
+        Ok(self.server_now(ns, server, engine).await?.ok().flatten())
+    }
+
+    /// A server as the cluster shows it: `Ok(Some)` its pod runs, `Ok(None)`
+    /// not reachable yet, `Err(why)` its pod is gone or ended, and its data with it.
+    async fn server_now(
+        &self,
+        ns: &str,
+        server: &str,
+        engine: DbType,
+    ) -> Result<Result<Option<DbAddr>, String>, Error> {
+        let st = match self.cluster.db_server(ns, server).await? {
+            None => return Ok(Err("its pod is gone".into())),
+            Some(st) => st,
+        };
+        if let Some(why) = st.ended {
+            return Ok(Err(format!("its pod ended: {why}")));
+        }
+        let Some(ip) = st.pod_ip else { return Ok(Ok(None)) };
         let password = self.cluster.secret_data(ns, server).await?.and_then(|d| d.get("password").cloned());
-        Ok(password.map(|password| dbs::server_admin(engine, ip, password)))
+        Ok(Ok(password.map(|password| dbs::server_admin(engine, ip, password))))
     }
 
     /// Refreshes each branch's size and snapshot time in the view (Status).
@@ -394,9 +411,10 @@ impl Manager {
         };
         for ((ns, server, engine), branches) in servers {
             tracing::debug!(server, "reading branch sizes");
-            let addr = match self.running_server(&ns, &server, engine).await {
-                Ok(Some(a)) => a,
-                Ok(None) => continue,
+            let (addr, lost) = match self.server_now(&ns, &server, engine).await {
+                Ok(Ok(Some(a))) => (Some(a), None),
+                Ok(Ok(None)) => continue,
+                Ok(Err(why)) => (None, Some(why)),
                 Err(e) => {
                     tracing::debug!(server, error = %e, "branch server not read");
                     continue;
@@ -404,7 +422,8 @@ impl Manager {
             };
             // Bounded: a server that hangs must not hold up the reaper's tick
             // (expiry runs on it too).
-            let sizes = match tokio::time::timeout(Duration::from_secs(5), dbs::sizes(&addr)).await {
+            let read = async { if let Some(a) = &addr { dbs::sizes(a).await } else { Ok(BTreeMap::new()) } };
+            let sizes = match tokio::time::timeout(Duration::from_secs(5), read).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(server, error = %e, "branch sizes not read");
@@ -420,8 +439,8 @@ impl Manager {
             for (key, database, snapshot) in branches {
                 let Some(env) = view.envs.get_mut(&key) else { continue };
                 // A settled environment's branch exists, or was lost (its
-                // server's pod was deleted, say): after a restart of previewd
-                // this is also where Ready comes back from.
+                // server's pod was deleted or evicted, say): after a restart
+                // of previewd this is also where Ready comes back from.
                 let settled = !env.record.pending;
                 let st = env.dbs.entry(database.clone()).or_insert(DbStats { size_bytes: -1, ..Default::default() });
                 st.size_bytes = sizes.get(&database).map_or(-1, |s| s.0);
@@ -430,7 +449,10 @@ impl Manager {
                     (true, true) if st.phase == DbPhase::Creating => st.phase = DbPhase::Ready,
                     (true, false) => {
                         st.phase = DbPhase::Failed;
-                        st.reason = format!("database {database} is missing on branch server {server}");
+                        st.reason = match &lost {
+                            Some(why) => format!("branch server {server} is lost ({why}); its data went with it"),
+                            None => format!("database {database} is missing on branch server {server}"),
+                        };
                     }
                     _ => {}
                 }
