@@ -7,16 +7,18 @@
 //! server and has previewd (the release binary) make, in turn: an `empty`
 //! branch (the first branch of the source: what it takes is the branch
 //! server's start, paid once per source and namespace), a `schema` branch
-//! and an `all` branch (each the first of its copy mode: a new snapshot on
-//! the running server, then the clone), then two more `all` branches,
+//! and an `all` branch (each the first of its copy mode: copied from the
+//! source into its database on the running server, the mode's snapshot
+//! then cloned from it behind the branch), then two more `all` branches,
 //! cloned from that snapshot; then Clean, which removes the server. Each is
 //! timed from Start sent to Start answered (Start returns once the branch
 //! is Ready). Each first branch is paired with the same copy by hand,
 //! `pg_dump … | psql` by bash into a new database on the same running
 //! branch server, with the same tools and options; the pair's order flips
 //! every round. Nothing is timed until every pod in the namespace is Ready
-//! and none is terminating: a preview pod still starting would take the
-//! 2 cores from whichever side is timed next.
+//! and none is terminating, and no snapshot is being made: a preview pod
+//! still starting, or a snapshot's copy, would take the 2 cores from
+//! whichever side is timed next.
 //!
 //! The last line is `db: first branch X.XX x hand copy, second branch N ms`:
 //! X.XX is the larger of the `schema` and `all` ratios of medians (previewd's
@@ -140,6 +142,7 @@ async fn bench_db() -> Result<()> {
                 times.entry(hand_key(mode)).or_default().push(hand_copy(&server_url, &src, &hand, args).await?);
             }
             times.entry(mode).or_default().push(start(mode, &key).await?.0);
+            snapshot_made(&server_url, mode).await?;
             if !hand_first {
                 settled(&ns).await?;
                 times.entry(hand_key(mode)).or_default().push(hand_copy(&server_url, &src, &hand, args).await?);
@@ -170,7 +173,7 @@ async fn bench_db() -> Result<()> {
     println!("empty, first branch of the source (the branch server's start), median: {:.0} ms", ms(med("start")));
     for mode in ["schema", "all"] {
         println!(
-            "{mode}, first branch of the mode (new snapshot), median: {:.0} ms; by hand {:.0} ms; {:.2} x",
+            "{mode}, first branch of the mode (copied from the source), median: {:.0} ms; by hand {:.0} ms; {:.2} x",
             ms(med(mode)),
             ms(med(hand_key(mode))),
             ratio(mode)
@@ -209,6 +212,19 @@ async fn server_url(ns: &TestNs, server: &str) -> Result<String> {
     let pw = secret.data.unwrap_or_default().get("password").map(|b| String::from_utf8_lossy(&b.0).into_owned());
     let ip = ns.api::<Pod>().get(server).await?.status.and_then(|s| s.pod_ip).context("server IP")?;
     Ok(format!("postgres://preview:{}@{ip}:5432", pw.context("the server's password")?))
+}
+
+/// Waits until the server holds the `mode` snapshot, made behind the
+/// mode's first branch, and no snapshot is being made.
+async fn snapshot_made(server: &str, mode: &str) -> Result<()> {
+    let admin = pg(&format!("{server}/postgres")).await?;
+    eventually("the snapshot", Duration::from_secs(120), || async {
+        let rows = admin.query("SELECT datname::text FROM pg_database", &[]).await?;
+        let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let made = names.iter().any(|n| n.starts_with(&format!("snap_{mode}")));
+        Ok((made && !names.iter().any(|n| n.starts_with("tmp_"))).then_some(()))
+    })
+    .await
 }
 
 /// Waits until every pod in the namespace has its containers ready (a

@@ -93,6 +93,22 @@ async fn server_databases(ns: &TestNs, server: &str) -> Result<Vec<String>> {
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// The roles on a branch server: (name, may log in, superuser).
+async fn server_roles(ns: &TestNs, server: &str) -> Result<Vec<(String, bool, bool)>> {
+    let (pw, ip) = server_login(ns, server).await?;
+    let c = pg(&format!("postgres://preview:{pw}@{ip}:5432/postgres")).await?;
+    let rows = c.query("SELECT rolname::text, rolcanlogin, rolsuper FROM pg_roles ORDER BY 1", &[]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+}
+
+/// Each database on a branch server, with its owner.
+async fn server_owners(ns: &TestNs, server: &str) -> Result<Vec<(String, String)>> {
+    let (pw, ip) = server_login(ns, server).await?;
+    let c = pg(&format!("postgres://preview:{pw}@{ip}:5432/postgres")).await?;
+    let rows = c.query("SELECT datname::text, datdba::regrole::text FROM pg_database ORDER BY 1", &[]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Sessions previewd's tools hold on staging's database.
 async fn previewd_sessions(db: &str) -> Result<i64> {
     let c = pg(&staging_url("orders", STAGING_PW)).await?;
@@ -196,15 +212,16 @@ async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Res
     .await?;
     ensure!(size > 0, "k1's size: {size}");
 
-    // k3: `all` (a new snapshot). previewd is killed with SIGKILL while it
-    // copies; restarted, it finishes the branch, and leaves nothing behind.
+    // k3: `all`, the first of its mode: copied straight from the source.
+    // previewd is killed with SIGKILL while it copies; restarted, it makes
+    // the branch again, and the snapshot from it, and leaves nothing behind.
     let cfg3 = branch_config("pg", "deployment/orders", json!({"mode": "all"}));
     let mut c3 = connect(&addr).await?;
     let start3 = tokio::spawn(async move { c3.start(start_req(&cfg3, V2, "k3")).await });
     let server = b1[0].server.clone();
     eventually("a copy into a snapshot to be under way", Duration::from_secs(60), || async {
         let dbs = server_databases(&ns, &server).await?;
-        Ok((dbs.iter().any(|d| d.starts_with("tmp_snap_all")) && previewd_sessions(&db).await? > 0).then_some(()))
+        Ok((dbs.iter().any(|d| d.starts_with("br_k3_")) && previewd_sessions(&db).await? > 0).then_some(()))
     })
     .await?;
     previewd.kill()?;
@@ -224,9 +241,21 @@ async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Res
     .await?;
     let ip3 = preview_ip(&ns, "k3").await?;
     ensure!(pod_counts(&ip3).await?.1 == staging, "k3: every row");
-    let dbs = server_databases(&ns, &server).await?;
+    // The snapshot is made behind the branch; then nothing half-made is left.
+    let dbs = eventually("the `all` snapshot", Duration::from_secs(60), || async {
+        let dbs = server_databases(&ns, &server).await?;
+        Ok(dbs.iter().any(|d| d.starts_with("snap_all")).then_some(dbs))
+    })
+    .await?;
     ensure!(!dbs.iter().any(|d| d.starts_with("tmp_")), "no half-made snapshot is left: {dbs:?}");
+    ensure!(dbs.iter().filter(|d| d.starts_with("br_k3_")).count() == 1, "one k3 branch: {dbs:?}");
     ensure!(previewd_sessions(&db).await? == 0, "no dump of the killed previewd still reads staging");
+    // A first branch loads as a superuser that cannot log in; none is left so.
+    let roles = server_roles(&ns, &server).await?;
+    ensure!(
+        roles.iter().filter(|(r, _, _)| r.starts_with("br_")).all(|(_, login, su)| *login && !*su),
+        "every branch role logs in and is no superuser: {roles:?}"
+    );
     ensure!(b3.snapshot_at.is_some(), "the snapshot's time is shown: {b3:?}");
     let size = eventually("k3's size in Status", Duration::from_secs(30), || {
         let mut c = c.clone();
@@ -235,11 +264,44 @@ async fn pg_branches_copy_isolate_share_a_server_survive_kill_and_clean() -> Res
     .await?;
     ensure!(size > 1 << 20, "k3 holds every row: {size} bytes");
 
+    // k4: `all` again, a clone of the snapshot made from k3's copy, which
+    // holds none of what k3's pod wrote since.
+    for _ in 0..2 {
+        get(&ip3, "/db/write?table=orders").await?;
+    }
+    ensure!(pod_counts(&ip3).await?.1 == rows(3, 7, ITEMS), "k3's writes land in its branch");
+    let cfg4 = branch_config("pg", "deployment/orders", json!({"mode": "all"}));
+    let b4 = c.start(start_req(&cfg4, V2, "k4")).await?.into_inner().environment.context("environment")?.db_branches;
+    ensure!(b4.len() == 1 && b4[0].phase == "Ready" && b4[0].snapshot_at == b3.snapshot_at, "{b4:?} {b3:?}");
+    ensure!(pod_counts(&preview_ip(&ns, "k4").await?).await?.1 == staging, "k4: staging's rows, not k3's");
+    let owners = server_owners(&ns, &server).await?;
+    ensure!(
+        owners.iter().filter(|(d, _)| d.starts_with("br_")).all(|(d, o)| d == o),
+        "each branch database is its own role's: {owners:?}"
+    );
+    // k4's role (its branch Secret's) may connect to its own database only.
+    let lp = ListParams::default().labels("preview.dev/role=db-branch,preview.dev/key=k4");
+    let secret = ns.api::<Secret>().list(&lp).await?.items.into_iter().next().context("k4's branch Secret")?;
+    let part =
+        |k: &str| secret.data.as_ref().and_then(|d| d.get(k)).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    let (user, pw) = (part("user").context("user")?, part("password").context("password")?);
+    let (_, ip) = server_login(&ns, &server).await?;
+    let as_k4 = |db: &str| format!("postgres://{user}:{pw}@{ip}:5432/{db}");
+    let own = pg(&as_k4(&b4[0].database)).await?.query_one("SELECT count(*) FROM orders", &[]).await?;
+    ensure!(own.get::<_, i64>(0) == 5, "k4's role reads its own database");
+    for other in [b3.database.as_str(), "postgres", "template1"] {
+        ensure!(pg(&as_k4(other)).await.is_err(), "k4's role may not connect to {other}");
+    }
+
     // Clean drops each database; the last branch takes the server with it.
     c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key("k1".into())) }).await?;
     let dbs = server_databases(&ns, &server).await?;
     ensure!(!dbs.contains(&b1[0].database) && dbs.contains(&b2[0].database), "k1's database dropped: {dbs:?}");
-    for k in ["k2", "k3"] {
+    // k3's role owned the snapshot's objects for a moment: it goes all the same.
+    c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key("k3".into())) }).await?;
+    let roles = server_roles(&ns, &server).await?;
+    ensure!(!roles.iter().any(|(r, _, _)| *r == b3.database), "k3's role dropped: {roles:?}");
+    for k in ["k2", "k4"] {
         c.clean(proto::CleanRequest { selector: Some(proto::clean_request::Selector::Key(k.into())) }).await?;
     }
     eventually("the branch server to go", Duration::from_secs(60), || async {

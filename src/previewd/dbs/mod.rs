@@ -171,6 +171,31 @@ pub async fn take_snapshot(
     }
 }
 
+/// What is left of a snapshot made from a first branch, to run behind it.
+pub type SnapshotRest = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DbError>> + Send>>;
+
+/// The first branch of a copy mode, `db` for user `db` with `password`,
+/// and snapshot `snap` for the next ones. Returns when the data was read
+/// from the source, and what is left of the snapshot (PostgreSQL copies
+/// the source once, into the branch, and makes the snapshot from it
+/// behind the branch); the caller holds the server's lock until that ends.
+pub async fn first_branch(
+    server: &DbAddr,
+    src: &DbAddr,
+    (snap, db, password): (&str, &str, &str),
+    copy: CopyMode,
+    tables: &BTreeMap<String, Option<String>>,
+) -> Result<(i64, Option<SnapshotRest>), DbError> {
+    match server.engine {
+        DbType::Postgres => pg::first_branch(server, src, (snap, db, password), copy, tables).await,
+        DbType::MySql => {
+            let taken = my::take_snapshot(server, src, snap, copy, tables).await?;
+            my::make_branch(server, snap, db, password).await?;
+            Ok((taken, None))
+        }
+    }
+}
+
 /// Drops what a copy killed half-way left (the caller holds the server's lock).
 pub async fn drop_partial(server: &DbAddr, snap: &str) -> Result<(), DbError> {
     match server.engine {

@@ -1,7 +1,9 @@
 //! PostgreSQL branches. A branch server holds, per copy mode, a snapshot
-//! database made once from the source (`pg_dump | psql`, Debian's tools),
-//! and one database per environment cloned from it with
-//! `CREATE DATABASE … TEMPLATE`, a file copy inside the server.
+//! database of the source, and one database per environment cloned from it
+//! with `CREATE DATABASE … TEMPLATE`, a file copy inside the server. The
+//! first branch of a mode is copied straight from the source
+//! (`pg_dump | psql`, Debian's tools), and the snapshot is cloned from it
+//! before its role may log in; `refresh` copies the source into a new one.
 //!
 //! Snapshot objects are owned by `preview_snapshot` (a superuser that
 //! cannot log in, so its objects can be handed over: the bootstrap
@@ -18,7 +20,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
 use super::tools::{self, pipe};
-use super::{DbAddr, DbError};
+use super::{DbAddr, DbError, SnapshotRest};
 use crate::model::db::{CopyMode, DbType};
 
 /// The role that owns what a snapshot holds.
@@ -126,12 +128,14 @@ pub async fn check_source(a: &DbAddr) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Makes the server ready for snapshots (idempotent).
+/// Makes the server ready for snapshots, and its own databases closed to
+/// the branches' roles (idempotent).
 pub async fn prepare(server: &DbAddr) -> Result<(), DbError> {
     let c = connect(server, Duration::from_secs(5)).await?;
     let sql = format!(
         "DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SNAPSHOT_OWNER}') THEN \
-         CREATE ROLE {SNAPSHOT_OWNER} SUPERUSER NOLOGIN; END IF; END$$"
+         CREATE ROLE {SNAPSHOT_OWNER} SUPERUSER NOLOGIN; \
+         REVOKE CONNECT, TEMPORARY ON DATABASE postgres, template1 FROM PUBLIC; END IF; END$$"
     );
     c.batch_execute(&sql).await.map_err(|e| server_err(server, e))
 }
@@ -164,16 +168,112 @@ pub async fn take_snapshot(
     let t = ident(&tmp);
     each(&c, server, &[format!("DROP DATABASE IF EXISTS {t} WITH (FORCE)"), format!("CREATE DATABASE {t}")]).await?;
     let began = std::time::Instant::now();
-    copy_into(src, &server.with_db(&tmp), copy, tables).await.map_err(|reason| DbError::Copy {
+    copy_into(src, &server.with_db(&tmp), SNAPSHOT_OWNER, copy, tables).await.map_err(|reason| DbError::Copy {
         source_db: src.source(),
         server: server.addr(),
         reason,
     })?;
     tracing::info!(server = %server.addr(), snap, copy_ms = began.elapsed().as_millis() as u64, "snapshot copied");
     let taken = crate::model::now_ms();
-    let s = ident(snap);
+    publish_snapshot(&c, server, &tmp, snap, taken).await?;
+    Ok(taken)
+}
+
+/// The first branch of a copy mode: database `db` copied straight from
+/// `src` (a snapshot and then a clone would copy it twice), then snapshot
+/// `snap` made from it inside the server, before role `db` may log in.
+/// Returns when the data was read, and the rest of the snapshot, to run
+/// behind the branch while the caller still holds the server's lock.
+/// Idempotent: a branch whose role may log in is whole; any other is made again.
+pub async fn first_branch(
+    server: &DbAddr,
+    src: &DbAddr,
+    (snap, db, password): (&str, &str, &str),
+    copy: CopyMode,
+    tables: &BTreeMap<String, Option<String>>,
+) -> Result<(i64, Option<SnapshotRest>), DbError> {
+    let c = connect(server, Duration::from_secs(5)).await?;
+    let e = |e| server_err(server, e);
+    let whole = "SELECT shobj_description(d.oid, 'pg_database') FROM pg_database d \
+                 JOIN pg_roles r ON r.rolname = d.datname WHERE d.datname = $1 AND r.rolcanlogin";
+    if let Some(row) = c.query_opt(whole, &[&db]).await.map_err(e)? {
+        let comment: Option<String> = row.get(0);
+        return Ok((comment.and_then(|c| c.strip_prefix(TAKEN)?.parse().ok()).unwrap_or(0), None));
+    }
+    let (d, tmp) = (ident(db), format!("tmp_{snap}"));
+    let t = ident(&tmp);
+    // A superuser while it loads, as the snapshot owner is (a dump may make
+    // extensions only a superuser can), so that what it makes is its own.
+    // Made anew: no session of an older role of that name gains the rights.
+    let fresh = [
+        format!("DROP DATABASE IF EXISTS {t} WITH (FORCE)"),
+        format!("DROP DATABASE IF EXISTS {d} WITH (FORCE)"),
+        format!("DROP ROLE IF EXISTS {d}"),
+        format!("CREATE ROLE {d} SUPERUSER NOLOGIN"),
+        format!("CREATE DATABASE {d} OWNER {d}"),
+        format!("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC"),
+    ];
+    each(&c, server, &fresh).await?;
+    let began = std::time::Instant::now();
+    copy_into(src, &server.with_db(db), db, copy, tables).await.map_err(|reason| DbError::Copy {
+        source_db: src.source(),
+        server: server.addr(),
+        reason,
+    })?;
+    let copy_ms = began.elapsed().as_millis() as u64;
+    tracing::info!(server = %server.addr(), database = db, copy_ms, "branch copied");
+    let taken = crate::model::now_ms();
+    // CREATE DATABASE … TEMPLATE takes a lock on `db` that holds every new
+    // connection back until the copy is made: once it has that lock, what
+    // the branch's pods write cannot reach the snapshot.
+    let cloner = connect(server, Duration::from_secs(5)).await?;
+    let pid: i32 = cloner.query_one("SELECT pg_backend_pid()", &[]).await.map_err(e)?.get(0);
+    let clone_sql = format!("CREATE DATABASE {t} TEMPLATE {d} STRATEGY = FILE_COPY");
+    let clone = tokio::spawn(async move { cloner.batch_execute(&clone_sql).await });
+    let locked = "SELECT 1 FROM pg_locks l JOIN pg_database d ON l.objid = d.oid WHERE l.pid = $1 \
+                  AND l.locktype = 'object' AND l.classid = 'pg_database'::regclass AND l.granted AND d.datname = $2";
+    while !clone.is_finished() && c.query_opt(locked, &[&pid, &db]).await.map_err(e)?.is_none() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Whole: its time, then the login, which marks it so.
+    let ready = [
+        format!("COMMENT ON DATABASE {d} IS '{TAKEN}{taken}'"),
+        // A password we made: hex, nothing to escape.
+        format!("ALTER ROLE {d} NOSUPERUSER LOGIN PASSWORD '{password}'"),
+    ];
+    each(&c, server, &ready).await?;
+    let (server, db, snap) = (server.clone(), db.to_string(), snap.to_string());
+    let rest = async move {
+        let made = async {
+            clone.await.map_err(|j| server_err_msg(&server, format!("the snapshot's copy: {j}")))?.map_err(|e| server_err(&server, e))?;
+            // Its objects go to the snapshot owner, so that role `db` can be
+            // dropped with its branch; REASSIGN takes database `db` too, given back at once.
+            let inside = connect(&server.with_db(&tmp), Duration::from_secs(5)).await?;
+            let (d, o) = (ident(&db), SNAPSHOT_OWNER);
+            let sql = format!("BEGIN; REASSIGN OWNED BY {d} TO {o}; ALTER DATABASE {d} OWNER TO {d}; COMMIT");
+            inside.batch_execute(&sql).await.map_err(|e| server_err(&server, e))?;
+            drop(inside);
+            publish_snapshot(&c, &server, &tmp, &snap, taken).await
+        };
+        let r = made.await;
+        if r.is_err() {
+            // A snapshot half-made holds role `db`: the next branch makes one anew.
+            let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&tmp))).await;
+        }
+        r
+    };
+    Ok((taken, Some(Box::pin(rest))))
+}
+
+fn server_err_msg(server: &DbAddr, reason: String) -> DbError {
+    DbError::Server { server: server.addr(), reason }
+}
+
+/// Puts whole snapshot `tmp` in the place of `snap`, with when it was taken.
+async fn publish_snapshot(c: &Client, server: &DbAddr, tmp: &str, snap: &str, taken: i64) -> Result<(), DbError> {
+    let (t, s) = (ident(tmp), ident(snap));
     each(
-        &c,
+        c,
         server,
         &[
             format!("DROP DATABASE IF EXISTS {s} WITH (FORCE)"),
@@ -182,8 +282,7 @@ pub async fn take_snapshot(
             format!("REVOKE CONNECT, TEMPORARY ON DATABASE {s} FROM PUBLIC"),
         ],
     )
-    .await?;
-    Ok(taken)
+    .await
 }
 
 /// Drops what a copy killed half-way left (the caller holds the server's lock).
@@ -273,7 +372,7 @@ fn command(name: &str, a: &DbAddr, options: &str) -> Command {
 }
 
 /// Copies what `copy` and `tables` ask from `src` into `dst` (an empty
-/// database), with mirrord's meaning: `empty` copies nothing but the listed
+/// database), as role `owner` (what it makes is the role's), with mirrord's meaning: `empty` copies nothing but the listed
 /// tables (schema, and the rows their filter matches); `schema` every
 /// table's schema, and the listed tables' matching rows; `all` everything,
 /// but only the matching rows of a listed table. A table without a filter
@@ -281,11 +380,12 @@ fn command(name: &str, a: &DbAddr, options: &str) -> Command {
 pub async fn copy_into(
     src: &DbAddr,
     dst: &DbAddr,
+    owner: &str,
     copy: CopyMode,
     tables: &BTreeMap<String, Option<String>>,
 ) -> Result<(), String> {
     const READ_ONLY: &str = "-c default_transaction_read_only=on";
-    let as_owner = format!("-c role={SNAPSHOT_OWNER}");
+    let as_owner = format!("-c role={owner}");
     // One transaction per load: on the branch server (wal_level=minimal)
     // the tables it makes are loaded without WAL, and a failed load leaves nothing.
     let restore = || {

@@ -20,12 +20,9 @@ use crate::previewd::auth::{Access, Caller};
 use crate::previewd::cluster::dbservers::{VarSource, set_env_from_secret, var_source};
 use crate::previewd::dbs::{self, DbAddr, DbError, new_password};
 
-fn failed(field: impl Into<String>, message: impl Into<String>) -> Error {
+pub(super) fn failed(field: impl Into<String>, message: impl Into<String>) -> Error {
     Error::FailedPrecondition { field: field.into(), message: message.into() }
 }
-
-/// (namespace, server, engine) → (key, database, snapshot) of each branch on it.
-type BranchesByServer = BTreeMap<(String, String, DbType), Vec<(Key, String, String)>>;
 
 /// A source as read from the target: its address, and what holds it.
 struct Source {
@@ -171,7 +168,7 @@ impl Manager {
         Ok(Source { addr, container: container.name.clone(), vars })
     }
 
-    fn db_lock(&self, server: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn db_lock(&self, server: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.db_locks.lock().unwrap_or_else(|e| e.into_inner());
         locks.retain(|_, m| Arc::strong_count(m) > 1);
         locks.entry(server.to_string()).or_default().clone()
@@ -186,8 +183,9 @@ impl Manager {
     }
 
     /// Makes each recorded branch, each within its creation timeout: the
-    /// server, the snapshot (once per server and copy mode), the clone, and
-    /// the Secret the preview pods read. Idempotent (recovery runs it again).
+    /// server, the branch (a clone of the mode's snapshot, or the mode's
+    /// first, copied from the source), and the Secret the preview pods read.
+    /// Idempotent (recovery runs it again).
     pub(super) async fn realize_dbs(&self, rec: &EnvRecord, owner: &OwnerReference) -> Result<(), Error> {
         for b in &rec.dbs {
             self.set_db_stats(&rec.key, &b.database, DbPhase::Creating, String::new());
@@ -247,7 +245,7 @@ impl Manager {
 
     /// A recorded branch's source, read again from its target; refused if
     /// the target's connection changed since Start.
-    async fn branch_source(&self, rec: &EnvRecord, b: &DbBinding) -> Result<DbAddr, Error> {
+    pub(super) async fn branch_source(&self, rec: &EnvRecord, b: &DbBinding) -> Result<DbAddr, Error> {
         let field = "feature.db_branches";
         let target = rec.pods.iter().find(|p| p.group == b.group).map(|p| p.target.clone());
         let target = target.ok_or_else(|| failed(field, format!("no pod {}", b.group)))?;
@@ -259,37 +257,70 @@ impl Manager {
         Ok(src.addr)
     }
 
-    /// One branch; returns when its snapshot was taken.
+    /// One branch; returns when its data was read from the source.
     async fn make_branch(&self, rec: &EnvRecord, b: &DbBinding, owner: &OwnerReference) -> Result<i64, Error> {
         let ns = &rec.namespace;
         let began = Instant::now();
         let deadline = began + Duration::from_secs(b.creation_timeout_secs);
-        let server = self.server_addr(ns, &b.server, b.db_type, deadline).await?;
+        // The source is read meanwhile: a branch copied from it needs it.
+        let (server, src) =
+            tokio::join!(self.server_addr(ns, &b.server, b.db_type, deadline), self.branch_source(rec, b));
+        let server = server?;
         let t_server = began.elapsed();
         let password = match self.cluster.secret_data(ns, &b.secret).await?.and_then(|d| d.get("password").cloned()) {
             Some(p) => p,
             None => new_password(),
         };
-        let t_snapshot;
-        let taken = {
-            // Held through the clone too: a refresh replacing the snapshot
-            // meanwhile would break the copy.
-            let lock = self.db_lock(&b.server);
-            let _held = lock.lock().await;
-            let taken = match dbs::snapshot_at(&server, &b.snapshot).await? {
-                Some(t) => t,
-                None => {
-                    let src = self.branch_source(rec, b).await?;
-                    dbs::take_snapshot(&server, &src, &b.snapshot, b.copy, &b.tables).await?
-                }
-            };
-            t_snapshot = began.elapsed();
-            dbs::make_branch(&server, &b.snapshot, &b.database, &password).await?;
-            taken
+        let make = async {
+            // Held through the clone too (a refresh replacing the snapshot
+            // meanwhile would break it), and by a snapshot made behind a branch.
+            let held = self.db_lock(&b.server).lock_owned().await;
+            if let Some(taken) = dbs::snapshot_at(&server, &b.snapshot).await? {
+                dbs::make_branch(&server, &b.snapshot, &b.database, &password).await?;
+                return Ok::<_, Error>((taken, "snapshot"));
+            }
+            let names = (b.snapshot.as_str(), b.database.as_str(), password.as_str());
+            let (taken, rest) = dbs::first_branch(&server, &src?, names, b.copy, &b.tables).await?;
+            if let Some(rest) = rest {
+                let (server, snap) = (b.server.clone(), b.snapshot.clone());
+                tokio::spawn(async move {
+                    let _held = held;
+                    let began = Instant::now();
+                    match rest.await {
+                        Ok(()) => tracing::info!(server, snap, ms = began.elapsed().as_millis() as u64, "snapshot made"),
+                        Err(e) => tracing::warn!(server, snap, error = %e, "no snapshot; the next branch copies the source"),
+                    }
+                });
+            }
+            Ok((taken, "source"))
         };
-        let t_clone = began.elapsed();
+        // Written meanwhile: no pod reads it before this Start (or AddPod)
+        // ends, and its role cannot log in until the branch is whole.
+        let (made, published) = tokio::join!(make, self.publish_branch(rec, b, owner, &password, deadline));
+        let (taken, from) = made?;
+        published?;
+        tracing::info!(
+            database = %b.database,
+            from,
+            server_ms = t_server.as_millis() as u64,
+            ms = began.elapsed().as_millis() as u64,
+            "branch ready"
+        );
+        Ok(taken)
+    }
+
+    /// The Secret a branch's pods read, once its server's Service can reach it.
+    async fn publish_branch(
+        &self,
+        rec: &EnvRecord,
+        b: &DbBinding,
+        owner: &OwnerReference,
+        password: &str,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let ns = &rec.namespace;
         // The preview pods reach it through its Service, whose endpoints
-        // wait for the pod's Ready condition: the branch is Ready once they can.
+        // wait for the pod's Ready condition.
         loop {
             if self.cluster.db_server(ns, &b.server).await?.is_some_and(|s| s.ready) {
                 break;
@@ -308,7 +339,7 @@ impl Manager {
             host,
             port: dbs::server_port(b.db_type),
             user: b.database.clone(),
-            password,
+            password: password.to_string(),
             dbname: b.database.clone(),
         };
         let data = BTreeMap::from([
@@ -320,16 +351,7 @@ impl Manager {
             ("database".to_string(), branch.dbname.clone()),
         ]);
         self.cluster.put_branch_secret(ns, &b.secret, &rec.key, owner, data).await?;
-        let ms = |d: Duration| d.as_millis() as u64;
-        tracing::info!(
-            database = %b.database,
-            server_ms = ms(t_server),
-            snapshot_ms = ms(t_snapshot - t_server),
-            clone_ms = ms(t_clone - t_snapshot),
-            publish_ms = ms(began.elapsed() - t_clone),
-            "branch ready"
-        );
-        Ok(taken)
+        Ok(())
     }
 
     /// Drops an environment's branches once its pods are deleted, except
@@ -352,9 +374,10 @@ impl Manager {
                 // Its data goes with its pod.
                 self.cluster.delete_db_server(ns, &b.server).await?;
             } else if let Some(server) = self.running_server(ns, &b.server, b.db_type).await? {
-                dbs::drop_branch(&server, &b.database).await?;
-                // Under the lock no copy runs: a half-made snapshot is a leftover.
+                // Under the lock no copy runs: a half-made snapshot is a
+                // leftover, and may hold the branch's role.
                 dbs::drop_partial(&server, &b.snapshot).await?;
+                dbs::drop_branch(&server, &b.database).await?;
             }
             self.cluster.delete_secret(ns, &b.secret).await?;
         }
@@ -364,130 +387,5 @@ impl Manager {
     /// Whether a live environment has a branch on server `name` in `ns`.
     pub(super) fn db_server_in_use(&self, ns: &str, name: &str) -> bool {
         self.view().envs.values().any(|e| e.record.namespace == ns && e.record.dbs.iter().any(|b| b.server == name))
-    }
-
-    /// The superuser address of a server whose pod runs; `None` if it is gone.
-    async fn running_server(&self, ns: &str, server: &str, engine: DbType) -> Result<Option<DbAddr>, Error> {
-        Ok(self.server_now(ns, server, engine).await?.ok().flatten())
-    }
-
-    /// A server as the cluster shows it: `Ok(Some)` its pod runs, `Ok(None)`
-    /// not reachable yet, `Err(why)` its pod is gone or ended, and its data with it.
-    async fn server_now(
-        &self,
-        ns: &str,
-        server: &str,
-        engine: DbType,
-    ) -> Result<Result<Option<DbAddr>, String>, Error> {
-        let st = match self.cluster.db_server(ns, server).await? {
-            None => return Ok(Err("its pod is gone".into())),
-            Some(st) => st,
-        };
-        if let Some(why) = st.ended {
-            return Ok(Err(format!("its pod ended: {why}")));
-        }
-        let Some(ip) = st.pod_ip else { return Ok(Ok(None)) };
-        let password = self.cluster.secret_data(ns, server).await?.and_then(|d| d.get("password").cloned());
-        Ok(Ok(password.map(|password| dbs::server_admin(engine, ip, password))))
-    }
-
-    /// Refreshes each branch's size and snapshot time in the view (Status).
-    /// Called by the reaper's tick; a server that does not answer keeps the
-    /// last figures.
-    pub(super) async fn refresh_db_stats(&self) {
-        let servers: BranchesByServer = {
-            let view = self.view();
-            let mut m = BranchesByServer::new();
-            for e in view.envs.values().filter(|e| !e.record.deleting) {
-                for b in &e.record.dbs {
-                    m.entry((e.record.namespace.clone(), b.server.clone(), b.db_type)).or_default().push((
-                        e.record.key.clone(),
-                        b.database.clone(),
-                        b.snapshot.clone(),
-                    ));
-                }
-            }
-            m
-        };
-        for ((ns, server, engine), branches) in servers {
-            tracing::debug!(server, "reading branch sizes");
-            let (addr, lost) = match self.server_now(&ns, &server, engine).await {
-                Ok(Ok(Some(a))) => (Some(a), None),
-                Ok(Ok(None)) => continue,
-                Ok(Err(why)) => (None, Some(why)),
-                Err(e) => {
-                    tracing::debug!(server, error = %e, "branch server not read");
-                    continue;
-                }
-            };
-            // Bounded: a server that hangs must not hold up the reaper's tick
-            // (expiry runs on it too).
-            let read = async { if let Some(a) = &addr { dbs::sizes(a).await } else { Ok(BTreeMap::new()) } };
-            let sizes = match tokio::time::timeout(Duration::from_secs(5), read).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(server, error = %e, "branch sizes not read");
-                    continue;
-                }
-                Err(_) => {
-                    tracing::debug!(server, "branch sizes not read within 5 s");
-                    continue;
-                }
-            };
-            tracing::debug!(server, databases = sizes.len(), branches = branches.len(), "branch sizes read");
-            let mut view = self.view();
-            for (key, database, snapshot) in branches {
-                let Some(env) = view.envs.get_mut(&key) else { continue };
-                // A settled environment's branch exists, or was lost (its
-                // server's pod was deleted or evicted, say): after a restart
-                // of previewd this is also where Ready comes back from.
-                let settled = !env.record.pending;
-                let st = env.dbs.entry(database.clone()).or_insert(DbStats { size_bytes: -1, ..Default::default() });
-                st.size_bytes = sizes.get(&database).map_or(-1, |s| s.0);
-                st.snapshot_at_ms = sizes.get(&snapshot).and_then(|s| s.1).or(st.snapshot_at_ms);
-                match (settled, sizes.contains_key(&database)) {
-                    (true, true) if st.phase == DbPhase::Creating => st.phase = DbPhase::Ready,
-                    (true, false) => {
-                        st.phase = DbPhase::Failed;
-                        st.reason = match &lost {
-                            Some(why) => format!("branch server {server} is lost ({why}); its data went with it"),
-                            None => format!("database {database} is missing on branch server {server}"),
-                        };
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Takes a new snapshot for each of an environment's branches, for
-    /// `who` (`update` on previewenvironments in its namespace); branches
-    /// made from then on start from it, existing ones keep their data.
-    pub async fn refresh_db_as(&self, who: &Caller, key: &Key) -> Result<Vec<(DbBinding, DbStats)>, Error> {
-        let rec = self.view().envs.get(key).map(|e| e.record.clone()).ok_or_else(|| Error::NotFound {
-            field: "key".into(),
-            message: format!("no environment {:?}", key.as_str()),
-        })?;
-        self.require(who, vec![Access::env("update", &rec.namespace)]).await?;
-        if rec.dbs.is_empty() {
-            return Err(failed("key", format!("environment {:?} has no database branch", key.as_str())));
-        }
-        let _guard = self.lock_key(key).await;
-        for b in &rec.dbs {
-            let server = self
-                .running_server(&rec.namespace, &b.server, b.db_type)
-                .await?
-                .ok_or_else(|| DbError::Server { server: b.server.clone(), reason: "its pod is not running".into() })?;
-            let src = self.branch_source(&rec, b).await?;
-            let lock = self.db_lock(&b.server);
-            let _held = lock.lock().await;
-            let taken = dbs::take_snapshot(&server, &src, &b.snapshot, b.copy, &b.tables).await?;
-            if let Some(st) = self.view().envs.get_mut(key).and_then(|e| e.dbs.get_mut(&b.database)) {
-                st.snapshot_at_ms = Some(taken);
-            }
-        }
-        let view = self.view();
-        let stats = view.envs.get(key).map(|e| e.dbs.clone()).unwrap_or_default();
-        Ok(rec.dbs.iter().map(|b| (b.clone(), stats.get(&b.database).cloned().unwrap_or_default())).collect())
     }
 }

@@ -11,6 +11,7 @@
 mod authorize;
 mod clean;
 mod dbs;
+mod dbstats;
 mod error;
 mod queues;
 pub mod recover;
