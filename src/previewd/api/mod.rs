@@ -204,6 +204,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::StatusEvent, Status>>
 #[tonic::async_trait]
 impl PreviewService for Api {
     async fn start(&self, req: Request<proto::StartRequest>) -> Result<Response<proto::StartResponse>, Status> {
+        let began = std::time::Instant::now();
         let who = caller(&req)?;
         let req = wire::start_request(req.into_inner());
         let key = req.key.clone();
@@ -214,7 +215,7 @@ impl PreviewService for Api {
         let mut started = result?;
         self.share_on_start(&who, &mut started, &facts).await;
         self.manager.metrics().started();
-        tracing::info!(key = %started.key, user = %who.user, "start");
+        tracing::info!(key = %started.key, user = %who.user, ms = began.elapsed().as_millis() as u64, "start");
         Ok(Response::new(wire::started(&started)))
     }
 

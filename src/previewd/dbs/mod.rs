@@ -221,7 +221,8 @@ pub async fn drop_branch(server: &DbAddr, db: &str) -> Result<(), DbError> {
     }
 }
 
-/// Every database's size, in bytes, and each snapshot's time.
+/// Every database's size, in bytes, and the time of each snapshot (and, for
+/// PostgreSQL, of each mode's first branch).
 pub async fn sizes(server: &DbAddr) -> Result<BTreeMap<String, (i64, Option<i64>)>, DbError> {
     match server.engine {
         DbType::Postgres => pg::sizes(server).await,

@@ -166,13 +166,10 @@ pub async fn take_snapshot(
     let tmp = format!("tmp_{snap}");
     let c = connect(server, Duration::from_secs(5)).await?;
     let t = ident(&tmp);
-    each(&c, server, &[format!("DROP DATABASE IF EXISTS {t} WITH (FORCE)"), format!("CREATE DATABASE {t}")]).await?;
     let began = std::time::Instant::now();
-    copy_into(src, &server.with_db(&tmp), SNAPSHOT_OWNER, copy, tables).await.map_err(|reason| DbError::Copy {
-        source_db: src.source(),
-        server: server.addr(),
-        reason,
-    })?;
+    let fresh = [format!("DROP DATABASE IF EXISTS {t} WITH (FORCE)"), format!("CREATE DATABASE {t}")];
+    let made = each(&c, server, &fresh);
+    copy_into(src, &server.with_db(&tmp), SNAPSHOT_OWNER, (copy, tables), made).await?;
     tracing::info!(server = %server.addr(), snap, copy_ms = began.elapsed().as_millis() as u64, "snapshot copied");
     let taken = crate::model::now_ms();
     publish_snapshot(&c, server, &tmp, snap, taken).await?;
@@ -192,10 +189,12 @@ pub async fn first_branch(
     copy: CopyMode,
     tables: &BTreeMap<String, Option<String>>,
 ) -> Result<(i64, Option<SnapshotRest>), DbError> {
+    let t0 = std::time::Instant::now();
     let c = connect(server, Duration::from_secs(5)).await?;
+    let t_connect = t0.elapsed();
     let e = |e| server_err(server, e);
-    let whole = "SELECT shobj_description(d.oid, 'pg_database') FROM pg_database d \
-                 JOIN pg_roles r ON r.rolname = d.datname WHERE d.datname = $1 AND r.rolcanlogin";
+    let whole = "SELECT shobj_description(r.oid, 'pg_authid') FROM pg_roles r \
+                 JOIN pg_database d ON d.datname = r.rolname WHERE r.rolname = $1 AND r.rolcanlogin";
     if let Some(row) = c.query_opt(whole, &[&db]).await.map_err(e)? {
         let comment: Option<String> = row.get(0);
         return Ok((comment.and_then(|c| c.strip_prefix(TAKEN)?.parse().ok()).unwrap_or(0), None));
@@ -213,21 +212,26 @@ pub async fn first_branch(
         format!("CREATE DATABASE {d} OWNER {d}"),
         format!("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC"),
     ];
-    each(&c, server, &fresh).await?;
-    let began = std::time::Instant::now();
-    copy_into(src, &server.with_db(db), db, copy, tables).await.map_err(|reason| DbError::Copy {
-        source_db: src.source(),
-        server: server.addr(),
-        reason,
-    })?;
-    let copy_ms = began.elapsed().as_millis() as u64;
-    tracing::info!(server = %server.addr(), database = db, copy_ms, "branch copied");
+    let setup = async {
+        each(&c, server, &fresh).await?;
+        tracing::debug!(database = db, ms = t0.elapsed().as_millis() as u64, "branch database made");
+        Ok(())
+    };
+    // The snapshot's copy gets its own session, opened meanwhile.
+    let cloner = async {
+        let cloner = connect(server, Duration::from_secs(5)).await?;
+        let pid: i32 = cloner.query_one("SELECT pg_backend_pid()", &[]).await.map_err(e)?.get(0);
+        Ok::<_, DbError>((cloner, pid))
+    };
+    let dst = server.with_db(db);
+    let (copied, cloner) = tokio::join!(copy_into(src, &dst, db, (copy, tables), setup), cloner);
+    copied?;
+    let (cloner, pid) = cloner?;
+    let t_copy = t0.elapsed();
     let taken = crate::model::now_ms();
     // CREATE DATABASE … TEMPLATE takes a lock on `db` that holds every new
     // connection back until the copy is made: once it has that lock, what
     // the branch's pods write cannot reach the snapshot.
-    let cloner = connect(server, Duration::from_secs(5)).await?;
-    let pid: i32 = cloner.query_one("SELECT pg_backend_pid()", &[]).await.map_err(e)?.get(0);
     let clone_sql = format!("CREATE DATABASE {t} TEMPLATE {d} STRATEGY = FILE_COPY");
     let clone = tokio::spawn(async move { cloner.batch_execute(&clone_sql).await });
     let locked = "SELECT 1 FROM pg_locks l JOIN pg_database d ON l.objid = d.oid WHERE l.pid = $1 \
@@ -235,17 +239,32 @@ pub async fn first_branch(
     while !clone.is_finished() && c.query_opt(locked, &[&pid, &db]).await.map_err(e)?.is_none() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    // Whole: its time, then the login, which marks it so.
+    // Whole: its time, then the login, which marks it so. On the role: a
+    // comment on the database would wait for the snapshot's copy.
     let ready = [
-        format!("COMMENT ON DATABASE {d} IS '{TAKEN}{taken}'"),
+        format!("COMMENT ON ROLE {d} IS '{TAKEN}{taken}'"),
         // A password we made: hex, nothing to escape.
         format!("ALTER ROLE {d} NOSUPERUSER LOGIN PASSWORD '{password}'"),
     ];
+    let t_locked = t0.elapsed();
     each(&c, server, &ready).await?;
+    let ms = |d: Duration| d.as_millis() as u64;
+    tracing::info!(
+        server = %server.addr(),
+        database = db,
+        connect_ms = ms(t_connect),
+        copy_ms = ms(t_copy - t_connect),
+        lock_ms = ms(t_locked - t_copy),
+        login_ms = ms(t0.elapsed() - t_locked),
+        "branch copied"
+    );
     let (server, db, snap) = (server.clone(), db.to_string(), snap.to_string());
     let rest = async move {
         let made = async {
-            clone.await.map_err(|j| server_err_msg(&server, format!("the snapshot's copy: {j}")))?.map_err(|e| server_err(&server, e))?;
+            clone
+                .await
+                .map_err(|j| server_err_msg(&server, format!("the snapshot's copy: {j}")))?
+                .map_err(|e| server_err(&server, e))?;
             // Its objects go to the snapshot owner, so that role `db` can be
             // dropped with its branch; REASSIGN takes database `db` too, given back at once.
             let inside = connect(&server.with_db(&tmp), Duration::from_secs(5)).await?;
@@ -329,13 +348,18 @@ pub async fn drop_branch(server: &DbAddr, db: &str) -> Result<(), DbError> {
     each(&c, server, &[format!("DROP DATABASE IF EXISTS {d} WITH (FORCE)"), format!("DROP ROLE IF EXISTS {d}")]).await
 }
 
-/// Every database's size, in bytes, and each snapshot's time.
+/// Every database's size, in bytes, and the time of each snapshot and of
+/// each mode's first branch.
 pub async fn sizes(server: &DbAddr) -> Result<BTreeMap<String, (i64, Option<i64>)>, DbError> {
     let c = connect(server, Duration::from_secs(5)).await?;
     let rows = c
         .query(
-            "SELECT datname, pg_database_size(oid), shobj_description(oid, 'pg_database') FROM pg_database \
-             WHERE NOT datistemplate OR datname LIKE 'snap\\_%'",
+            // A snapshot's time is on its database; a mode's first branch
+            // has its own, on its role.
+            "SELECT d.datname, pg_database_size(d.oid), \
+             COALESCE(shobj_description(d.oid, 'pg_database'), shobj_description(r.oid, 'pg_authid')) \
+             FROM pg_database d LEFT JOIN pg_roles r ON r.rolname = d.datname \
+             WHERE NOT d.datistemplate OR d.datname LIKE 'snap\\_%'",
             &[],
         )
         .await
@@ -381,9 +405,10 @@ pub async fn copy_into(
     src: &DbAddr,
     dst: &DbAddr,
     owner: &str,
-    copy: CopyMode,
-    tables: &BTreeMap<String, Option<String>>,
-) -> Result<(), String> {
+    (copy, tables): (CopyMode, &BTreeMap<String, Option<String>>),
+    ready: impl std::future::Future<Output = Result<(), DbError>>,
+) -> Result<(), DbError> {
+    let failed = |reason| DbError::Copy { source_db: src.source(), server: dst.addr(), reason };
     const READ_ONLY: &str = "-c default_transaction_read_only=on";
     let as_owner = format!("-c role={owner}");
     // One transaction per load: on the branch server (wal_level=minimal)
@@ -399,39 +424,48 @@ pub async fn copy_into(
         c
     };
     if tables.is_empty() {
-        return match copy {
-            CopyMode::Empty => Ok(()),
-            CopyMode::Schema => pipe(dump(&["--schema-only".into()]), restore()).await,
-            CopyMode::All => pipe(dump(&[]), restore()).await,
+        let args: &[String] = match copy {
+            CopyMode::Empty => return ready.await,
+            CopyMode::Schema => &["--schema-only".into()],
+            CopyMode::All => &[],
         };
+        // The dump starts while `dst` is made ready: it reads the source's
+        // catalog before it writes anything.
+        let left = tools::start(dump(args)).map_err(failed)?;
+        ready.await?;
+        return tools::into(left, restore()).await.map_err(failed);
     }
-    // Schema first, then rows, then indexes and constraints (as pg_dump
-    // itself orders a restore), so filtered rows load like the rest.
-    let patterns: Vec<String> = tables.keys().map(|t| table(t)).collect();
-    let only: Vec<String> = match copy {
-        CopyMode::Empty => patterns.iter().flat_map(|p| ["-t".to_string(), p.clone()]).collect(),
-        _ => Vec::new(),
+    ready.await?;
+    let listed = async {
+        // Schema first, then rows, then indexes and constraints (as pg_dump
+        // itself orders a restore), so filtered rows load like the rest.
+        let patterns: Vec<String> = tables.keys().map(|t| table(t)).collect();
+        let only: Vec<String> = match copy {
+            CopyMode::Empty => patterns.iter().flat_map(|p| ["-t".to_string(), p.clone()]).collect(),
+            _ => Vec::new(),
+        };
+        let section = |s: &str| [only.clone(), vec![format!("--section={s}")]].concat();
+        pipe(dump(&section("pre-data")), restore()).await?;
+        if copy == CopyMode::All {
+            let mut args = vec!["--section=data".to_string()];
+            args.extend(patterns.iter().map(|p| format!("--exclude-table-data={p}")));
+            pipe(dump(&args), restore()).await?;
+        }
+        for (t, filter) in tables {
+            let q = table(t);
+            let select = match filter {
+                Some(w) => format!("COPY (SELECT * FROM {q} WHERE {w}) TO STDOUT"),
+                None => format!("COPY {q} TO STDOUT"),
+            };
+            let mut from = command("psql", src, READ_ONLY);
+            from.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", &select]);
+            let mut into = restore();
+            into.args(["-c", &format!("COPY {q} FROM STDIN")]);
+            pipe(from, into).await.map_err(|e| format!("table {t}: {e}"))?;
+        }
+        pipe(dump(&section("post-data")), restore()).await
     };
-    let section = |s: &str| [only.clone(), vec![format!("--section={s}")]].concat();
-    pipe(dump(&section("pre-data")), restore()).await?;
-    if copy == CopyMode::All {
-        let mut args = vec!["--section=data".to_string()];
-        args.extend(patterns.iter().map(|p| format!("--exclude-table-data={p}")));
-        pipe(dump(&args), restore()).await?;
-    }
-    for (t, filter) in tables {
-        let q = table(t);
-        let select = match filter {
-            Some(w) => format!("COPY (SELECT * FROM {q} WHERE {w}) TO STDOUT"),
-            None => format!("COPY {q} TO STDOUT"),
-        };
-        let mut from = command("psql", src, READ_ONLY);
-        from.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", &select]);
-        let mut into = restore();
-        into.args(["-c", &format!("COPY {q} FROM STDIN")]);
-        pipe(from, into).await.map_err(|e| format!("table {t}: {e}"))?;
-    }
-    pipe(dump(&section("post-data")), restore()).await
+    listed.await.map_err(failed)
 }
 
 #[cfg(test)]

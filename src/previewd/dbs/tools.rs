@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Stdio;
 
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 /// How much of a failed tool's stderr an error carries.
 const STDERR_TAIL: usize = 600;
@@ -25,9 +25,17 @@ pub fn command(program: &Path) -> Command {
 }
 
 /// `a | b`, both checked; an error is the failing side's stderr.
-pub async fn pipe(mut a: Command, mut b: Command) -> Result<(), String> {
-    let mut left =
-        a.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| format!("starting a dump: {e}"))?;
+pub async fn pipe(a: Command, b: Command) -> Result<(), String> {
+    into(start(a)?, b).await
+}
+
+/// `a`, started, its output waiting for `into`.
+pub fn start(mut a: Command) -> Result<Child, String> {
+    a.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| format!("starting a dump: {e}"))
+}
+
+/// `left | b`, both checked; an error is the failing side's stderr.
+pub async fn into(mut left: Child, mut b: Command) -> Result<(), String> {
     // Just spawned with a piped stdout.
     let out: Stdio = left.stdout.take().expect("piped stdout").try_into().map_err(|e| format!("{e}"))?;
     let right = b

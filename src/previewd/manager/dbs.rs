@@ -271,11 +271,14 @@ impl Manager {
             Some(p) => p,
             None => new_password(),
         };
+        let t_secret = began.elapsed();
         let make = async {
             // Held through the clone too (a refresh replacing the snapshot
             // meanwhile would break it), and by a snapshot made behind a branch.
             let held = self.db_lock(&b.server).lock_owned().await;
-            if let Some(taken) = dbs::snapshot_at(&server, &b.snapshot).await? {
+            let snapshot = dbs::snapshot_at(&server, &b.snapshot).await?;
+            tracing::debug!(database = %b.database, ms = began.elapsed().as_millis() as u64, "snapshot looked for");
+            if let Some(taken) = snapshot {
                 dbs::make_branch(&server, &b.snapshot, &b.database, &password).await?;
                 return Ok::<_, Error>((taken, "snapshot"));
             }
@@ -287,8 +290,12 @@ impl Manager {
                     let _held = held;
                     let began = Instant::now();
                     match rest.await {
-                        Ok(()) => tracing::info!(server, snap, ms = began.elapsed().as_millis() as u64, "snapshot made"),
-                        Err(e) => tracing::warn!(server, snap, error = %e, "no snapshot; the next branch copies the source"),
+                        Ok(()) => {
+                            tracing::info!(server, snap, ms = began.elapsed().as_millis() as u64, "snapshot made")
+                        }
+                        Err(e) => {
+                            tracing::warn!(server, snap, error = %e, "no snapshot; the next branch copies the source")
+                        }
                     }
                 });
             }
@@ -303,6 +310,7 @@ impl Manager {
             database = %b.database,
             from,
             server_ms = t_server.as_millis() as u64,
+            secret_ms = (t_secret - t_server).as_millis() as u64,
             ms = began.elapsed().as_millis() as u64,
             "branch ready"
         );

@@ -94,7 +94,10 @@ impl Manager {
                 let settled = !env.record.pending;
                 let st = env.dbs.entry(database.clone()).or_insert(DbStats { size_bytes: -1, ..Default::default() });
                 st.size_bytes = sizes.get(&database).map_or(-1, |s| s.0);
-                st.snapshot_at_ms = sizes.get(&snapshot).and_then(|s| s.1).or(st.snapshot_at_ms);
+                // A mode's first branch is Ready before its snapshot is made
+                // from it, with the same time.
+                let own = sizes.get(&database).and_then(|s| s.1);
+                st.snapshot_at_ms = sizes.get(&snapshot).and_then(|s| s.1).or(own).or(st.snapshot_at_ms);
                 match (settled, sizes.contains_key(&database)) {
                     (true, true) if st.phase == DbPhase::Creating => st.phase = DbPhase::Ready,
                     (true, false) => {
