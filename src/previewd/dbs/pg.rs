@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::process::Command;
@@ -41,6 +42,8 @@ fn config(a: &DbAddr, timeout: Duration) -> Config {
         .password(&a.password)
         .dbname(&a.dbname)
         .connect_timeout(timeout)
+        // A kept session to a server gone unheard ends within a minute or so.
+        .keepalives_idle(Duration::from_secs(30))
         .application_name("previewd");
     c
 }
@@ -82,6 +85,29 @@ pub async fn connect(a: &DbAddr, timeout: Duration) -> Result<Client, DbError> {
             Ok(client)
         }
     }
+}
+
+/// Superuser sessions kept per branch server (address, user, password,
+/// database), so that a branch pays no login. Shared: only single
+/// statements go through one, never a transaction of several. A closed one
+/// is opened again; one that stops answering is dropped by `prepare`.
+static ADMIN: LazyLock<Mutex<BTreeMap<String, Arc<Client>>>> = LazyLock::new(Default::default);
+
+fn admin_key(server: &DbAddr) -> String {
+    format!("{}|{}|{}|{}", server.addr(), server.user, server.password, server.dbname)
+}
+
+/// The kept superuser session to `server`.
+async fn admin(server: &DbAddr) -> Result<Arc<Client>, DbError> {
+    let key = admin_key(server);
+    if let Some(c) = ADMIN.lock().unwrap_or_else(|e| e.into_inner()).get(&key).filter(|c| !c.is_closed()) {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(connect(server, Duration::from_secs(5)).await?);
+    let mut kept = ADMIN.lock().unwrap_or_else(|e| e.into_inner());
+    kept.retain(|_, c| !c.is_closed());
+    kept.insert(key, c.clone());
+    Ok(c)
 }
 
 /// A refusal by the server (credentials, database): `None` for the network.
@@ -131,18 +157,26 @@ pub async fn check_source(a: &DbAddr) -> Result<(), DbError> {
 /// Makes the server ready for snapshots, and its own databases closed to
 /// the branches' roles (idempotent).
 pub async fn prepare(server: &DbAddr) -> Result<(), DbError> {
-    let c = connect(server, Duration::from_secs(5)).await?;
+    let c = admin(server).await?;
     let sql = format!(
         "DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SNAPSHOT_OWNER}') THEN \
          CREATE ROLE {SNAPSHOT_OWNER} SUPERUSER NOLOGIN; \
          REVOKE CONNECT, TEMPORARY ON DATABASE postgres, template1 FROM PUBLIC; END IF; END$$"
     );
-    c.batch_execute(&sql).await.map_err(|e| server_err(server, e))
+    // The test of a kept session too: one whose server went away unheard
+    // would hang every branch on it.
+    match tokio::time::timeout(Duration::from_secs(5), c.batch_execute(&sql)).await {
+        Ok(r) => r.map_err(|e| server_err(server, e)),
+        Err(_) => {
+            ADMIN.lock().unwrap_or_else(|e| e.into_inner()).remove(&admin_key(server));
+            Err(DbError::Unavailable { addr: server.addr(), reason: "no answer within 5 s".into() })
+        }
+    }
 }
 
 /// When snapshot `snap` was taken; `None` if it does not exist.
 pub async fn snapshot_at(server: &DbAddr, snap: &str) -> Result<Option<i64>, DbError> {
-    let c = connect(server, Duration::from_secs(5)).await?;
+    let c = admin(server).await?;
     let row = c
         .query_opt("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1", &[&snap])
         .await
@@ -190,7 +224,7 @@ pub async fn first_branch(
     tables: &BTreeMap<String, Option<String>>,
 ) -> Result<(i64, Option<SnapshotRest>), DbError> {
     let t0 = std::time::Instant::now();
-    let c = connect(server, Duration::from_secs(5)).await?;
+    let c = admin(server).await?;
     let t_connect = t0.elapsed();
     let e = |e| server_err(server, e);
     let whole = "SELECT shobj_description(r.oid, 'pg_authid') FROM pg_roles r \
@@ -241,13 +275,11 @@ pub async fn first_branch(
     }
     // Whole: its time, then the login, which marks it so. On the role: a
     // comment on the database would wait for the snapshot's copy.
-    let ready = [
-        format!("COMMENT ON ROLE {d} IS '{TAKEN}{taken}'"),
-        // A password we made: hex, nothing to escape.
-        format!("ALTER ROLE {d} NOSUPERUSER LOGIN PASSWORD '{password}'"),
-    ];
+    // One transaction; a password we made: hex, nothing to escape.
+    let ready =
+        format!("COMMENT ON ROLE {d} IS '{TAKEN}{taken}'; ALTER ROLE {d} NOSUPERUSER LOGIN PASSWORD '{password}'");
     let t_locked = t0.elapsed();
-    each(&c, server, &ready).await?;
+    c.batch_execute(&ready).await.map_err(e)?;
     let ms = |d: Duration| d.as_millis() as u64;
     tracing::info!(
         server = %server.addr(),
@@ -315,7 +347,7 @@ pub async fn drop_partial(server: &DbAddr, snap: &str) -> Result<(), DbError> {
 /// Database `db`, cloned from `snap`, owned by role `db` (which may log in
 /// with `password` and connect to this database only). Idempotent.
 pub async fn make_branch(server: &DbAddr, snap: &str, db: &str, password: &str) -> Result<(), DbError> {
-    let c = connect(server, Duration::from_secs(5)).await?;
+    let c = admin(server).await?;
     let e = |e| server_err(server, e);
     // A password we made: hex, nothing to escape.
     let verb = if c.query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&db]).await.map_err(e)?.is_some() {

@@ -215,9 +215,22 @@ impl Manager {
 
     /// The branch server's superuser address, once it answers.
     async fn server_addr(&self, ns: &str, server: &str, engine: DbType, deadline: Instant) -> Result<DbAddr, Error> {
-        let password = self.cluster.ensure_db_server(ns, server, engine, new_password()).await?;
+        // A server that runs needs nothing made: its password is in its Secret.
+        let mut st = self.cluster.db_server(ns, server).await?;
+        let running = st.as_ref().is_some_and(|s| s.ended.is_none() && s.pod_ip.is_some());
+        let known = match running {
+            true => self.cluster.secret_data(ns, server).await?.and_then(|d| d.get("password").cloned()),
+            false => None,
+        };
+        let password = match known {
+            Some(p) => p,
+            None => {
+                let p = self.cluster.ensure_db_server(ns, server, engine, new_password()).await?;
+                st = self.cluster.db_server(ns, server).await?;
+                p
+            }
+        };
         loop {
-            let st = self.cluster.db_server(ns, server).await?;
             if let Some(w) = st.as_ref().and_then(|s| s.waiting.clone()).filter(|w| !w.starts_with("ContainerCreating"))
             {
                 return Err(
@@ -225,7 +238,7 @@ impl Manager {
                 );
             }
             // Tried as soon as the pod has an address: the login is the test.
-            if let Some(ip) = st.and_then(|s| s.pod_ip) {
+            if let Some(ip) = st.as_ref().and_then(|s| s.pod_ip.clone()) {
                 let a = dbs::server_admin(engine, ip, password.clone());
                 match dbs::prepare(&a).await {
                     Ok(()) => return Ok(a),
@@ -240,6 +253,7 @@ impl Manager {
                 return Err(DbError::Server { server: server.into(), reason: "its pod is not ready".into() }.into());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+            st = self.cluster.db_server(ns, server).await?;
         }
     }
 
@@ -262,16 +276,16 @@ impl Manager {
         let ns = &rec.namespace;
         let began = Instant::now();
         let deadline = began + Duration::from_secs(b.creation_timeout_secs);
-        // The source is read meanwhile: a branch copied from it needs it.
-        let (server, src) =
-            tokio::join!(self.server_addr(ns, &b.server, b.db_type, deadline), self.branch_source(rec, b));
+        // The source and the branch's Secret (a retry keeps its password)
+        // are read meanwhile.
+        let (server, src, secret) = tokio::join!(
+            self.server_addr(ns, &b.server, b.db_type, deadline),
+            self.branch_source(rec, b),
+            self.cluster.secret_data(ns, &b.secret)
+        );
         let server = server?;
+        let password = secret?.and_then(|d| d.get("password").cloned()).unwrap_or_else(new_password);
         let t_server = began.elapsed();
-        let password = match self.cluster.secret_data(ns, &b.secret).await?.and_then(|d| d.get("password").cloned()) {
-            Some(p) => p,
-            None => new_password(),
-        };
-        let t_secret = began.elapsed();
         let make = async {
             // Held through the clone too (a refresh replacing the snapshot
             // meanwhile would break it), and by a snapshot made behind a branch.
@@ -310,7 +324,6 @@ impl Manager {
             database = %b.database,
             from,
             server_ms = t_server.as_millis() as u64,
-            secret_ms = (t_secret - t_server).as_millis() as u64,
             ms = began.elapsed().as_millis() as u64,
             "branch ready"
         );
