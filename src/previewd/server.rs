@@ -419,11 +419,19 @@ async fn reap(manager: Arc<Manager>, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let n = manager.reap().await;
-        if n > 0 {
-            manager.metrics().reaped(n);
-            tracing::info!(expired = n, "reaped environments");
+        // Each tick is a task of its own: a bug that panics in one must not
+        // end TTL enforcement for good.
+        let m = manager.clone();
+        let tick_done = tokio::spawn(async move {
+            let n = m.reap().await;
+            if n > 0 {
+                m.metrics().reaped(n);
+                tracing::info!(expired = n, "reaped environments");
+            }
+            m.retry_failed().await;
+        });
+        if let Err(e) = tick_done.await {
+            tracing::error!(error = %e, "a reaper tick failed; the next one runs");
         }
-        manager.retry_failed().await;
     }
 }

@@ -401,7 +401,9 @@ pub async fn sizes(server: &DbAddr) -> Result<BTreeMap<String, (i64, Option<i64>
         .map(|r| {
             let comment: Option<String> = r.get(2);
             let taken = comment.and_then(|c| c.strip_prefix(TAKEN)?.parse().ok());
-            (r.get::<_, String>(0), (r.get::<_, i64>(1), taken))
+            // NULL while the database is being made or dropped: not known yet.
+            let size: Option<i64> = r.get(1);
+            (r.get::<_, String>(0), (size.unwrap_or(-1), taken))
         })
         .collect())
 }
