@@ -430,7 +430,8 @@ fn command(name: &str, a: &DbAddr, options: &str) -> Command {
 }
 
 /// Copies what `copy` and `tables` ask from `src` into `dst` (an empty
-/// database), as role `owner` (what it makes is the role's), with mirrord's meaning: `empty` copies nothing but the listed
+/// database, once `ready`), as role `owner` (what it makes is the role's),
+/// with mirrord's meaning: `empty` copies nothing but the listed
 /// tables (schema, and the rows their filter matches); `schema` every
 /// table's schema, and the listed tables' matching rows; `all` everything,
 /// but only the matching rows of a listed table. A table without a filter
