@@ -10,6 +10,7 @@ use crate::model::db::{CopyMode, DbType};
 
 pub mod my;
 pub mod pg;
+mod pgcopy;
 mod tools;
 
 /// What went wrong with a source database or a branch server.
