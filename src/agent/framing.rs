@@ -13,7 +13,7 @@ use crate::model::Mode;
 /// Longer heads go to hyper, which answers 431 (its limit in `proxy.rs`).
 pub const MAX_HEAD: usize = 64 * 1024;
 /// More headers than this go to hyper, which allows 100.
-const MAX_HEADERS: usize = 64;
+pub(super) const MAX_HEADERS: usize = 64;
 /// A chunk-size or trailer line longer than this is not HTTP.
 const MAX_LINE: usize = 4096;
 

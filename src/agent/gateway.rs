@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use http::header::{CONTENT_TYPE, HOST, LOCATION, SET_COOKIE};
+use http::header::{CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -23,8 +23,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::cli::GatewayArgs;
 use super::error::AgentError;
+use super::framing::{Decision, MAX_HEADERS, decide};
+use super::h1::{self, Forward, Front};
 use super::metrics::Metrics;
 use super::proxy::{AppConn, Proxy};
+use super::routes::RouteTable;
+use super::share_heads::{self, forward_headers, rewrite_response};
 use super::state::{ProxyBody, full};
 use crate::model::now_ms;
 use crate::{proto, wire};
@@ -83,6 +87,9 @@ type Upstream = Arc<std::sync::Mutex<Option<(SocketAddr, Arc<AppConn>)>>>;
 pub struct Gateway {
     links: RwLock<Arc<LinkTable>>,
     proxy: Arc<Proxy>,
+    /// The fast path frames requests with the agent's `decide`, which routes
+    /// nothing here.
+    no_routes: RouteTable,
 }
 
 impl Gateway {
@@ -91,6 +98,7 @@ impl Gateway {
         Arc::new(Gateway {
             links: RwLock::new(Arc::new(links)),
             proxy: Proxy::new(Arc::default(), Arc::new(Metrics::default())),
+            no_routes: RouteTable::default(),
         })
     }
 
@@ -112,6 +120,10 @@ impl Gateway {
 
     async fn serve_conn(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
+        // Live links take the byte-level fast path, as staging's requests do
+        // in the agent; hyper serves what it hands back (upgrades, the
+        // gateway's own pages, anything unusual) for the connection's life.
+        let Some(stream) = h1::serve_front(stream, |buf| self.plan(buf, peer)).await else { return };
         // As on the agent's hot path: a browser's connection keeps one
         // upstream connection, with no pool in between.
         let up = Arc::new(std::sync::Mutex::new(None));
@@ -122,6 +134,31 @@ impl Gateway {
             .serve_connection(TokioIo::new(stream), svc)
             .with_upgrades()
             .await;
+    }
+
+    /// The fast path's plan for the request at the start of `buf`: a live
+    /// link's request, its head rewritten; anything else goes to hyper.
+    fn plan(&self, buf: &[u8], peer: SocketAddr) -> Front {
+        let head = match decide(buf, &self.no_routes, 0) {
+            Decision::Relay(h) => h,
+            Decision::Partial => return Front::Partial,
+            Decision::HandOff => return Front::HandOff,
+        };
+        let Some(host) = one_host(&buf[..head.len]) else { return Front::HandOff };
+        let slug = host.split(['.', ':']).next().unwrap_or_default();
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(Link::Live { key, upstream, authority, expires_at_ms, .. }) = links.get(slug) else {
+            return Front::HandOff;
+        };
+        if expires_at_ms.is_some_and(|t| t <= now_ms()) {
+            return Front::HandOff;
+        }
+        let Some(new_head) = share_heads::request_head(&buf[..head.len], key, authority, &host, peer) else {
+            return Front::HandOff;
+        };
+        let (upstream, authority) = (*upstream, authority.clone());
+        let rewrite = Box::new(move |h: &[u8]| share_heads::response_head(h, &host, &authority, upstream));
+        Front::Forward(Forward { head, new_head, upstream, rewrite })
     }
 
     async fn handle(
@@ -156,22 +193,7 @@ impl Gateway {
             }
             Link::Live { key, upstream, authority, .. } => (key, upstream, authority),
         };
-        let h = req.headers_mut();
-        crate::filter::set_baggage_key(h, &key);
-        if let Ok(v) = HeaderValue::from_str(&authority) {
-            h.insert(HOST, v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            h.insert("x-forwarded-host", v);
-        }
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {}", peer.ip()),
-            None => peer.ip().to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            h.insert("x-forwarded-for", v);
-        }
+        forward_headers(req.headers_mut(), &key, &authority, &host, peer);
         let mut resp = if req.headers().contains_key(http::header::UPGRADE) {
             self.proxy.forward(req, upstream, Some(&key)).await
         } else {
@@ -190,44 +212,14 @@ impl Gateway {
     }
 }
 
-/// Under the share host: an absolute `Location` that points at the entry
-/// Service (any of its names, or its address) moves to the share host, and
-/// `Set-Cookie` loses `Domain` (the browser then keeps it for the share host).
-pub fn rewrite_response(h: &mut http::HeaderMap, share_host: &str, authority: &str, upstream: SocketAddr) {
-    if let Some(loc) = h.get(LOCATION).and_then(|v| v.to_str().ok())
-        && let Some(rest) = loc.strip_prefix("http://").or_else(|| loc.strip_prefix("https://"))
-    {
-        let (auth, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
-        let loc_host = auth.rsplit_once(':').map_or(auth, |(h, _)| h).to_ascii_lowercase();
-        let svc_host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-        let ours = loc_host == svc_host
-            || svc_host.starts_with(&format!("{loc_host}."))
-            || loc_host.starts_with(&format!("{svc_host}."))
-            || loc_host == upstream.ip().to_string();
-        if ours {
-            let path = if path.is_empty() { "/" } else { path };
-            if let Ok(v) = HeaderValue::from_str(&format!("http://{share_host}{path}")) {
-                h.insert(LOCATION, v);
-            }
-        }
-    }
-    let cookies: Vec<HeaderValue> = h.get_all(SET_COOKIE).iter().cloned().collect();
-    if cookies.iter().any(|c| c.to_str().is_ok_and(|c| c.to_ascii_lowercase().contains("domain="))) {
-        h.remove(SET_COOKIE);
-        for c in cookies {
-            let kept = match c.to_str() {
-                Ok(s) => s
-                    .split(';')
-                    .filter(|attr| !attr.trim_start().to_ascii_lowercase().starts_with("domain="))
-                    .collect::<Vec<_>>()
-                    .join(";"),
-                Err(_) => continue,
-            };
-            if let Ok(v) = HeaderValue::from_str(&kept) {
-                h.append(SET_COOKIE, v);
-            }
-        }
-    }
+/// The lowercased Host of a whole request head with exactly one.
+fn one_host(head: &[u8]) -> Option<String> {
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut hs);
+    req.parse(head).ok()?;
+    let mut hosts = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host"));
+    let (Some(h), None) = (hosts.next(), hosts.next()) else { return None };
+    Some(std::str::from_utf8(h.value).ok()?.trim().to_ascii_lowercase())
 }
 
 /// A small HTML page for the gateway's own answers.
@@ -332,41 +324,6 @@ async fn follow(server: Server, mut stream: tonic::Streaming<proto::LinkSet>, gw
 mod tests {
     use super::*;
 
-    fn rewritten(loc: &str, cookies: &[&str]) -> (String, Vec<String>) {
-        let mut h = http::HeaderMap::new();
-        h.insert(LOCATION, HeaderValue::from_str(loc).unwrap());
-        for c in cookies {
-            h.append(SET_COOKIE, HeaderValue::from_str(c).unwrap());
-        }
-        let up: SocketAddr = "198.19.0.7:8080".parse().unwrap();
-        rewrite_response(&mut h, "abc.preview.test:30080", "frontend.demo.svc:8080", up);
-        let loc = h.get(LOCATION).unwrap().to_str().unwrap().to_string();
-        (loc, h.get_all(SET_COOKIE).iter().map(|v| v.to_str().unwrap().to_string()).collect())
-    }
-
-    #[test]
-    fn redirects_to_the_service_move_to_the_share_host() {
-        for to in [
-            "http://frontend.demo.svc:8080/next?a=1",
-            "http://frontend/next?a=1",
-            "http://frontend.demo/next?a=1",
-            "http://frontend.demo.svc.cluster.local:8080/next?a=1",
-            "http://198.19.0.7:8080/next?a=1",
-        ] {
-            assert_eq!(rewritten(to, &[]).0, "http://abc.preview.test:30080/next?a=1", "{to}");
-        }
-        assert_eq!(rewritten("http://frontend.demo.svc:8080", &[]).0, "http://abc.preview.test:30080/");
-        // Elsewhere, and relative: untouched.
-        assert_eq!(rewritten("https://login.example.com/x", &[]).0, "https://login.example.com/x");
-        assert_eq!(rewritten("/next", &[]).0, "/next");
-    }
-
-    #[test]
-    fn cookies_lose_their_domain_only() {
-        let (_, c) = rewritten("/", &["a=1; Domain=frontend.demo.svc; Path=/; HttpOnly", "b=2; Path=/"]);
-        assert_eq!(c, vec!["a=1; Path=/; HttpOnly".to_string(), "b=2; Path=/".to_string()]);
-    }
-
     #[test]
     fn ended_and_bad_links_are_told_apart() {
         let set = proto::LinkSet {
@@ -390,5 +347,46 @@ mod tests {
         assert!(matches!(t.get("a"), Some(Link::Live { key, .. }) if key == "k"));
         assert!(matches!(t.get("b"), Some(Link::Ended { reason, .. }) if reason == "revoked"));
         assert!(!t.contains_key("c"));
+    }
+
+    #[tokio::test]
+    async fn live_links_take_the_fast_path_and_the_rest_go_to_hyper() {
+        let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let live = Link::Live {
+            key: "k".into(),
+            upstream: up,
+            authority: "web.shop.svc:8080".into(),
+            expires_at_ms: None,
+            staging_url: String::new(),
+        };
+        let expired = Link::Live {
+            key: "k".into(),
+            upstream: up,
+            authority: "web.shop.svc:8080".into(),
+            expires_at_ms: Some(1),
+            staging_url: String::new(),
+        };
+        let gw = Gateway::new(LinkTable::from([("a".into(), live), ("e".into(), expired)]));
+        let peer: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let plan = |req: &str| gw.plan(req.as_bytes(), peer);
+        match plan("GET /x HTTP/1.1\r\nHost: A.preview.test\r\n\r\n") {
+            Front::Forward(f) => {
+                assert_eq!(f.upstream, up);
+                let head = String::from_utf8(f.new_head).unwrap();
+                assert!(head.contains("host: web.shop.svc:8080\r\n"), "{head}");
+            }
+            _ => panic!("a live link's GET takes the fast path"),
+        }
+        assert!(matches!(plan("GET /x HTTP/1.1\r\nHost: a.preview.test\r\n"), Front::Partial));
+        for handed in [
+            "GET /x HTTP/1.1\r\nHost: e.preview.test\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: nope.preview.test\r\n\r\n",
+            "GET /x HTTP/1.1\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: a.preview.test\r\nHost: a.preview.test\r\n\r\n",
+            "GET /x HTTP/1.0\r\nHost: a.preview.test\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: a.preview.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        ] {
+            assert!(matches!(plan(handed), Front::HandOff), "{handed}");
+        }
     }
 }

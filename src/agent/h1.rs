@@ -8,6 +8,9 @@
 //! a framing we do not relay byte for byte) hands the connection, with the
 //! bytes read so far, to hyper for the rest of its life (see `proxy.rs`).
 //! The parsing is in `framing.rs`; this file moves the bytes.
+//!
+//! `serve_front` is the same path for a front that rewrites each request
+//! head and may rewrite response heads (the share gateway).
 
 use std::io;
 use std::net::SocketAddr;
@@ -71,6 +74,10 @@ where
     }
 }
 
+/// A final response head's replacement, or `None` to relay it as it came
+/// (the share gateway's `Location` and `Set-Cookie` rewrite).
+pub type HeadRewrite = dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync;
+
 /// Reads the response to one request from `app` and writes it to `client`,
 /// interim (1xx) responses included. `started` turns true once anything was
 /// written. Returns whether the connection closes after it.
@@ -80,6 +87,7 @@ async fn response<R, W>(
     client: &mut W,
     head_request: bool,
     started: &mut bool,
+    rewrite: Option<&HeadRewrite>,
 ) -> Result<bool, Fail>
 where
     R: AsyncRead + Unpin,
@@ -98,7 +106,13 @@ where
             }
         };
         *started = true;
-        relay(app, buf, head.len, head.body, client).await.map_err(|(read, e)| match read {
+        let mut head_len = head.len;
+        if let Some(new) = rewrite.filter(|_| !head.interim).and_then(|f| f(&buf[..head.len])) {
+            client.write_all(&new).await.map_err(|_| Fail::Client)?;
+            buf.advance(head.len);
+            head_len = 0;
+        }
+        relay(app, buf, head_len, head.body, client).await.map_err(|(read, e)| match read {
             true => Fail::App(e),
             false => Fail::Client,
         })?;
@@ -176,6 +190,12 @@ impl AsyncWrite for Prefixed {
     }
 }
 
+/// Reads more of a client's request; false once the client is gone.
+async fn read_more(client: &mut TcpStream, cbuf: &mut BytesMut) -> bool {
+    cbuf.reserve(READ_CHUNK);
+    matches!(client.read_buf(cbuf).await, Ok(n) if n > 0)
+}
+
 fn bad_gateway(app: SocketAddr, why: &str) -> Vec<u8> {
     let body = format!("upstream {app} is unreachable: {why}\n");
     format!(
@@ -198,10 +218,8 @@ pub async fn serve(proxy: &Proxy, mut client: TcpStream, app: SocketAddr) -> Opt
                 Decision::Partial if cbuf.len() < MAX_HEAD => {}
                 Decision::Partial | Decision::HandOff => return Some(Prefixed { pre: cbuf.freeze(), io: client }),
             }
-            cbuf.reserve(READ_CHUNK);
-            match client.read_buf(&mut cbuf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
+            if !read_more(&mut client, &mut cbuf).await {
+                return None;
             }
         };
         let _busy = proxy.inflight.enter();
@@ -248,24 +266,22 @@ pub async fn serve(proxy: &Proxy, mut client: TcpStream, app: SocketAddr) -> Opt
         }
         .filter(|total| cbuf.len() >= *total);
         let result = if let Some(total) = whole {
-            // The whole request is in hand: one write, then the answer. The
-            // bytes stay in `cbuf` until it is answered, for one replay.
-            let mut r = exchange_whole(&mut conn, &cbuf[..total], &mut client, head.head, &mut started).await;
-            if matches!(r, Err(Fail::App(_))) && reused && head.replayable && !started {
-                // A kept-alive connection may have been closed or reset
-                // under us; like Envoy, replay a safe request once.
-                r = match Upstream::connect(app).await {
-                    Ok(fresh) => {
-                        conn = fresh;
-                        exchange_whole(&mut conn, &cbuf[..total], &mut client, head.head, &mut started).await
-                    }
-                    Err(e) => Err(Fail::App(e.to_string())),
-                };
-            }
+            let r = exchange_whole(
+                &mut conn,
+                app,
+                reused && head.replayable,
+                &cbuf[..total],
+                &mut client,
+                head.head,
+                &mut started,
+                None,
+            )
+            .await;
             cbuf.advance(total);
             r
         } else {
-            exchange_streamed(&mut conn, &mut cbuf, &head, &mut client, &mut started).await
+            exchange_streamed(&mut conn, &mut cbuf, head.len, head.body, head.head, &mut client, &mut started, None)
+                .await
         };
         match result {
             Ok(close) => {
@@ -288,38 +304,141 @@ pub async fn serve(proxy: &Proxy, mut client: TcpStream, app: SocketAddr) -> Opt
     }
 }
 
+/// The whole request in one write, then its answer. The bytes stay with the
+/// caller until it is answered: a safe request on a kept-alive connection
+/// that was closed or reset under us is replayed once on a fresh one, like
+/// Envoy does.
+#[allow(clippy::too_many_arguments)]
 async fn exchange_whole(
     conn: &mut Upstream,
+    app: SocketAddr,
+    replayable: bool,
     request: &[u8],
     client: &mut TcpStream,
     head: bool,
     started: &mut bool,
+    rewrite: Option<&HeadRewrite>,
 ) -> Result<bool, Fail> {
-    conn.io.write_all(request).await.map_err(|e| Fail::App(e.to_string()))?;
-    response(&mut conn.io, &mut conn.buf, client, head, started).await
+    let once = async |conn: &mut Upstream, client: &mut TcpStream, started: &mut bool| {
+        conn.io.write_all(request).await.map_err(|e| Fail::App(e.to_string()))?;
+        response(&mut conn.io, &mut conn.buf, client, head, started, rewrite).await
+    };
+    let r = once(conn, client, started).await;
+    if !(matches!(r, Err(Fail::App(_))) && replayable && !*started) {
+        return r;
+    }
+    *conn = Upstream::connect(app).await.map_err(|e| Fail::App(e.to_string()))?;
+    once(conn, client, started).await
 }
 
 /// Body and answer at once: the app may answer early, and with
-/// `Expect: 100-continue` the body comes only after its 100.
+/// `Expect: 100-continue` the body comes only after its 100. The first
+/// `head_len` bytes of `cbuf` are the head.
+#[allow(clippy::too_many_arguments)]
 async fn exchange_streamed(
     conn: &mut Upstream,
     cbuf: &mut BytesMut,
-    head: &RequestHead,
+    head_len: usize,
+    body: Body,
+    head_request: bool,
     client: &mut TcpStream,
     started: &mut bool,
+    rewrite: Option<&HeadRewrite>,
 ) -> Result<bool, Fail> {
     let (mut cr, mut cw) = client.split();
     let (mut ar, mut aw) = conn.io.split();
     let request = async {
-        relay(&mut cr, cbuf, head.len, head.body, &mut aw).await.map_err(|(read, e)| match read {
+        relay(&mut cr, cbuf, head_len, body, &mut aw).await.map_err(|(read, e)| match read {
             true => Fail::Client,
             false => Fail::App(e),
         })
     };
-    let answer = response(&mut ar, &mut conn.buf, &mut cw, head.head, started);
+    let answer = response(&mut ar, &mut conn.buf, &mut cw, head_request, started, rewrite);
     // Either side failing ends both: nothing waits on a half that is gone.
     let ((), close) = tokio::try_join!(request, answer)?;
     Ok(close)
+}
+
+/// One request as a rewriting front (the share gateway) forwards it.
+pub struct Forward {
+    /// The head as read: its `len` bytes are replaced by `new_head`.
+    pub head: RequestHead,
+    pub new_head: Vec<u8>,
+    pub upstream: SocketAddr,
+    pub rewrite: Box<HeadRewrite>,
+}
+
+/// What a front does with the bytes read so far.
+pub enum Front {
+    Forward(Forward),
+    /// Not a whole head yet.
+    Partial,
+    /// Hyper serves the connection from this request on.
+    HandOff,
+}
+
+/// Serves one HTTP/1 client connection for a front that rewrites each
+/// request head (`plan`) and may rewrite response heads; bodies are relayed
+/// as bytes. Returns the connection when a request needs hyper.
+pub async fn serve_front(mut client: TcpStream, plan: impl Fn(&[u8]) -> Front) -> Option<Prefixed> {
+    let mut cbuf = BytesMut::new();
+    let mut up: Option<(SocketAddr, Upstream)> = None;
+    loop {
+        let Forward { head, mut new_head, upstream, rewrite } = loop {
+            match plan(&cbuf) {
+                Front::Forward(f) => break f,
+                Front::Partial if cbuf.len() < MAX_HEAD => {}
+                Front::Partial | Front::HandOff => return Some(Prefixed { pre: cbuf.freeze(), io: client }),
+            }
+            if !read_more(&mut client, &mut cbuf).await {
+                return None;
+            }
+        };
+        // Another link on the same connection gets its own upstream.
+        let kept = up.take().filter(|(to, u)| *to == upstream && u.usable());
+        let reused = kept.is_some();
+        let mut conn = match kept {
+            Some((_, u)) => u,
+            // Hyper answers the 502 when the upstream is down.
+            None => match Upstream::connect(upstream).await {
+                Ok(u) => u,
+                Err(_) => return Some(Prefixed { pre: cbuf.freeze(), io: client }),
+            },
+        };
+        let mut started = false;
+        let whole = match head.body {
+            Body::Length(n) => Some(head.len.saturating_add(usize::try_from(n).unwrap_or(usize::MAX))),
+            _ => None,
+        }
+        .filter(|total| cbuf.len() >= *total);
+        let rewrite = Some(&*rewrite);
+        let result = if let Some(total) = whole {
+            new_head.extend_from_slice(&cbuf[head.len..total]);
+            cbuf.advance(total);
+            let replayable = reused && head.replayable;
+            exchange_whole(&mut conn, upstream, replayable, &new_head, &mut client, head.head, &mut started, rewrite)
+                .await
+        } else {
+            match conn.io.write_all(&new_head).await {
+                Ok(()) => {
+                    cbuf.advance(head.len);
+                    let (body, h) = (head.body, head.head);
+                    exchange_streamed(&mut conn, &mut cbuf, 0, body, h, &mut client, &mut started, rewrite).await
+                }
+                Err(e) => Err(Fail::App(e.to_string())),
+            }
+        };
+        match result {
+            Ok(close) if close || head.close => return None,
+            Ok(_) => up = Some((upstream, conn)),
+            Err(Fail::App(why)) if !started => {
+                tracing::debug!(%upstream, %why, "upstream failed before answering");
+                let _ = client.write_all(&bad_gateway(upstream, &why)).await;
+                return None;
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 /// Idle raw connections to preview pods for mirror copies.
@@ -345,7 +464,7 @@ impl CopyPool {
         };
         conn.io.write_all(bytes).await.map_err(|e| e.to_string())?;
         let mut started = false;
-        let close = response(&mut conn.io, &mut conn.buf, &mut tokio::io::sink(), head, &mut started)
+        let close = response(&mut conn.io, &mut conn.buf, &mut tokio::io::sink(), head, &mut started, None)
             .await
             .map_err(|e| format!("{e:?}"))?;
         if !close {

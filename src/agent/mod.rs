@@ -3,7 +3,8 @@
 //! request: to a preview pod (steal), to the app plus a copy (mirror), or to
 //! the app unchanged.
 //!
-//! `gateway` is the share gateway, the same proxy in front of share links.
+//! `gateway` is the share gateway, the same proxy in front of share links
+//! (`share_heads`: what a link changes in the heads it forwards).
 //!
 //! Process code (`cli`, `guard`, `worker`, `outbound`, `source`) is kept
 //! apart from the proxy (`proxy`, `h1`, `framing`, `mirror`, `state`,
@@ -26,6 +27,7 @@ mod mirror;
 mod outbound;
 pub mod proxy;
 pub mod routes;
+mod share_heads;
 mod sockdiag;
 mod source;
 mod state;
