@@ -68,6 +68,11 @@ impl DbAddr {
         format!("{}:{}", self.host, self.port)
     }
 
+    /// This server's error, for a reason of our own.
+    fn failed(&self, reason: String) -> DbError {
+        DbError::Server { server: self.addr(), reason }
+    }
+
     /// `host:port/database`: what Status may show of a source.
     pub fn source(&self) -> String {
         format!("{}:{}/{}", self.host, self.port, self.dbname)

@@ -217,7 +217,7 @@ pub async fn make_branch(server: &DbAddr, snap: &str, db: &str, password: &str) 
         for t in &tables {
             let create: Option<(String, String)> =
                 c.query_first(format!("SHOW CREATE TABLE {s}.{}", ident(t))).await.map_err(e)?;
-            let (_, create) = create.ok_or_else(|| server_err_msg(server, format!("table {t} of {snap} vanished")))?;
+            let (_, create) = create.ok_or_else(|| server.failed(format!("table {t} of {snap} vanished")))?;
             c.query_drop(create).await.map_err(e)?;
         }
         for t in &tables {
@@ -238,10 +238,6 @@ pub async fn make_branch(server: &DbAddr, snap: &str, db: &str, password: &str) 
     run(&mut c, server, &[format!("GRANT ALL PRIVILEGES ON {}.* TO {d}@'%'", grant_db(db))]).await?;
     let _ = c.disconnect().await;
     Ok(())
-}
-
-fn server_err_msg(server: &DbAddr, reason: String) -> DbError {
-    DbError::Server { server: server.addr(), reason }
 }
 
 /// Drops an environment's database, user and mark. Idempotent.

@@ -283,7 +283,7 @@ pub async fn first_branch(
         let made = async {
             clone
                 .await
-                .map_err(|j| server_err_msg(&server, format!("the snapshot's copy: {j}")))?
+                .map_err(|j| server.failed(format!("the snapshot's copy: {j}")))?
                 .map_err(|e| server_err(&server, e))?;
             // Its objects go to the snapshot owner, so that role `db` can be
             // dropped with its branch; REASSIGN takes database `db` too, given back at once.
@@ -302,10 +302,6 @@ pub async fn first_branch(
         r
     };
     Ok((taken, Some(Box::pin(rest))))
-}
-
-fn server_err_msg(server: &DbAddr, reason: String) -> DbError {
-    DbError::Server { server: server.addr(), reason }
 }
 
 /// Puts whole snapshot `tmp` in the place of `snap`, with when it was taken.

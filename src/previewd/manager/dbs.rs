@@ -218,9 +218,10 @@ impl Manager {
         // A server that runs needs nothing made: its password is in its Secret.
         let mut st = self.cluster.db_server(ns, server).await?;
         let running = st.as_ref().is_some_and(|s| s.ended.is_none() && s.pod_ip.is_some());
-        let known = match running {
-            true => self.cluster.secret_data(ns, server).await?.and_then(|d| d.get("password").cloned()),
-            false => None,
+        let known = if running {
+            self.cluster.secret_data(ns, server).await?.and_then(|d| d.get("password").cloned())
+        } else {
+            None
         };
         let password = match known {
             Some(p) => p,
