@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::cli::GatewayArgs;
 use super::error::AgentError;
-use super::framing::{Decision, MAX_HEADERS, decide};
+use super::framing::{Decision, decide};
 use super::h1::{self, Forward, Front};
 use super::metrics::Metrics;
 use super::proxy::{AppConn, Proxy};
@@ -144,19 +144,21 @@ impl Gateway {
             Decision::Partial => return Front::Partial,
             Decision::HandOff => return Front::HandOff,
         };
-        let Some(host) = one_host(&buf[..head.len]) else { return Front::HandOff };
-        let slug = host.split(['.', ':']).next().unwrap_or_default();
         let links = self.links.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(Link::Live { key, upstream, authority, expires_at_ms, .. }) = links.get(slug) else {
-            return Front::HandOff;
-        };
-        if expires_at_ms.is_some_and(|t| t <= now_ms()) {
-            return Front::HandOff;
-        }
-        let Some(new_head) = share_heads::request_head(&buf[..head.len], key, authority, &host, peer) else {
-            return Front::HandOff;
-        };
-        let (upstream, authority) = (*upstream, authority.clone());
+        let mut to = None;
+        let found = share_heads::request_head(&buf[..head.len], peer, |host| {
+            let slug = host.split(['.', ':']).next().unwrap_or_default();
+            match links.get(slug)? {
+                Link::Live { key, upstream, authority, expires_at_ms, .. }
+                    if expires_at_ms.is_none_or(|t| t > now_ms()) =>
+                {
+                    to = Some((*upstream, authority.clone()));
+                    Some((key.as_str(), authority.as_str()))
+                }
+                _ => None,
+            }
+        });
+        let (Some((host, new_head)), Some((upstream, authority))) = (found, to) else { return Front::HandOff };
         let rewrite = Box::new(move |h: &[u8]| share_heads::response_head(h, &host, &authority, upstream));
         Front::Forward(Forward { head, new_head, upstream, rewrite })
     }
@@ -210,16 +212,6 @@ impl Gateway {
         rewrite_response(resp.headers_mut(), &host, &authority, upstream);
         Ok(resp)
     }
-}
-
-/// The lowercased Host of a whole request head with exactly one.
-fn one_host(head: &[u8]) -> Option<String> {
-    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut hs);
-    req.parse(head).ok()?;
-    let mut hosts = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host"));
-    let (Some(h), None) = (hosts.next(), hosts.next()) else { return None };
-    Some(std::str::from_utf8(h.value).ok()?.trim().to_ascii_lowercase())
 }
 
 /// A small HTML page for the gateway's own answers.

@@ -41,13 +41,22 @@ fn rewritten(name: &str) -> bool {
         .any(|n| name.eq_ignore_ascii_case(n))
 }
 
-/// A whole request head (HTTP/1.1, one Host) as the link forwards it; the
-/// headers it does not touch keep their bytes and their order. `None` for a
-/// head the fast path leaves to hyper.
-pub fn request_head(head: &[u8], key: &str, authority: &str, share_host: &str, peer: SocketAddr) -> Option<Vec<u8>> {
+/// A whole request head (HTTP/1.1, exactly one Host) as a link forwards it,
+/// with its lowercased Host: `link` names the link's key and authority for
+/// that Host. The headers a link does not touch keep their bytes and their
+/// order. `None` for a head the fast path leaves to hyper.
+pub fn request_head<'l>(
+    head: &[u8],
+    peer: SocketAddr,
+    link: impl FnOnce(&str) -> Option<(&'l str, &'l str)>,
+) -> Option<(String, Vec<u8>)> {
     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut hs);
     req.parse(head).ok()?.is_complete().then_some(())?;
+    let mut hosts = req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("host"));
+    let (Some(h), None) = (hosts.next(), hosts.next()) else { return None };
+    let share_host = std::str::from_utf8(h.value).ok()?.trim().to_ascii_lowercase();
+    let (key, authority) = link(&share_host)?;
     let (method, path) = (req.method?, req.path?);
     let mut out = Vec::with_capacity(head.len() + 160);
     out.extend_from_slice(method.as_bytes());
@@ -62,12 +71,12 @@ pub fn request_head(head: &[u8], key: &str, authority: &str, share_host: &str, p
             put(&mut out, h.name.as_bytes(), h.value);
         }
     }
-    forward_headers(&mut changed, key, authority, share_host, peer);
+    forward_headers(&mut changed, key, authority, &share_host, peer);
     for (n, v) in &changed {
         put(&mut out, n.as_str().as_bytes(), v.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    Some(out)
+    Some((share_host, out))
 }
 
 fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -193,8 +202,13 @@ mod tests {
         let peer: SocketAddr = "10.0.0.9:5555".parse().unwrap();
         let head = b"GET /a?b=1 HTTP/1.1\r\nHost: abc.preview.test:30080\r\nAccept: */*\r\n\
             baggage: preview-key=theirs, user=7\r\nx-preview-key: theirs\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n";
-        let out = request_head(head, "k1", "frontend.demo.svc:8080", "abc.preview.test:30080", peer).unwrap();
+        let (host, out) = request_head(head, peer, |host| {
+            assert_eq!(host, "abc.preview.test:30080");
+            Some(("k1", "frontend.demo.svc:8080"))
+        })
+        .unwrap();
         let out = String::from_utf8(out).unwrap();
+        assert_eq!(host, "abc.preview.test:30080");
         assert!(out.starts_with("GET /a?b=1 HTTP/1.1\r\nAccept: */*\r\n"), "{out}");
         assert!(out.ends_with("\r\n\r\n"));
         let lines: Vec<&str> = out.lines().collect();
