@@ -40,12 +40,17 @@ pub(super) fn transactional(brokers: &str, id: &str) -> ClientConfig {
     let mut c = base_config(brokers);
     c.set("transactional.id", id)
         .set("enable.idempotence", "true")
-        // Batches fill while a batch is produced; `commit` sends what
-        // lingers at once.
-        .set("linger.ms", "5")
+        // A transaction's records go out while its offsets are sent, not
+        // after; a batch of thousands still fills whole requests.
+        .set("linger.ms", "1")
+        // `commit` waits for the producer to hold no record; a success's
+        // report would hold its record until it is served.
+        .set("delivery.report.only.error", "true")
         // The next transaction's first requests meet CONCURRENT_TRANSACTIONS
         // while the broker still writes the last one's markers (a few ms);
-        // librdkafka retries them after retry.backoff.ms, 100 ms by default.
+        // librdkafka retries AddOffsetsToTxn after retry.backoff.ms, 100 ms
+        // by default (AddPartitionsToTxn after a fixed 20 ms: the splitter
+        // takes turns between two producers to meet neither).
         .set("retry.backoff.ms", "5")
         .set("retry.backoff.max.ms", "20");
     c
@@ -296,7 +301,7 @@ pub fn drain(brokers: &str, src: &str, dst: &str, dst_partitions: i32, group: &s
             .send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT)
             .and_then(|_| commit(&producer, TXN_TIMEOUT));
         if let Err(e) = done {
-            let _ = producer.abort_transaction(TXN_TIMEOUT);
+            let _ = abort(&producer, TXN_TIMEOUT);
             return Err(QueueError::Kafka { action: format!("moving {src} into {dst}"), source: e });
         }
         moved += batch.len() as u64;
@@ -308,25 +313,51 @@ pub fn drain(brokers: &str, src: &str, dst: &str, dst_partitions: i32, group: &s
 }
 
 /// Commits the open transaction once every record in it is acknowledged.
-/// rdkafka's `commit_transaction` first flushes with `BaseProducer::flush`,
-/// which serves delivery reports by `poll(100 ms)`, and that poll never
-/// returns early: each transaction would cost at least 100 ms. Serving them
-/// here in 1 ms steps leaves nothing for that flush to wait on.
+///
+/// rdkafka's `commit_transaction` flushes first with `BaseProducer::flush`,
+/// whose `poll(100 ms)` never returns early, so each transaction would cost
+/// 100 ms; and any rdkafka poll rounds its wait down to whole milliseconds,
+/// so waiting in short polls spins a core. This waits in librdkafka's own
+/// flush instead, which sleeps until the producer holds no record: the
+/// transactional config asks for reports of failed records only, so an
+/// acknowledged record is released at once. A failure's report is served
+/// between steps, so it cannot hold the wait up.
 pub fn commit(producer: &BaseProducer, timeout: Duration) -> Result<(), KafkaError> {
+    use rdkafka::types::RDKafkaRespErr;
     let until = Instant::now() + timeout;
     loop {
-        // flush(0) also sends what lingers at once; it times out while
-        // records are unacknowledged.
-        match producer.flush(Duration::ZERO) {
-            Ok(()) => break,
-            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) if Instant::now() < until => {
-                producer.poll(Duration::from_millis(1));
-            }
-            Err(e) => return Err(e),
+        // SAFETY: the handle is live while `producer` is borrowed, and
+        // rd_kafka_flush may be called from any thread.
+        let err = unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), FLUSH_STEP_MS) };
+        producer.poll(Duration::ZERO);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR => break,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__TIMED_OUT if Instant::now() < until => {}
+            e => return Err(KafkaError::Flush(e.into())),
         }
     }
     producer.commit_transaction(until.saturating_duration_since(Instant::now()))
 }
+
+/// Aborts the open transaction. librdkafka's abort purges what is unsent
+/// and then waits, as `commit` does, until the producer holds no record;
+/// a purged record's report holds it until served. So this asks in steps
+/// (a timed-out abort resumes when called again), serving reports between.
+pub fn abort(producer: &BaseProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let until = Instant::now() + timeout;
+    loop {
+        match producer.abort_transaction(Duration::from_millis(FLUSH_STEP_MS as u64)) {
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && Instant::now() < until => {
+                producer.poll(Duration::ZERO);
+            }
+            done => return done,
+        }
+    }
+}
+
+/// How long one step of `commit`'s or `abort`'s wait lasts at most, in
+/// milliseconds.
+const FLUSH_STEP_MS: i32 = 10;
 
 /// Produces a copy of `m` (key, payload, timestamp, headers) to `topic`'s
 /// `partition`.

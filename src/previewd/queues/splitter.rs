@@ -214,10 +214,23 @@ fn session(
         .create_with_context(Ctx { rebalanced: AtomicBool::new(false), joined: AtomicBool::new(false) })
         .map_err(kafka("making the splitter's consumer"))?;
     consumer.subscribe(&[&spec.source]).map_err(kafka("subscribing"))?;
-    let producer: BaseProducer = kafka::transactional(&spec.brokers, &spec.transactional_id)
-        .create()
-        .map_err(kafka("making the splitter's producer"))?;
-    producer.init_transactions(TXN_TIMEOUT).map_err(kafka("starting transactions"))?;
+    // Two producers, in turn. After a commit the broker still writes the
+    // transaction's markers, and until they are written the same
+    // transactional id's next transaction is refused (librdkafka then waits
+    // a fixed 20 ms). The other producer's last markers were written a
+    // transaction ago. Transactions stay one at a time, so records keep
+    // their order, and the group keeps the offsets committed last (the
+    // coordinator keeps the later commit record, whatever order the two
+    // ids' markers land in). The first id is the split's own, so an upgrade
+    // fences the single producer of before.
+    let producer = |id: &str| -> Result<BaseProducer, QueueError> {
+        let p: BaseProducer =
+            kafka::transactional(&spec.brokers, id).create().map_err(kafka("making the splitter's producer"))?;
+        p.init_transactions(TXN_TIMEOUT).map_err(kafka("starting transactions"))?;
+        Ok(p)
+    };
+    let producers = [producer(&spec.transactional_id)?, producer(&format!("{}.b", spec.transactional_id))?];
+    let mut turn = 0;
     // Topics whose offset-0 commit is done (or not needed) in this session.
     let mut initialized: HashSet<String> = HashSet::new();
     let mut version = u64::MAX;
@@ -297,6 +310,8 @@ fn session(
             *f = (*f).min(m.offset());
         }
 
+        let producer = &producers[turn];
+        turn = 1 - turn;
         producer.begin_transaction().map_err(kafka("beginning a transaction"))?;
         let result = (|| {
             let mut next: HashMap<i32, i64> = HashMap::new();
@@ -307,10 +322,10 @@ fn session(
                     .map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
                     .unwrap_or_default();
                 let (first, also_staging) = route_for(&routes, &spec.staging, &names);
-                kafka::forward(&producer, m, first, m.partition())?;
+                kafka::forward(producer, m, first, m.partition())?;
                 *counts.entry(first).or_default() += 1;
                 if also_staging {
-                    kafka::forward(&producer, m, &spec.staging, m.partition())?;
+                    kafka::forward(producer, m, &spec.staging, m.partition())?;
                     *counts.entry(spec.staging.as_str()).or_default() += 1;
                 }
                 next.insert(m.partition(), m.offset() + 1);
@@ -332,7 +347,7 @@ fn session(
                     .send_offsets_to_transaction(&offsets, &meta, TXN_TIMEOUT)
                     .map_err(kafka("committing offsets"))?;
             }
-            kafka::commit(&producer, TXN_TIMEOUT).map_err(kafka("committing a transaction"))?;
+            kafka::commit(producer, TXN_TIMEOUT).map_err(kafka("committing a transaction"))?;
             Ok::<_, QueueError>(counts)
         })();
         match result {
@@ -352,8 +367,8 @@ fn session(
                 // session; anything else starts a new one.
                 let abortable = matches!(&e, QueueError::Kafka { source: KafkaError::Transaction(r), .. } if r.txn_requires_abort())
                     || matches!(&e, QueueError::Kafka { source: KafkaError::MessageProduction(_), .. });
-                if !abortable || producer.abort_transaction(TXN_TIMEOUT).is_err() {
-                    let _ = producer.abort_transaction(TXN_TIMEOUT);
+                if !abortable || kafka::abort(producer, TXN_TIMEOUT).is_err() {
+                    let _ = kafka::abort(producer, TXN_TIMEOUT);
                     return Err(e);
                 }
                 for (p, o) in &firsts {
