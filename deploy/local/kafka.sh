@@ -97,6 +97,12 @@ Configuration:
 EOF
 }
 
+# The broker's JVM options are those of Kafka's own kafka-server-start.sh
+# (its heap, and kafka-run-class.sh's G1 settings): without the 20 ms pause
+# goal, G1 aims at 200 ms, and each young collection stalls every client.
+SERVER_JVM="-Xms1g -Xmx1g -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
+-XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15"
+
 java_run() { # java_run MAIN ARGS...
   local main=$1; shift
   java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
@@ -114,7 +120,7 @@ up() {
       -c "$STATE/server.properties" >"$STATE/format.log" 2>&1 || { cat "$STATE/format.log" >&2; die "format failed"; }
   fi
   # setsid: the broker outlives the shell that started it (make, CI).
-  setsid bash -c "exec java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
+  setsid bash -c "exec java $SERVER_JVM -Djava.awt.headless=true \
     -Dlog4j2.configurationFile='$STATE/log4j2.yaml' -cp '$HOME_DIR/libs/*' kafka.Kafka '$STATE/server.properties'" \
     >"$STATE/stdout.log" 2>&1 </dev/null &
   echo $! >"$PIDF"
