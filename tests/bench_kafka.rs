@@ -9,12 +9,12 @@
 //!   rounds' splitter rate over floor rate. The splitter's clock starts
 //!   once it has joined the target's group (see `split_run`); the floor
 //!   assigns its partitions and joins nothing.
-//! - Latency: 10 s at 1k records/s, after a 2 s lead-in at the same rate
-//!   that is not counted and that both readers have had, each stamped with
-//!   its send time. The
-//!   baseline consumer reads the original topic; the other reads what the
-//!   splitter forwarded (read_committed: a record counts once its
-//!   transaction commits). p99 added is the difference of the two p99s.
+//! - Latency: 10 s at 1k records/s, each stamped with its send time, after
+//!   a 2 s lead-in at the same rate that is not counted and that both
+//!   readers have had. The baseline consumer reads the original topic; the
+//!   other reads what the splitter forwarded (read_committed: a record
+//!   counts once its transaction commits). p99 added is the difference of
+//!   the two p99s.
 //! - Memory: this process's RSS before 4 more splitters and after each has
 //!   forwarded 20 000 records of 1 KiB; the added RSS per split.
 //!
