@@ -97,9 +97,9 @@ Configuration:
 EOF
 }
 
-# The broker's JVM options are those of Kafka's own kafka-server-start.sh
-# (its heap, and kafka-run-class.sh's G1 settings): without the 20 ms pause
-# goal, G1 aims at 200 ms, and each young collection stalls every client.
+# The broker's JVM options are those of Kafka's own start scripts, as users
+# run it: kafka-server-start.sh's heap, and kafka-run-class.sh's G1 settings
+# (a 20 ms pause goal; G1's own default is 200 ms).
 SERVER_JVM="-Xms1g -Xmx1g -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
 -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15"
 
