@@ -96,7 +96,7 @@ fn copy_loop(src: &str, dst: &str, n: u64) -> Result<Duration> {
         .set("group.id", format!("bench-floor-{}", run_id()))
         .set("enable.auto.commit", "false")
         // The splitter's consumer tuning, so that only the transactions differ.
-        .set("queued.max.messages.kbytes", "4096")
+        .set("queued.max.messages.kbytes", "1024")
         .set("fetch.queue.backoff.ms", "1")
         .set("fetch.wait.max.ms", "10")
         .create()?;

@@ -59,8 +59,10 @@ pub fn route_for<'a>(routes: &'a [Route], staging: &'a str, headers: &[(&str, &[
     }
 }
 
-/// The most records in one transaction, and the longest a batch waits to fill.
-const MAX_BATCH: usize = 2000;
+/// The most records in one transaction (librdkafka holds each until it is
+/// acknowledged, so this bounds a split's memory too), and the longest a
+/// batch waits to fill.
+const MAX_BATCH: usize = 1000;
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 
 #[derive(Default)]
@@ -204,9 +206,10 @@ fn session(
         // A group that never committed on the original topic: read all of it
         // rather than skip what staging has not read.
         .set("auto.offset.reset", "earliest")
-        // At most 4 MiB fetched ahead (librdkafka's default is 64 MiB per
-        // consumer): one split costs previewd little memory.
-        .set("queued.max.messages.kbytes", "4096")
+        // At most 1 MiB fetched ahead (librdkafka's default is 64 MiB per
+        // consumer; fetch.max.bytes follows it): one split costs previewd
+        // little memory.
+        .set("queued.max.messages.kbytes", "1024")
         // Fetch again as soon as the queue drains below it (librdkafka's
         // default waits a second, which starves the loop).
         .set("fetch.queue.backoff.ms", "1")
