@@ -41,10 +41,15 @@ log() { echo "cluster: $*" >&2; }
 die() { echo "cluster: error: $*" >&2; exit 1; }
 
 pid_of() { local f="$STATE/pids/$1.pid"; [ -f "$f" ] && cat "$f" || true; }
-# Alive and not a zombie (a killed child may linger unreaped for a moment).
+# The program pid $1 runs, or nothing if it is gone or a zombie.
+program_of() { local exe; exe=$(readlink "/proc/$1/exe" 2>/dev/null) || return 0; exe=${exe% (deleted)}; echo "${exe##*/}"; }
+# Alive, not a zombie (a killed child may linger unreaped for a moment), and
+# still running NAME's program: after a reboot or a restore the pid in a
+# stale pid file may belong to another process, even another component.
 alive() {
   local p; p=$(pid_of "$1")
-  [ -n "$p" ] && kill -0 "$p" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" != Z ]
+  [ -n "$p" ] && kill -0 "$p" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" != Z ] \
+    && [ "$(program_of "$p")" = "$1" ]
 }
 
 kubectl() { "$BIN/kubectl" --kubeconfig "$KC" "$@"; }
@@ -84,9 +89,13 @@ exited() {
 
 check_ports() { # check_ports NAME: fail if one of NAME's ports is taken
   local name=$1 port line p
-  # Our own dead process may still be closing its ports: give it up to 10 s.
+  # Our own dead process (a zombie whose threads are still exiting) may still
+  # be closing its ports: give it up to 10 s. A live process of another
+  # program at that pid is not ours, and is not waited for.
   p=$(pid_of "$name")
-  if [ -n "$p" ] && ! alive "$name"; then wait_for "$name (pid $p) to finish exiting" 10 exited "$p" || true; fi
+  if [ -n "$p" ] && ! alive "$name" && [ -z "$(program_of "$p")" ]; then
+    wait_for "$name (pid $p) to finish exiting" 10 exited "$p" || true
+  fi
   for port in ${PORTS[$name]}; do
     line=$(ss -ltnpH "sport = :$port" 2>/dev/null | head -1)
     [ -z "$line" ] || die "port $port (for $name) is already in use: $line; stop that process or change the port"
@@ -391,7 +400,9 @@ node_up() {
 stop_one() {
   local name=$1 p; p=$(pid_of "$name")
   [ -n "$p" ] || return 0
-  if kill -0 "$p" 2>/dev/null; then
+  # Not a live process of another program: the pid may have been reused.
+  # (Ours, or a zombie whose threads are still exiting, is stopped.)
+  if kill -0 "$p" 2>/dev/null && { alive "$name" || [ -z "$(program_of "$p")" ]; }; then
     kill -TERM "$p" 2>/dev/null || true
     for _ in $(seq 1 40); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
     kill -KILL "$p" 2>/dev/null || true
