@@ -13,6 +13,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$HERE/pidfile.sh"
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 COREDNS_VERSION="${COREDNS_VERSION:-v1.12.4}"
 CACHE="${PREVIEW_CACHE:-/var/cache/preview-env}"
@@ -41,16 +42,8 @@ log() { echo "cluster: $*" >&2; }
 die() { echo "cluster: error: $*" >&2; exit 1; }
 
 pid_of() { local f="$STATE/pids/$1.pid"; [ -f "$f" ] && cat "$f" || true; }
-# The program pid $1 runs, or nothing if it is gone or a zombie.
-program_of() { local exe; exe=$(readlink "/proc/$1/exe" 2>/dev/null) || return 0; exe=${exe% (deleted)}; echo "${exe##*/}"; }
-# Alive, not a zombie (a killed child may linger unreaped for a moment), and
-# still running NAME's program: after a reboot or a restore the pid in a
-# stale pid file may belong to another process, even another component.
-alive() {
-  local p; p=$(pid_of "$1")
-  [ -n "$p" ] && kill -0 "$p" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" != Z ] \
-    && [ "$(program_of "$p")" = "$1" ]
-}
+# Alive, and still running NAME's program (see pidfile.sh).
+alive() { still_ours "$STATE/pids/$1.pid" "$1"; }
 
 kubectl() { "$BIN/kubectl" --kubeconfig "$KC" "$@"; }
 

@@ -11,6 +11,8 @@
 #   databases.sh reset    down, then forget the data
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$HERE/pidfile.sh"
 STATE="${PREVIEW_DB_STATE:-/var/lib/preview-db}"
 NODE_IP=198.18.255.254
 PG_PORT="${PREVIEW_PG_PORT:-5432}"
@@ -47,11 +49,14 @@ install() {
 
 answers() { (exec 3<>"/dev/tcp/$NODE_IP/$1") 2>/dev/null; }
 
-pg_alive() { [ -f "$PG_DATA/postmaster.pid" ] && kill -0 "$(head -1 "$PG_DATA/postmaster.pid")" 2>/dev/null; }
-my_alive() { [ -f "$MY_PIDF" ] && kill -0 "$(cat "$MY_PIDF")" 2>/dev/null; }
+pg_alive() { still_ours "$PG_DATA/postmaster.pid" postgres; }
+my_alive() { still_ours "$MY_PIDF" mariadbd; }
 
 pg_up() {
   if pg_alive && answers "$PG_PORT"; then log "postgres already running on $NODE_IP:$PG_PORT"; return 0; fi
+  # Postgres refuses to start while its lock file names a live process, even
+  # one that only reuses a dead postmaster's pid.
+  pg_alive || rm -f "$PG_DATA/postmaster.pid"
   mkdir -p "$STATE" && chmod 755 "$STATE"
   if [ ! -f "$PG_DATA/PG_VERSION" ]; then
     mkdir -p "$PG_DATA" && chown postgres:postgres "$PG_DATA"

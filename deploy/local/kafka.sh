@@ -9,6 +9,8 @@
 #   kafka.sh reset    down, then forget the data (a fresh log)
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$HERE/pidfile.sh"
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
 CACHE="${PREVIEW_CACHE:-/var/cache/preview-env}"
 HOME_DIR="$CACHE/kafka-$KAFKA_VERSION"
@@ -21,7 +23,7 @@ PIDF="$STATE/kafka.pid"
 log() { echo "kafka: $*" >&2; }
 die() { echo "kafka: error: $*" >&2; exit 1; }
 
-alive() { [ -f "$PIDF" ] && kill -0 "$(cat "$PIDF")" 2>/dev/null; }
+alive() { still_ours "$PIDF" java kafka.Kafka; }
 # Alive is not enough: a broker that lost the node address (cluster.sh down
 # removes it) either goes from STARTED to SHUTTING_DOWN and hangs there, or
 # its controller channel stops on a fatal error while the broker stays

@@ -11,6 +11,8 @@
 #   queues.sh reset    down, then forget the data
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$HERE/pidfile.sh"
 ELASTICMQ_VERSION="${ELASTICMQ_VERSION:-1.7.1}"
 CACHE="${PREVIEW_CACHE:-/var/cache/preview-env}"
 EMQ_HOME="$CACHE/elasticmq-$ELASTICMQ_VERSION"
@@ -30,7 +32,8 @@ ensure_node_ip() {
   ip -br addr show dev lo | grep -qw "$NODE_IP/32" || ip addr add "$NODE_IP/32" dev lo
 }
 answers() { (exec 3<>"/dev/tcp/$NODE_IP/$1") 2>/dev/null; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+emq_alive() { still_ours "$EMQ_PIDF" java org.elasticmq.server.Main; }
+rmq_alive() { still_ours "$RMQ_PIDF" beam.smp; }
 
 emq_fetch() {
   [ -f "$EMQ_HOME/.complete" ] && return 0
@@ -52,8 +55,8 @@ EOF
 }
 
 emq_up() {
-  if alive "$EMQ_PIDF" && answers "$SQS_PORT"; then log "elasticmq already running on $NODE_IP:$SQS_PORT"; return 0; fi
-  alive "$EMQ_PIDF" && emq_down
+  if emq_alive && answers "$SQS_PORT"; then log "elasticmq already running on $NODE_IP:$SQS_PORT"; return 0; fi
+  emq_alive && emq_down
   emq_fetch
   mkdir -p "$STATE"
   # strict: AWS's own limits (10 attributes, 256 KiB, batch of 10), so what
@@ -69,7 +72,7 @@ EOF
   echo $! >"$EMQ_PIDF"
   local end=$(( $(date +%s) + 60 ))
   until answers "$SQS_PORT"; do
-    alive "$EMQ_PIDF" || { tail -20 "$STATE/elasticmq.log" >&2; die "elasticmq exited"; }
+    emq_alive || { tail -20 "$STATE/elasticmq.log" >&2; die "elasticmq exited"; }
     [ "$(date +%s)" -lt "$end" ] || die "elasticmq did not listen on $NODE_IP:$SQS_PORT within 60 s"
     sleep 0.5
   done
@@ -77,7 +80,7 @@ EOF
 }
 
 emq_down() {
-  if alive "$EMQ_PIDF"; then
+  if emq_alive; then
     local p; p=$(cat "$EMQ_PIDF"); kill "$p"
     for _ in $(seq 1 40); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
     kill -0 "$p" 2>/dev/null && kill -9 "$p"
@@ -110,8 +113,10 @@ rmq_env() {
 ctl() { runuser -u rabbitmq -- env $(rmq_env) /usr/lib/rabbitmq/bin/rabbitmqctl -q "$@"; }
 
 rmq_up() {
-  if alive "$RMQ_PIDF" && answers "$RMQ_PORT"; then log "rabbitmq already running on $NODE_IP:$RMQ_PORT"; return 0; fi
-  alive "$RMQ_PIDF" && rmq_down
+  if rmq_alive && answers "$RMQ_PORT"; then log "rabbitmq already running on $NODE_IP:$RMQ_PORT"; return 0; fi
+  rmq_alive && rmq_down
+  # A stale pid file would pass for the new node's below.
+  rm -f "$RMQ_PIDF"
   rmq_install
   mkdir -p "$RMQ/log" "$RMQ/mnesia"
   cat >"$RMQ/rabbitmq.conf" <<EOF
@@ -135,7 +140,7 @@ EOF
 }
 
 rmq_down() {
-  if alive "$RMQ_PIDF"; then
+  if rmq_alive; then
     local p; p=$(cat "$RMQ_PIDF")
     ctl stop "$RMQ_PIDF" >/dev/null 2>&1 || kill "$p"
     for _ in $(seq 1 60); do kill -0 "$p" 2>/dev/null || break; sleep 0.5; done
@@ -150,8 +155,8 @@ case "${1:-}" in
   down) emq_down; rmq_down ;;
   status)
     ok=0
-    if alive "$EMQ_PIDF" && answers "$SQS_PORT"; then echo "elasticmq: running on $NODE_IP:$SQS_PORT"; else echo "elasticmq: stopped"; ok=1; fi
-    if alive "$RMQ_PIDF" && answers "$RMQ_PORT"; then echo "rabbitmq: running on $NODE_IP:$RMQ_PORT"; else echo "rabbitmq: stopped"; ok=1; fi
+    if emq_alive && answers "$SQS_PORT"; then echo "elasticmq: running on $NODE_IP:$SQS_PORT"; else echo "elasticmq: stopped"; ok=1; fi
+    if rmq_alive && answers "$RMQ_PORT"; then echo "rabbitmq: running on $NODE_IP:$RMQ_PORT"; else echo "rabbitmq: stopped"; ok=1; fi
     exit $ok ;;
   reset) emq_down; rmq_down; rm -rf "$STATE" ;;
   *) echo "usage: $0 up|down|status|reset" >&2; exit 2 ;;
