@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
 use preview::model::queue::{MessageFilter, QueueMode};
-use preview::previewd::queues::{Route, SplitSpec, Splitter, kafka};
+use preview::previewd::queues::{FETCH_AHEAD_KIB, Route, SplitSpec, Splitter, kafka};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -99,7 +99,7 @@ fn copy_loop(src: &str, dst: &str, n: u64) -> Result<Duration> {
         .set("group.id", format!("bench-floor-{}", run_id()))
         .set("enable.auto.commit", "false")
         // The splitter's consumer tuning, so that only the transactions differ.
-        .set("queued.max.messages.kbytes", "1024")
+        .set("queued.max.messages.kbytes", FETCH_AHEAD_KIB.to_string())
         .set("fetch.queue.backoff.ms", "1")
         .set("fetch.wait.max.ms", "10")
         .create()?;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 
-pub use splitter::{Route, SplitSpec, Splitter};
+pub use splitter::{FETCH_AHEAD_KIB, Route, SplitSpec, Splitter};
 use task::TaskSplitter;
 
 use crate::model::queue::{QueueBinding, QueueType};

@@ -65,6 +65,11 @@ pub fn route_for<'a>(routes: &'a [Route], staging: &'a str, headers: &[(&str, &[
 const MAX_BATCH: usize = 1000;
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 
+/// How much a split's consumer fetches ahead, in KiB (librdkafka's default
+/// is 64 MiB per consumer, and fetch.max.bytes follows it): one split costs
+/// previewd little memory. The bench's floor takes the same.
+pub const FETCH_AHEAD_KIB: u32 = 1024;
+
 #[derive(Default)]
 struct Control {
     routes: Vec<Route>,
@@ -206,10 +211,7 @@ fn session(
         // A group that never committed on the original topic: read all of it
         // rather than skip what staging has not read.
         .set("auto.offset.reset", "earliest")
-        // At most 1 MiB fetched ahead (librdkafka's default is 64 MiB per
-        // consumer; fetch.max.bytes follows it): one split costs previewd
-        // little memory.
-        .set("queued.max.messages.kbytes", "1024")
+        .set("queued.max.messages.kbytes", FETCH_AHEAD_KIB.to_string())
         // Fetch again as soon as the queue drains below it (librdkafka's
         // default waits a second, which starves the loop).
         .set("fetch.queue.backoff.ms", "1")
@@ -226,13 +228,13 @@ fn session(
     // coordinator keeps the later commit record, whatever order the two
     // ids' markers land in). The first id is the split's own, so an upgrade
     // fences the single producer of before.
-    let producer = |id: &str| -> Result<BaseProducer, QueueError> {
+    let new_producer = |id: &str| -> Result<BaseProducer, QueueError> {
         let p: BaseProducer =
             kafka::transactional(&spec.brokers, id).create().map_err(kafka("making the splitter's producer"))?;
         p.init_transactions(TXN_TIMEOUT).map_err(kafka("starting transactions"))?;
         Ok(p)
     };
-    let producers = [producer(&spec.transactional_id)?, producer(&format!("{}.b", spec.transactional_id))?];
+    let producers = [new_producer(&spec.transactional_id)?, new_producer(&format!("{}.b", spec.transactional_id))?];
     let mut turn = 0;
     // Topics whose offset-0 commit is done (or not needed) in this session.
     let mut initialized: HashSet<String> = HashSet::new();
