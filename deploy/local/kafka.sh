@@ -125,10 +125,11 @@ up() {
   setsid bash -c "exec java $SERVER_JVM -Djava.awt.headless=true \
     -Dlog4j2.configurationFile='$STATE/log4j2.yaml' -cp '$HOME_DIR/libs/*' kafka.Kafka '$STATE/server.properties'" \
     >"$STATE/stdout.log" 2>&1 </dev/null &
-  echo $! >"$PIDF"
+  local pid=$!
+  echo "$pid" >"$PIDF"
   local end=$(( $(date +%s) + 90 ))
   until answers; do
-    alive || { tail -20 "$STATE/stdout.log" "$STATE/kafka.log" >&2 || true; die "the broker exited"; }
+    started "$pid" || { tail -20 "$STATE/stdout.log" "$STATE/kafka.log" >&2 || true; die "the broker exited"; }
     [ "$(date +%s)" -lt "$end" ] || die "the broker did not listen on $NODE_IP:$PORT within 90 s"
     sleep 0.5
   done

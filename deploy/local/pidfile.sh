@@ -17,3 +17,9 @@ still_ours() {
   [[ "$p" =~ ^[0-9]+$ ]] && [ "$(program_of "$p")" = "$2" ] || return 1
   [ -z "${3:-}" ] || tr '\0' '\n' <"/proc/$p/cmdline" 2>/dev/null | grep -qxF -- "$3"
 }
+
+# started PID: a server this script has just started (its own child, so the
+# pid cannot have been reused) is still live and not a zombie. Not
+# still_ours: until its exec chain (setsid, bash -c exec) ends, the child
+# does not run its program yet.
+started() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }

@@ -69,10 +69,11 @@ rest-stats { enabled = false }
 EOF
   setsid bash -c "exec java -Xms128m -Xmx512m -Dconfig.file='$STATE/elasticmq.conf' \
     -cp '$EMQ_HOME/libs/*' org.elasticmq.server.Main" >"$STATE/elasticmq.log" 2>&1 </dev/null &
-  echo $! >"$EMQ_PIDF"
+  local pid=$!
+  echo "$pid" >"$EMQ_PIDF"
   local end=$(( $(date +%s) + 60 ))
   until answers "$SQS_PORT"; do
-    emq_alive || { tail -20 "$STATE/elasticmq.log" >&2; die "elasticmq exited"; }
+    started "$pid" || { tail -20 "$STATE/elasticmq.log" >&2; die "elasticmq exited"; }
     [ "$(date +%s)" -lt "$end" ] || die "elasticmq did not listen on $NODE_IP:$SQS_PORT within 60 s"
     sleep 0.5
   done
