@@ -86,7 +86,7 @@ check_ports() { # check_ports NAME: fail if one of NAME's ports is taken
   # be closing its ports: give it up to 10 s. A live process of another
   # program at that pid is not ours, and is not waited for.
   p=$(pid_of "$name")
-  if [ -n "$p" ] && ! alive "$name" && [ -z "$(program_of "$p")" ]; then
+  if [ -n "$p" ] && [ -z "$(program_of "$p")" ]; then
     wait_for "$name (pid $p) to finish exiting" 10 exited "$p" || true
   fi
   for port in ${PORTS[$name]}; do

@@ -19,7 +19,7 @@ still_ours() {
 }
 
 # started PID: a server this script has just started (its own child, so the
-# pid cannot have been reused) is still live and not a zombie. Not
-# still_ours: until its exec chain (setsid, bash -c exec) ends, the child
-# does not run its program yet.
-started() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+# pid cannot have been reused) is still live and not a zombie, whatever it
+# runs. Not still_ours: until its exec chain (setsid, bash -c exec) ends, the
+# child does not run its program yet.
+started() { [ -n "$(program_of "$1")" ]; }
